@@ -1,0 +1,195 @@
+"""Record layout, record types, roles, statuses, and name/value pair coding.
+
+A record is an 8-byte header (version, type, request id, content length,
+padding length, reserved) followed by the content and the padding.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from enum import IntEnum
+from typing import Union
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "FCGI_VERSION",
+    "HEADER",
+    "MAX_CONTENT",
+    "MAX_PAIR_LENGTH",
+    "STREAM_CHUNK",
+    "Params",
+    "ProtocolStatus",
+    "RecordType",
+    "Role",
+    "decode_pairs",
+    "encode_pair",
+    "encode_pair_records",
+    "encode_stream_records",
+    "pairs_of",
+    "record",
+    "to_bytes",
+]
+
+FCGI_VERSION = 1
+HEADER = struct.Struct(">BBHHBx")
+#: Content length is a 16-bit field.
+MAX_CONTENT = 0xFFFF
+#: Streams are cut at 65528 bytes: a multiple of 8, so content plus alignment
+#: padding stays <= 65535, which php-fpm insists on (it resets the connection
+#: when content + padding exceeds it).
+STREAM_CHUNK = 65528
+#: A name or value length is 31 bits on the wire.
+MAX_PAIR_LENGTH = 0x7FFFFFFF
+
+
+class RecordType(IntEnum):
+    BEGIN_REQUEST = 1
+    ABORT_REQUEST = 2
+    END_REQUEST = 3
+    PARAMS = 4
+    STDIN = 5
+    STDOUT = 6
+    STDERR = 7
+    DATA = 8
+    GET_VALUES = 9
+    GET_VALUES_RESULT = 10
+    UNKNOWN_TYPE = 11
+
+
+class Role(IntEnum):
+    RESPONDER = 1
+    AUTHORIZER = 2
+    FILTER = 3
+
+
+class ProtocolStatus(IntEnum):
+    REQUEST_COMPLETE = 0
+    CANT_MPX_CONN = 1
+    OVERLOADED = 2
+    UNKNOWN_ROLE = 3
+
+
+StrOrBytes = Union[str, bytes]
+Params = Union[Mapping[StrOrBytes, StrOrBytes], Iterable[tuple[StrOrBytes, StrOrBytes]]]
+
+_PADDING = bytes(7)
+
+
+def record(rtype: int, request_id: int, content: bytes = b"") -> bytes:
+    """One whole record, padded to a multiple of 8 bytes as the spec recommends."""
+    padding = -len(content) & 7
+    return HEADER.pack(FCGI_VERSION, rtype, request_id, len(content), padding) + content + (
+        _PADDING[:padding]
+    )
+
+
+def encode_stream_records(rtype: int, request_id: int, data: bytes | memoryview) -> list[object]:
+    """Pieces (header, content, padding) carrying `data` in records of <= STREAM_CHUNK bytes.
+
+    The content pieces are memoryview slices of `data`: the payload is copied
+    only when the pieces are finally joined for the wire.
+    """
+    view = memoryview(data)
+    pieces: list[object] = []
+    size = len(view)
+    pack = HEADER.pack
+    for start in range(0, size, STREAM_CHUNK):
+        chunk = view[start : start + STREAM_CHUNK]
+        padding = -len(chunk) & 7
+        pieces.append(pack(FCGI_VERSION, rtype, request_id, len(chunk), padding))
+        pieces.append(chunk)
+        if padding:
+            pieces.append(_PADDING[:padding])
+    return pieces
+
+
+def to_bytes(value: StrOrBytes, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise LocalProtocolError(f"{what} must be str or bytes, not {type(value).__name__}")
+
+
+def pairs_of(params: Params) -> Iterable[tuple[StrOrBytes, StrOrBytes]]:
+    if isinstance(params, Mapping):
+        return params.items()
+    return params
+
+
+def _length(n: int) -> bytes:
+    if n < 128:
+        return bytes((n,))
+    return (n | 0x80000000).to_bytes(4, "big")
+
+
+def encode_pair(name: bytes, value: bytes) -> bytes:
+    if len(name) > MAX_PAIR_LENGTH or len(value) > MAX_PAIR_LENGTH:
+        raise LocalProtocolError(
+            f"name/value pair too long ({len(name)} + {len(value)} bytes; "
+            f"each is limited to {MAX_PAIR_LENGTH})"
+        )
+    return _length(len(name)) + _length(len(value)) + name + value
+
+
+def encode_pair_records(rtype: int, request_id: int, params: Params) -> list[bytes]:
+    """Records carrying the pairs, each pair whole in one record where it fits.
+
+    php-fpm parses each PARAMS record on its own, so a pair split across two
+    records is lost there. A pair longer than one record's content can only
+    be sent split; peers that reassemble (Go, our ServerConnection) accept it.
+    """
+    out: list[bytes] = []
+    content = bytearray()
+    for name, value in pairs_of(params):
+        pair = encode_pair(to_bytes(name, "a param name"), to_bytes(value, "a param value"))
+        if len(content) + len(pair) > STREAM_CHUNK and content:
+            out.append(record(rtype, request_id, bytes(content)))
+            content.clear()
+        if len(pair) > STREAM_CHUNK:
+            view = memoryview(pair)
+            for start in range(0, len(pair), STREAM_CHUNK):
+                out.append(record(rtype, request_id, bytes(view[start : start + STREAM_CHUNK])))
+            continue
+        content += pair
+    if content:
+        out.append(record(rtype, request_id, bytes(content)))
+    return out
+
+
+def decode_pairs(data: bytes | bytearray, where: str) -> list[tuple[bytes, bytes]]:
+    """Decode a complete run of name/value pairs; lengths are checked before slicing."""
+    pairs: list[tuple[bytes, bytes]] = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        lengths = []
+        for _ in range(2):
+            if pos >= end:
+                raise RemoteProtocolError(f"{where}: truncated name/value length at byte {pos}")
+            first = data[pos]
+            if first < 128:
+                lengths.append(first)
+                pos += 1
+            else:
+                if pos + 4 > end:
+                    raise RemoteProtocolError(
+                        f"{where}: truncated 4-byte name/value length at byte {pos}"
+                    )
+                lengths.append(int.from_bytes(data[pos : pos + 4], "big") & 0x7FFFFFFF)
+                pos += 4
+        name_len, value_len = lengths
+        if name_len + value_len > end - pos:
+            raise RemoteProtocolError(
+                f"{where}: a pair declares {name_len} + {value_len} bytes "
+                f"but only {end - pos} remain"
+            )
+        name = bytes(data[pos : pos + name_len])
+        pos += name_len
+        pairs.append((name, bytes(data[pos : pos + value_len])))
+        pos += value_len
+    return pairs
