@@ -1,7 +1,22 @@
-"""fcgiproto: the FastCGI protocol as a sans-I/O state machine."""
+"""fcgiproto: the FastCGI protocol as a sans-I/O state machine.
 
+Bytes in, typed events out; method calls in, bytes out. No I/O, no clock.
+"""
+
+from ._client import ClientConnection
 from ._errors import *  # noqa: F403
 from ._errors import __all__ as _errors_all
+from ._events import *  # noqa: F403
+from ._events import __all__ as _events_all
 from ._records import ProtocolStatus, RecordType, Role
+from ._server import ServerConnection
 
-__all__ = [*_errors_all, "ProtocolStatus", "RecordType", "Role"]
+__all__ = [
+    *_errors_all,
+    *_events_all,
+    "ClientConnection",
+    "ProtocolStatus",
+    "RecordType",
+    "Role",
+    "ServerConnection",
+]

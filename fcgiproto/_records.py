@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from enum import IntEnum
-from typing import Union
+from typing import TypeAlias
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
@@ -19,7 +19,7 @@ __all__ = [
     "MAX_CONTENT",
     "MAX_PAIR_LENGTH",
     "STREAM_CHUNK",
-    "Params",
+    "ParamsInput",
     "ProtocolStatus",
     "RecordType",
     "Role",
@@ -71,8 +71,9 @@ class ProtocolStatus(IntEnum):
     UNKNOWN_ROLE = 3
 
 
-StrOrBytes = Union[str, bytes]
-Params = Union[Mapping[StrOrBytes, StrOrBytes], Iterable[tuple[StrOrBytes, StrOrBytes]]]
+StrOrBytes: TypeAlias = "str | bytes"
+#: What send_params() takes: a mapping, or an iterable of (name, value) pairs.
+ParamsInput: TypeAlias = "Mapping[StrOrBytes, StrOrBytes] | Iterable[tuple[StrOrBytes, StrOrBytes]]"
 
 _PADDING = bytes(7)
 
@@ -80,19 +81,23 @@ _PADDING = bytes(7)
 def record(rtype: int, request_id: int, content: bytes = b"") -> bytes:
     """One whole record, padded to a multiple of 8 bytes as the spec recommends."""
     padding = -len(content) & 7
-    return HEADER.pack(FCGI_VERSION, rtype, request_id, len(content), padding) + content + (
-        _PADDING[:padding]
+    return (
+        HEADER.pack(FCGI_VERSION, rtype, request_id, len(content), padding)
+        + content
+        + (_PADDING[:padding])
     )
 
 
-def encode_stream_records(rtype: int, request_id: int, data: bytes | memoryview) -> list[object]:
+def encode_stream_records(
+    rtype: int, request_id: int, data: bytes | memoryview
+) -> list[bytes | memoryview]:
     """Pieces (header, content, padding) carrying `data` in records of <= STREAM_CHUNK bytes.
 
     The content pieces are memoryview slices of `data`: the payload is copied
     only when the pieces are finally joined for the wire.
     """
     view = memoryview(data)
-    pieces: list[object] = []
+    pieces: list[bytes | memoryview] = []
     size = len(view)
     pack = HEADER.pack
     for start in range(0, size, STREAM_CHUNK):
@@ -115,7 +120,7 @@ def to_bytes(value: StrOrBytes, what: str) -> bytes:
     raise LocalProtocolError(f"{what} must be str or bytes, not {type(value).__name__}")
 
 
-def pairs_of(params: Params) -> Iterable[tuple[StrOrBytes, StrOrBytes]]:
+def pairs_of(params: ParamsInput) -> Iterable[tuple[StrOrBytes, StrOrBytes]]:
     if isinstance(params, Mapping):
         return params.items()
     return params
@@ -136,7 +141,7 @@ def encode_pair(name: bytes, value: bytes) -> bytes:
     return _length(len(name)) + _length(len(value)) + name + value
 
 
-def encode_pair_records(rtype: int, request_id: int, params: Params) -> list[bytes]:
+def encode_pair_records(rtype: int, request_id: int, params: ParamsInput) -> list[bytes]:
     """Records carrying the pairs, each pair whole in one record where it fits.
 
     php-fpm parses each PARAMS record on its own, so a pair split across two

@@ -1,0 +1,356 @@
+"""The client side: what a web server says to an application, and what it hears back."""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from collections.abc import Iterable
+from typing import ClassVar
+
+from ._connection import Connection
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import EndRequest, Event, GetValuesResult, StderrData, StdoutData, UnknownType
+from ._records import (
+    FCGI_VERSION,
+    HEADER,
+    STREAM_CHUNK,
+    ParamsInput,
+    ProtocolStatus,
+    RecordType,
+    Role,
+    decode_pairs,
+    encode_pair,
+    encode_pair_records,
+    encode_stream_records,
+    record,
+    to_bytes,
+)
+from ._state import Streams, stream_name
+
+__all__ = ["ClientConnection"]
+
+_BEGIN_REQUEST, _ABORT_REQUEST, _END_REQUEST = 1, 2, 3
+_PARAMS, _STDIN, _STDOUT, _STDERR, _DATA = 4, 5, 6, 7, 8
+_GET_VALUES, _GET_VALUES_RESULT, _UNKNOWN_TYPE = 9, 10, 11
+_MAX_REQUEST_ID = 0xFFFF
+_END_BODY = struct.Struct(">IB3x")
+_BEGIN_BODY = struct.Struct(">HB5x")
+
+_SEND_STREAMS = {
+    Role.RESPONDER: ((_PARAMS,), (_STDIN,)),
+    Role.AUTHORIZER: ((_PARAMS,), (_STDIN,)),
+    Role.FILTER: ((_PARAMS,), (_STDIN,), (_DATA,)),
+}
+_RECEIVE_STREAMS = ((_STDOUT, _STDERR),)
+
+
+class _Request:
+    __slots__ = ("aborted", "keep_conn", "received", "role", "sent")
+
+    def __init__(self, role: Role, keep_conn: bool) -> None:
+        self.role = role
+        self.keep_conn = keep_conn
+        self.sent = Streams(_SEND_STREAMS[role])
+        self.received = Streams(_RECEIVE_STREAMS)
+        self.aborted = False
+
+
+class ClientConnection(Connection):
+    """The web server's side of one FastCGI connection.
+
+    With ``multiplex=False`` (the default, and what php-fpm needs) one request
+    is in flight at a time, always with request id 1. With ``multiplex=True``
+    many are, each taking the lowest free id.
+    """
+
+    _STREAMED: ClassVar = {_STDOUT: StdoutData, _STDERR: StderrData}
+    _WHOLE: ClassVar = frozenset({_END_REQUEST, _GET_VALUES_RESULT, _UNKNOWN_TYPE})
+    _PEER: ClassVar = "application"
+
+    def __init__(self, multiplex: bool = False) -> None:
+        super().__init__()
+        self.multiplex = multiplex
+        self._requests: dict[int, _Request] = {}
+        self._free_ids: list[int] = []  # heap of ids below _next_id that are free again
+        self._next_id = 1
+        self._retired: set[int] = set()
+        self._closing = False  # a keep_conn=False request has begun
+        self._unreusable: str | None = None
+        self._values_pending = 0
+        self._after_values_result = False
+
+    # --- state ---
+
+    @property
+    def active_requests(self) -> frozenset[int]:
+        """Ids of the requests in flight (an aborted one until its END_REQUEST)."""
+        return frozenset(self._requests)
+
+    @property
+    def closed(self) -> bool:
+        """True once the peer closed, a keep_conn=False request ended, or after a protocol error."""
+        return (
+            self._error is not None or self._peer_closed or (self._closing and not self._requests)
+        )
+
+    @property
+    def can_send_request(self) -> bool:
+        """Whether begin_request() would succeed now."""
+        return self._refusal() is None
+
+    def _refusal(self) -> str | None:
+        if self.closed:
+            return "the connection is closed"
+        if self._closing:
+            return "a keep_conn=False request is in flight; the application closes after it"
+        if self._unreusable:
+            return self._unreusable
+        if self._requests and not self.multiplex:
+            (rid,) = self._requests
+            return f"request {rid} is in flight and the connection is not multiplexed"
+        if not self._free_ids and self._next_id > _MAX_REQUEST_ID:
+            return "every request id is in use or retired"
+        return None
+
+    # --- sending ---
+
+    def begin_request(self, role: Role = Role.RESPONDER, keep_conn: bool = True) -> int:
+        """Start a request; returns its id, the lowest one free."""
+        role = self._check_role(role)
+        refusal = self._refusal()
+        if refusal is not None:
+            raise LocalProtocolError(f"cannot begin a request: {refusal}")
+        if not keep_conn and self._requests:
+            raise LocalProtocolError(
+                "cannot begin a keep_conn=False request while others are in flight: "
+                "the application would close the connection under them"
+            )
+        if self._free_ids:
+            rid = heapq.heappop(self._free_ids)
+        else:
+            rid = self._next_id
+            self._next_id += 1
+        self._requests[rid] = _Request(role, keep_conn)
+        self._closing = not keep_conn
+        self._out.append(record(_BEGIN_REQUEST, rid, _BEGIN_BODY.pack(role, 1 if keep_conn else 0)))
+        return rid
+
+    def send_params(self, request_id: int, params: ParamsInput) -> None:
+        """Queue name/value pairs (str is sent as UTF-8, bytes as they are)."""
+        self._move(request_id, _PARAMS, False)
+        self._out.extend(encode_pair_records(_PARAMS, request_id, params))
+
+    def end_params(self, request_id: int) -> None:
+        self._move(request_id, _PARAMS, True)
+        self._out.append(_empty(_PARAMS, request_id))
+
+    def send_stdin(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue request body bytes, of any length; b"" queues nothing."""
+        self._send_stream(request_id, _STDIN, data)
+
+    def end_stdin(self, request_id: int) -> None:
+        self._move(request_id, _STDIN, True)
+        self._out.append(_empty(_STDIN, request_id))
+
+    def send_data(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue FCGI_DATA bytes (filter role, after end_stdin)."""
+        self._send_stream(request_id, _DATA, data)
+
+    def end_data(self, request_id: int) -> None:
+        self._move(request_id, _DATA, True)
+        self._out.append(_empty(_DATA, request_id))
+
+    def send_request(
+        self,
+        params: ParamsInput,
+        stdin: bytes | bytearray | memoryview = b"",
+        role: Role = Role.RESPONDER,
+        keep_conn: bool = True,
+        data: bytes | bytearray | memoryview | None = None,
+    ) -> int:
+        """A whole request in one call: begin, params, stdin (and, for a filter, data).
+
+        For the filter role the DATA stream is sent and ended when `data` is
+        given, and left open otherwise.
+        """
+        rid = self.begin_request(role, keep_conn)
+        out = self._out
+        out.extend(encode_pair_records(_PARAMS, rid, params))
+        out.append(_empty(_PARAMS, rid))
+        if stdin:
+            out.extend(encode_stream_records(_STDIN, rid, _frozen(stdin)))
+        out.append(_empty(_STDIN, rid))
+        sent = self._requests[rid].sent
+        sent.move(_PARAMS, True)
+        sent.move(_STDIN, True)
+        if data is not None:
+            self.send_data(rid, data)
+            self.end_data(rid)
+        return rid
+
+    def abort_request(self, request_id: int) -> None:
+        """Ask the application to abort; the id stays taken until its END_REQUEST.
+
+        After that the id is retired: a late reply for it is dropped. Output
+        for the request that arrives meanwhile is dropped too. Aborting twice
+        does nothing more.
+        """
+        request = self._request(request_id)
+        if request.aborted:
+            return
+        request.aborted = True
+        self._out.append(record(_ABORT_REQUEST, request_id))
+
+    def get_values(self, names: Iterable[str | bytes]) -> None:
+        """Ask for management variables such as FCGI_MPXS_CONNS; see GetValuesResult."""
+        self._check_sendable()
+        content = b"".join(encode_pair(to_bytes(name, "a variable name"), b"") for name in names)
+        if len(content) > STREAM_CHUNK:
+            raise LocalProtocolError(f"GET_VALUES of {len(content)} bytes does not fit in a record")
+        self._values_pending += 1
+        self._out.append(record(_GET_VALUES, 0, content))
+
+    def _request(self, request_id: int) -> _Request:
+        self._check_sendable()
+        request = self._requests.get(request_id)
+        if request is None:
+            raise LocalProtocolError(f"request {request_id} is not active")
+        return request
+
+    def _move(self, request_id: int, rtype: int, end: bool) -> _Request:
+        request = self._request(request_id)
+        if request.aborted:
+            raise LocalProtocolError(f"request {request_id} was aborted")
+        complaint = request.sent.move(rtype, end)
+        if complaint is not None:
+            action = "end" if end else "data"
+            raise LocalProtocolError(
+                f"{stream_name(rtype)} {action} for request {request_id} "
+                f"({request.role.name} role) {complaint}"
+            )
+        return request
+
+    def _send_stream(
+        self, request_id: int, rtype: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        self._move(request_id, rtype, False)
+        if data:
+            self._out.extend(encode_stream_records(rtype, request_id, _frozen(data)))
+
+    @staticmethod
+    def _check_role(role: Role | int) -> Role:
+        try:
+            return Role(role)
+        except ValueError:
+            raise LocalProtocolError(f"unknown role {role!r}") from None
+
+    # --- receiving ---
+
+    def _stream_allowed(self, rtype: int, rid: int, clen: int, events: list[Event]) -> bool:
+        request = self._requests.get(rid)
+        if request is None:
+            if rid in self._retired:
+                return False
+            raise self._not_active(rtype, rid, clen)
+        if request.aborted:
+            return False
+        complaint = request.received.move(rtype, clen == 0)
+        if complaint is not None:
+            raise RemoteProtocolError(
+                f"{stream_name(rtype)} record ({clen} bytes) for request {rid} {complaint}"
+            )
+        return True
+
+    def _on_record(self, rtype: int, rid: int, content: bytes, events: list[Event]) -> None:
+        name = stream_name(rtype)
+        if rtype == _END_REQUEST:
+            after_values = False
+            self._end_request(rid, content, events)
+        else:
+            after_values = rtype == _GET_VALUES_RESULT
+            if rid != 0:
+                raise RemoteProtocolError(
+                    f"{name} record for request {rid}: management records carry request id 0"
+                )
+            if rtype == _UNKNOWN_TYPE:
+                if len(content) != 8:
+                    raise RemoteProtocolError(
+                        f"UNKNOWN_TYPE record with a {len(content)}-byte body; it must be 8"
+                    )
+                events.append(UnknownType(content[0]))
+            else:
+                self._values_result(content, events)
+        self._after_values_result = after_values
+
+    def _values_result(self, content: bytes, events: list[Event]) -> None:
+        pairs = decode_pairs(content, "GET_VALUES_RESULT")
+        if not pairs and (self._after_values_result or not self._values_pending):
+            # Go's server ends every result with an empty one; nothing was asked.
+            return
+        self._values_pending = max(0, self._values_pending - 1)
+        values = {name.decode("latin-1"): value.decode("latin-1") for name, value in pairs}
+        events.append(GetValuesResult(values))
+
+    def _end_request(self, rid: int, content: bytes, events: list[Event]) -> None:
+        request = self._requests.get(rid)
+        if request is None:
+            if rid in self._retired:
+                return
+            raise self._not_active(_END_REQUEST, rid, len(content))
+        if len(content) != 8:
+            raise RemoteProtocolError(
+                f"END_REQUEST for request {rid} with a {len(content)}-byte body; it must be 8"
+            )
+        app_status, status = _END_BODY.unpack(content)
+        try:
+            protocol_status = ProtocolStatus(status)
+        except ValueError:
+            raise RemoteProtocolError(
+                f"END_REQUEST for request {rid} with unknown protocol status {status}"
+            ) from None
+        del self._requests[rid]
+        if request.aborted:
+            # A late reply may still follow (Go's server sends one): never reuse the id.
+            self._retired.add(rid)
+        elif not request.sent.all_closed():
+            # The application may still be reading what we sent for this id.
+            self._retired.add(rid)
+            if not self.multiplex:
+                self._unreusable = (
+                    f"request {rid} ended before its input was sent whole; the application "
+                    "may still read it, so the connection cannot carry another request"
+                )
+        else:
+            heapq.heappush(self._free_ids, rid)
+        events.append(EndRequest(rid, app_status, protocol_status))
+
+    def _not_active(self, rtype: int, rid: int, clen: int) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"{stream_name(rtype)} record ({clen} bytes) for request {rid}, which is not active"
+        )
+
+    def _on_foreign_record(self, rtype: int, rid: int, clen: int) -> None:
+        if rtype in RecordType._value2member_map_:
+            what = "a record type that only a client sends"
+        else:
+            what = "not a record type an application sends"
+        raise RemoteProtocolError(
+            f"{stream_name(rtype)} record ({clen} bytes, request {rid}): {what}"
+        )
+
+    def _on_eof(self) -> None:
+        if self._requests:
+            ids = ", ".join(map(str, sorted(self._requests)))
+            raise RemoteProtocolError(
+                f"the application closed the connection with request {ids} in flight"
+            )
+
+
+def _empty(rtype: int, rid: int) -> bytes:
+    return HEADER.pack(FCGI_VERSION, rtype, rid, 0, 0)
+
+
+def _frozen(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    # Queued pieces are referenced until data_to_send(): freeze mutable buffers
+    # so that a caller reusing theirs cannot change what goes on the wire.
+    return data if type(data) is bytes else bytes(data)

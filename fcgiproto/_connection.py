@@ -1,0 +1,233 @@
+"""What both sides share: the incremental record reader and the output queue.
+
+The reader never copies stream payloads through a buffer of its own: STDOUT
+(or STDIN) content is sliced straight out of the caller's chunk, and the
+contiguous records of one stream in one chunk become one event, so a payload is
+copied once on its way through. Only an incomplete header (< 8 bytes) or an
+incomplete non-stream record (<= 65535 + 255 bytes) is ever held back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import Event
+from ._records import FCGI_VERSION, HEADER
+from ._state import stream_name
+
+__all__ = ["Connection"]
+
+_HEADER, _STREAM, _BODY, _SKIP = range(4)
+_unpack_header = HEADER.unpack_from
+
+
+class Connection:
+    """Base of ClientConnection and ServerConnection."""
+
+    #: Record types whose content is delivered as it arrives, each with its event.
+    _STREAMED: ClassVar[dict[int, Callable[[int, bytes], Event]]]
+    #: Record types read whole before they are acted on.
+    _WHOLE: ClassVar[frozenset[int]]
+    #: Which side this is, for messages.
+    _PEER: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._out: list[bytes | memoryview] = []
+        self._header_buf = bytearray()
+        self._body_buf = bytearray()
+        self._state = _HEADER
+        self._rtype = 0
+        self._rid = 0
+        self._left = 0  # content bytes of the current record still to come
+        self._padding = 0  # padding bytes after the current record's content
+        self._deliver = False  # the current stream record is delivered, not dropped
+        self._error: RemoteProtocolError | None = None
+        self._peer_closed = False
+
+    # --- output ---
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer so far; b"" when there is nothing."""
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return bytes(data)
+
+    # --- input ---
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes from the peer; b"" means the peer closed the connection."""
+        if self._error is not None:
+            raise RemoteProtocolError(str(self._error))
+        if self._peer_closed:
+            raise LocalProtocolError("receive_data() after the peer closed the connection")
+        events: list[Event] = []
+        try:
+            if not data:
+                self._peer_closed = True
+                self._check_eof()
+            else:
+                self._parse(data if type(data) is bytes else bytes(data), events)
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+        return events
+
+    def _check_eof(self) -> None:
+        if self._state != _HEADER or self._header_buf:
+            if self._state == _HEADER:
+                where = f"after {len(self._header_buf)} of a record header's 8 bytes"
+            else:
+                missing = self._left + self._padding
+                where = (
+                    f"inside a {stream_name(self._rtype)} record for request {self._rid} "
+                    f"({missing} bytes missing)"
+                )
+            raise RemoteProtocolError(f"the {self._PEER} closed the connection {where}")
+        self._on_eof()
+
+    def _parse(self, data: bytes, events: list[Event]) -> None:
+        end = len(data)
+        pos = 0
+        # The stream run being gathered: start/stop offsets into `data` of
+        # contiguous content of one (record type, request id).
+        pieces: list[int] = []
+        run_type = run_rid = -1
+        if self._state == _STREAM and self._deliver:
+            run_type, run_rid = self._rtype, self._rid
+        while pos < end:
+            state = self._state
+            if state == _HEADER:
+                if self._header_buf or end - pos < 8:
+                    buf = self._header_buf
+                    take = min(8 - len(buf), end - pos)
+                    buf += data[pos : pos + take]
+                    pos += take
+                    if len(buf) < 8:
+                        break
+                    header = HEADER.unpack(buf)
+                    buf.clear()
+                else:
+                    header = _unpack_header(data, pos)
+                    pos += 8
+                version, rtype, rid, clen, plen = header
+                if rtype == run_type and rid == run_rid and clen and version == FCGI_VERSION:
+                    # More of the stream being gathered: already checked.
+                    stop = pos + clen
+                    if stop + plen <= end:
+                        pieces.append(pos)
+                        pieces.append(stop)
+                        pos = stop + plen
+                        continue
+                    self._left, self._padding, self._deliver = clen, plen, True
+                    self._state = _STREAM
+                    continue
+                if pieces:
+                    self._flush(run_type, run_rid, data, pieces, events)
+                    pieces = []
+                run_type = run_rid = -1
+                if version != FCGI_VERSION:
+                    raise self._bad_version(header)
+                self._rtype, self._rid, self._left, self._padding = rtype, rid, clen, plen
+                if rtype in self._STREAMED:
+                    if not self._stream_allowed(rtype, rid, clen, events):
+                        self._state, self._deliver = _SKIP, False
+                        self._left += plen
+                        self._padding = 0
+                    elif clen:
+                        self._state, self._deliver = _STREAM, True
+                        run_type, run_rid = rtype, rid
+                    else:
+                        self._state, self._left = _SKIP, plen
+                        self._padding = 0
+                elif rtype in self._WHOLE:
+                    if pos + clen <= end:
+                        content = data[pos : pos + clen]
+                        pos += clen
+                        self._state, self._left, self._padding = _SKIP, plen, 0
+                        self._on_record(rtype, rid, content, events)
+                    else:
+                        self._state = _BODY
+                        self._body_buf.clear()
+                else:
+                    self._on_foreign_record(rtype, rid, clen)
+                    self._state, self._left, self._padding = _SKIP, clen + plen, 0
+            elif state == _STREAM:
+                take = min(self._left, end - pos)
+                pieces.append(pos)
+                pos += take
+                pieces.append(pos)
+                self._left -= take
+                if not self._left:
+                    self._state, self._left, self._padding = _SKIP, self._padding, 0
+            elif state == _BODY:
+                buf = self._body_buf
+                take = min(self._left, end - pos)
+                buf += data[pos : pos + take]
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state, self._left, self._padding = _SKIP, self._padding, 0
+                    self._on_record(self._rtype, self._rid, bytes(buf), events)
+                    buf.clear()
+            else:  # _SKIP: padding, or the content of a record that is dropped
+                take = min(self._left, end - pos)
+                pos += take
+                self._left -= take
+            if self._state == _SKIP and not self._left:
+                self._state = _HEADER
+        if pieces:
+            self._flush(run_type, run_rid, data, pieces, events)
+
+    def _flush(
+        self, rtype: int, rid: int, data: bytes, pieces: list[int], events: list[Event]
+    ) -> None:
+        if len(pieces) == 2:
+            chunk = data[pieces[0] : pieces[1]]
+        else:
+            view = memoryview(data)
+            chunk = b"".join([view[pieces[i] : pieces[i + 1]] for i in range(0, len(pieces), 2)])
+            view.release()
+        events.append(self._STREAMED[rtype](rid, chunk))
+
+    def _bad_version(self, header: tuple[int, ...]) -> RemoteProtocolError:
+        version, rtype = header[0], header[1]
+        if (version, rtype) == (ord("H"), ord("T")):
+            return RemoteProtocolError(
+                f"the {self._PEER} answered with HTTP, not FastCGI (bytes 'HT' where a "
+                "record header was expected): is this an HTTP port?"
+            )
+        return RemoteProtocolError(
+            f"record header with version {version} (type {rtype}, request {header[2]}, "
+            f"{header[3]} bytes): only version {FCGI_VERSION} exists"
+        )
+
+    # --- what each side defines ---
+
+    def _stream_allowed(self, rtype: int, rid: int, clen: int, events: list[Event]) -> bool:
+        """Check a stream record; emit the stream's end if it is empty. False: drop it."""
+        raise NotImplementedError
+
+    def _on_record(self, rtype: int, rid: int, content: bytes, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _on_foreign_record(self, rtype: int, rid: int, clen: int) -> None:
+        """A record of a type this side never receives: raise, or answer it."""
+        raise NotImplementedError
+
+    def _on_eof(self) -> None:
+        raise NotImplementedError
+
+    # --- shared helpers ---
+
+    def _check_sendable(self) -> None:
+        if self._error is not None:
+            raise LocalProtocolError(
+                f"the connection is dead after a protocol error: {self._error}"
+            )
+        if self._peer_closed:
+            raise LocalProtocolError("the peer closed the connection")

@@ -1,0 +1,124 @@
+"""Events: what each side of a connection receives, as frozen value objects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ._records import ProtocolStatus, Role
+
+__all__ = [
+    "AbortRequest",
+    "BeginRequest",
+    "EndRequest",
+    "Event",
+    "FilterData",
+    "FilterDataEnd",
+    "GetValuesResult",
+    "Params",
+    "StderrData",
+    "StdinData",
+    "StdinEnd",
+    "StdoutData",
+    "UnknownType",
+]
+
+
+class Event:
+    """Base of every event; events compare by value."""
+
+    __slots__ = ()
+
+
+# --- what the client receives from the application ---
+
+
+@dataclass(frozen=True, slots=True)
+class StdoutData(Event):
+    """Some bytes of a request's STDOUT stream; record boundaries mean nothing."""
+
+    request_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StderrData(Event):
+    """Some bytes of a request's STDERR stream."""
+
+    request_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndRequest(Event):
+    """The application ended the request; its id is free again."""
+
+    request_id: int
+    app_status: int
+    protocol_status: ProtocolStatus
+
+
+@dataclass(frozen=True, slots=True)
+class GetValuesResult(Event):
+    """The answer to a GET_VALUES query."""
+
+    values: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownType(Event):
+    """The application did not understand a record type we sent."""
+
+    record_type: int
+
+
+# --- what the application receives from the client ---
+
+
+@dataclass(frozen=True, slots=True)
+class BeginRequest(Event):
+    request_id: int
+    role: Role
+    keep_conn: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Params(Event):
+    """The whole PARAMS stream of a request, decoded once it has ended.
+
+    Names and values are bytes as sent; a repeated name keeps its last value.
+    """
+
+    request_id: int
+    params: Mapping[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class StdinData(Event):
+    request_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StdinEnd(Event):
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class FilterData(Event):
+    """Bytes of the FCGI_DATA stream (filter role)."""
+
+    request_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FilterDataEnd(Event):
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest(Event):
+    """The client asked to abort the request; answer with end_request."""
+
+    request_id: int

@@ -1,0 +1,272 @@
+"""The application side: what an application hears from a web server, and its answers."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Collection
+from typing import ClassVar
+
+from ._connection import Connection
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import (
+    AbortRequest,
+    BeginRequest,
+    Event,
+    FilterData,
+    FilterDataEnd,
+    Params,
+    StdinData,
+    StdinEnd,
+)
+from ._records import (
+    FCGI_VERSION,
+    HEADER,
+    ProtocolStatus,
+    RecordType,
+    Role,
+    decode_pairs,
+    encode_pair,
+    encode_stream_records,
+    record,
+)
+from ._state import Streams, stream_name
+
+__all__ = ["ServerConnection"]
+
+_BEGIN_REQUEST, _ABORT_REQUEST, _END_REQUEST = 1, 2, 3
+_PARAMS, _STDIN, _STDOUT, _STDERR, _DATA = 4, 5, 6, 7, 8
+_GET_VALUES, _GET_VALUES_RESULT, _UNKNOWN_TYPE = 9, 10, 11
+_BEGIN_BODY = struct.Struct(">HB5x")
+_END_BODY = struct.Struct(">IB3x")
+_RECEIVE_STREAMS = {
+    Role.RESPONDER: ((_PARAMS,), (_STDIN,)),
+    Role.AUTHORIZER: ((_PARAMS,), (_STDIN,)),
+    Role.FILTER: ((_PARAMS,), (_STDIN, _DATA)),
+}
+_STREAM_END_EVENTS = {_STDIN: StdinEnd, _DATA: FilterDataEnd}
+
+#: CGI environments are a few KiB; nginx caps a whole request head at 32 KiB
+#: by default (large_client_header_buffers 4 8k). 1 MiB leaves room for odd
+#: deployments while bounding what a hostile client can make us hold.
+DEFAULT_MAX_PARAMS_SIZE = 1 << 20
+
+
+class _Request:
+    __slots__ = ("aborted", "keep_conn", "params", "received", "role", "stderr_used")
+
+    def __init__(self, role: Role, keep_conn: bool) -> None:
+        self.role = role
+        self.keep_conn = keep_conn
+        self.received = Streams(_RECEIVE_STREAMS[role])
+        self.params = bytearray()
+        self.aborted = False
+        self.stderr_used = False
+
+
+class ServerConnection(Connection):
+    """The application's side of one FastCGI connection.
+
+    Answers GET_VALUES from its configuration and unknown record types with
+    UNKNOWN_TYPE by itself. A request in a role not in `roles` is ended with
+    UNKNOWN_ROLE, a second concurrent one on a connection that does not
+    multiplex with CANT_MPX_CONN, and one past `max_requests` concurrent ones
+    with OVERLOADED; none of those produce events.
+    """
+
+    _STREAMED: ClassVar = {_STDIN: StdinData, _DATA: FilterData}
+    _WHOLE: ClassVar = frozenset({_BEGIN_REQUEST, _ABORT_REQUEST, _PARAMS, _GET_VALUES})
+    _PEER: ClassVar = "client"
+
+    def __init__(
+        self,
+        *,
+        roles: Collection[Role] = (Role.RESPONDER, Role.AUTHORIZER, Role.FILTER),
+        multiplex: bool = False,
+        max_requests: int = 100,
+        max_connections: int = 100,
+        max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
+    ) -> None:
+        super().__init__()
+        self.roles = frozenset(Role(role) for role in roles)
+        self.multiplex = multiplex
+        self.max_requests = max_requests if multiplex else 1
+        self.max_connections = max_connections
+        self.max_params_size = max_params_size
+        self._requests: dict[int, _Request] = {}
+        # Ids whose request ended (or was refused) while the client may still
+        # be sending for it: their records are dropped until a new BEGIN_REQUEST.
+        self._ended: set[int] = set()
+        self._closing = False
+
+    @property
+    def active_requests(self) -> frozenset[int]:
+        return frozenset(self._requests)
+
+    @property
+    def closed(self) -> bool:
+        """True once the peer closed, a keep_conn=False request ended, or after a protocol error."""
+        return self._error is not None or self._peer_closed or self._closing
+
+    # --- sending ---
+
+    def send_stdout(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
+        self._active(request_id)
+        if data:
+            self._out.extend(encode_stream_records(_STDOUT, request_id, _frozen(data)))
+
+    def send_stderr(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
+        request = self._active(request_id)
+        if data:
+            request.stderr_used = True
+            self._out.extend(encode_stream_records(_STDERR, request_id, _frozen(data)))
+
+    def end_request(
+        self,
+        request_id: int,
+        app_status: int = 0,
+        protocol_status: ProtocolStatus = ProtocolStatus.REQUEST_COMPLETE,
+    ) -> None:
+        """End the request: close STDOUT (and STDERR if used), then END_REQUEST."""
+        request = self._active(request_id)
+        if not 0 <= app_status <= 0xFFFFFFFF:
+            raise LocalProtocolError(f"app_status {app_status} does not fit in 32 bits")
+        out = self._out
+        out.append(HEADER.pack(FCGI_VERSION, _STDOUT, request_id, 0, 0))
+        if request.stderr_used:
+            out.append(HEADER.pack(FCGI_VERSION, _STDERR, request_id, 0, 0))
+        self._end(request_id, app_status, ProtocolStatus(protocol_status))
+        del self._requests[request_id]
+        if not request.keep_conn:
+            self._closing = True
+
+    def _end(self, rid: int, app_status: int, status: ProtocolStatus) -> None:
+        self._out.append(record(_END_REQUEST, rid, _END_BODY.pack(app_status, status)))
+        self._ended.add(rid)
+
+    def _active(self, request_id: int) -> _Request:
+        self._check_sendable()
+        request = self._requests.get(request_id)
+        if request is None:
+            raise LocalProtocolError(f"request {request_id} is not active")
+        return request
+
+    # --- receiving ---
+
+    def _known(self, rtype: int, rid: int, clen: int) -> _Request | None:
+        """The request a record belongs to; None when it is to be dropped."""
+        request = self._requests.get(rid)
+        if request is None and rid not in self._ended:
+            raise RemoteProtocolError(
+                f"{stream_name(rtype)} record ({clen} bytes) for request {rid}, which has not begun"
+            )
+        return request
+
+    def _stream_allowed(self, rtype: int, rid: int, clen: int, events: list[Event]) -> bool:
+        request = self._known(rtype, rid, clen)
+        if request is None:
+            return False
+        complaint = request.received.move(rtype, clen == 0)
+        if complaint is not None:
+            raise RemoteProtocolError(
+                f"{stream_name(rtype)} record ({clen} bytes) for request {rid} "
+                f"({request.role.name} role) {complaint}"
+            )
+        if not clen:
+            events.append(_STREAM_END_EVENTS[rtype](rid))
+        return True
+
+    def _on_record(self, rtype: int, rid: int, content: bytes, events: list[Event]) -> None:
+        if rtype == _GET_VALUES:
+            self._get_values(rid, content)
+            return
+        if rid == 0:
+            raise RemoteProtocolError(
+                f"{stream_name(rtype)} record for request 0, which only management records use"
+            )
+        if rtype == _BEGIN_REQUEST:
+            self._begin(rid, content, events)
+            return
+        request = self._known(rtype, rid, len(content))
+        if request is None:
+            return
+        if rtype == _ABORT_REQUEST:
+            if not request.aborted:
+                request.aborted = True
+                events.append(AbortRequest(rid))
+        else:
+            self._params(rid, request, content, events)
+
+    def _begin(self, rid: int, content: bytes, events: list[Event]) -> None:
+        if len(content) != 8:
+            raise RemoteProtocolError(
+                f"BEGIN_REQUEST for request {rid} with a {len(content)}-byte body; it must be 8"
+            )
+        if rid in self._requests:
+            raise RemoteProtocolError(f"BEGIN_REQUEST for request {rid}, which is already active")
+        role_number, flags = _BEGIN_BODY.unpack(content)
+        self._ended.discard(rid)
+        if role_number not in Role._value2member_map_ or Role(role_number) not in self.roles:
+            refusal = ProtocolStatus.UNKNOWN_ROLE
+        elif self._requests and not self.multiplex:
+            refusal = ProtocolStatus.CANT_MPX_CONN
+        elif len(self._requests) >= self.max_requests:
+            refusal = ProtocolStatus.OVERLOADED
+        else:
+            role, keep_conn = Role(role_number), bool(flags & 1)
+            self._requests[rid] = _Request(role, keep_conn)
+            events.append(BeginRequest(rid, role, keep_conn))
+            return
+        self._end(rid, 0, refusal)
+
+    def _params(self, rid: int, request: _Request, content: bytes, events: list[Event]) -> None:
+        complaint = request.received.move(_PARAMS, not content)
+        if complaint is not None:
+            raise RemoteProtocolError(
+                f"PARAMS record ({len(content)} bytes) for request {rid} {complaint}"
+            )
+        if content:
+            if len(request.params) + len(content) > self.max_params_size:
+                raise RemoteProtocolError(
+                    f"PARAMS of request {rid} exceed the limit of {self.max_params_size} bytes"
+                )
+            request.params += content
+            return
+        pairs = decode_pairs(request.params, f"PARAMS of request {rid}")
+        request.params = bytearray()
+        events.append(Params(rid, dict(pairs)))
+
+    def _get_values(self, rid: int, content: bytes) -> None:
+        if rid != 0:
+            raise RemoteProtocolError(
+                f"GET_VALUES record for request {rid}: management records carry request id 0"
+            )
+        known = {
+            b"FCGI_MAX_CONNS": str(self.max_connections).encode(),
+            b"FCGI_MAX_REQS": str(self.max_requests).encode(),
+            b"FCGI_MPXS_CONNS": b"1" if self.multiplex else b"0",
+        }
+        answer = b"".join(
+            encode_pair(name, known[name])
+            for name, _ in decode_pairs(content, "GET_VALUES")
+            if name in known
+        )
+        self._out.append(record(_GET_VALUES_RESULT, 0, answer))
+
+    def _on_foreign_record(self, rtype: int, rid: int, clen: int) -> None:
+        if rtype in RecordType._value2member_map_:
+            raise RemoteProtocolError(
+                f"{stream_name(rtype)} record ({clen} bytes, request {rid}): "
+                "a record type that only an application sends"
+            )
+        self._out.append(record(_UNKNOWN_TYPE, 0, bytes((rtype,)) + bytes(7)))
+
+    def _on_eof(self) -> None:
+        if self._requests:
+            ids = ", ".join(map(str, sorted(self._requests)))
+            raise RemoteProtocolError(
+                f"the client closed the connection with request {ids} in flight"
+            )
+
+
+def _frozen(data: bytes | bytearray | memoryview) -> bytes:
+    return data if type(data) is bytes else bytes(data)

@@ -1,0 +1,321 @@
+"""CGI helpers: request params as nginx sends them, and the CGI response in STDOUT.
+
+Sans-I/O like the rest of the core: `build_params` returns a dict for
+`send_params`, and `ResponseParser` turns STDOUT bytes into a `ResponseHead`
+followed by body bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_HEADER_SIZE",
+    "SERVER_SOFTWARE",
+    "ResponseHead",
+    "ResponseParser",
+    "authorizer_variables",
+    "build_params",
+]
+
+#: Sent as SERVER_SOFTWARE, as nginx sends "nginx/<version>".
+SERVER_SOFTWARE = "fcgiproto/0.1.0"
+
+#: nginx refuses a FastCGI response head larger than fastcgi_buffer_size (4 or
+#: 8 KiB by default); 64 KiB leaves room for many Set-Cookie lines while
+#: bounding what a peer that never ends its head can make us hold.
+DEFAULT_MAX_HEADER_SIZE = 65536
+
+_Text = str | bytes
+_Headers = Iterable[tuple[_Text, _Text]] | Mapping[str, _Text] | Mapping[bytes, _Text]
+
+# RFC 9110 token: what a header name may be.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters a header value may not hold (TAB is allowed).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# CR, LF or NUL in a path broke nginx's fastcgi_split_path_info and let
+# php-fpm be exploited (CVE-2019-11043); refuse them outright.
+_PATH_BREAKERS = re.compile(r"[\r\n\x00]")
+# "404", "404 Not Found", and the sloppy "404: Not Found" some scripts send.
+_STATUS = re.compile(r"([0-9]{3})(?:[ \t:]+(.*))?")
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+# A client-supplied "Proxy" header would become HTTP_PROXY, which many HTTP
+# libraries read as their proxy setting (httpoxy). The content headers travel
+# as CONTENT_TYPE and CONTENT_LENGTH instead, and an underscore spelling of
+# them must not smuggle a second value in.
+_NOT_FORWARDED = frozenset({"HTTP_PROXY", "HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"})
+
+
+def _text(value: _Text) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def _pairs(headers: _Headers) -> Iterable[tuple[_Text, _Text]]:
+    return headers.items() if isinstance(headers, Mapping) else headers
+
+
+def _check_line(what: str, value: str) -> str:
+    if _PATH_BREAKERS.search(value):
+        raise LocalProtocolError(f"{what} contains CR, LF or NUL: {value[:100]!r}")
+    return value
+
+
+def build_params(
+    method: _Text,
+    path: _Text,
+    *,
+    query: _Text = b"",
+    headers: _Headers = (),
+    script_filename: _Text,
+    document_root: _Text = "",
+    script_name: _Text | None = None,
+    server_name: _Text = "localhost",
+    server_port: int = 80,
+    server_addr: _Text = "127.0.0.1",
+    remote_addr: _Text = "127.0.0.1",
+    remote_port: int = 0,
+    https: bool = False,
+    server_protocol: _Text = "HTTP/1.1",
+    content_length: int | None = None,
+    extra: Mapping[str, _Text] | Mapping[bytes, _Text] | None = None,
+) -> dict[str, str]:
+    """The CGI/1.1 params nginx's ``fastcgi_params`` (plus SCRIPT_FILENAME) sends.
+
+    Every str-or-bytes argument may be either; bytes are decoded as latin-1.
+
+    :param method: the request method, an HTTP token (REQUEST_METHOD).
+    :param path: the request path as it is to appear in REQUEST_URI,
+        DOCUMENT_URI and, by default, SCRIPT_NAME; no CR, LF or NUL.
+    :param query: the query string without its "?" (QUERY_STRING); no CR, LF or NUL.
+    :param headers: the request headers, as (name, value) pairs or a mapping.
+        Content-Type and Content-Length become CONTENT_TYPE and CONTENT_LENGTH
+        (each at most once); the others become HTTP_<NAME> with "-" read as "_",
+        repeats joined with ", " (Cookie with "; "). Proxy is dropped
+        (httpoxy), and so is a name with "_" when its dash spelling is also
+        present, as nginx does.
+    :param script_filename: the file the application runs (SCRIPT_FILENAME).
+    :param document_root: DOCUMENT_ROOT.
+    :param script_name: SCRIPT_NAME; defaults to ``path``. No CR, LF or NUL.
+    :param server_name: SERVER_NAME.
+    :param server_port: SERVER_PORT.
+    :param server_addr: SERVER_ADDR.
+    :param remote_addr: REMOTE_ADDR, the client's address.
+    :param remote_port: REMOTE_PORT, the client's port.
+    :param https: sends HTTPS=on and REQUEST_SCHEME=https; otherwise no HTTPS
+        and REQUEST_SCHEME=http.
+    :param server_protocol: SERVER_PROTOCOL.
+    :param content_length: CONTENT_LENGTH; overrides a Content-Length header.
+    :param extra: merged last; overrides anything above.
+    :raises LocalProtocolError: for a method or header name that is not a
+        token, a header value with control characters, a path, query or
+        script name with CR, LF or NUL, a repeated or non-numeric
+        Content-Length, a repeated Content-Type, or a negative content_length.
+    """
+    method_s = _text(method)
+    if not _TOKEN.fullmatch(method_s):
+        raise LocalProtocolError(f"method is not an HTTP token: {method_s[:100]!r}")
+    path_s = _check_line("path", _text(path))
+    query_s = _check_line("query", _text(query))
+    script_s = path_s if script_name is None else _check_line("script_name", _text(script_name))
+
+    content: dict[str, str] = {}
+    grouped: dict[str, list[tuple[str, str]]] = {}
+    for raw_name, raw_value in _pairs(headers):
+        name, value = _text(raw_name), _text(raw_value)
+        if not _TOKEN.fullmatch(name):
+            raise LocalProtocolError(f"header name is not an HTTP token: {name[:100]!r}")
+        if _CONTROL.search(value):
+            raise LocalProtocolError(f"{name} header value has control characters: {value[:100]!r}")
+        lower = name.lower()
+        if lower in ("content-type", "content-length"):
+            if lower in content:
+                raise LocalProtocolError(f"repeated {name} header")
+            content[lower] = value
+            continue
+        key = "HTTP_" + name.upper().replace("-", "_")
+        if key not in _NOT_FORWARDED:
+            grouped.setdefault(key, []).append((name, value))
+
+    length = content.get("content-length", "")
+    if content_length is not None:
+        if content_length < 0:
+            raise LocalProtocolError(f"content_length is negative: {content_length}")
+        length = str(content_length)
+    elif length and not length.isdigit():
+        raise LocalProtocolError(f"Content-Length is not a number: {length[:100]!r}")
+
+    params = {
+        "QUERY_STRING": query_s,
+        "REQUEST_METHOD": method_s,
+        "CONTENT_TYPE": content.get("content-type", ""),
+        "CONTENT_LENGTH": length,
+        "SCRIPT_FILENAME": _text(script_filename),
+        "SCRIPT_NAME": script_s,
+        "REQUEST_URI": f"{path_s}?{query_s}" if query_s else path_s,
+        "DOCUMENT_URI": path_s,
+        "DOCUMENT_ROOT": _text(document_root),
+        "SERVER_PROTOCOL": _text(server_protocol),
+        "REQUEST_SCHEME": "https" if https else "http",
+        "GATEWAY_INTERFACE": "CGI/1.1",
+        "SERVER_SOFTWARE": SERVER_SOFTWARE,
+        "REMOTE_ADDR": _text(remote_addr),
+        "REMOTE_PORT": str(remote_port),
+        "SERVER_ADDR": _text(server_addr),
+        "SERVER_PORT": str(server_port),
+        "SERVER_NAME": _text(server_name),
+        # php-fpm built with cgi.force_redirect refuses requests without it.
+        "REDIRECT_STATUS": "200",
+    }
+    if https:
+        params["HTTPS"] = "on"
+    for key, items in grouped.items():
+        # X-A-B and X-A_B both become HTTP_X_A_B; nginx keeps the dash
+        # spelling, so a client cannot forge a header a proxy added.
+        dashed = [value for name, value in items if "_" not in name]
+        values = dashed or [value for _, value in items]
+        params[key] = ("; " if key == "HTTP_COOKIE" else ", ").join(values)
+    if extra is not None:
+        params.update((_text(k), _text(v)) for k, v in _pairs(extra))
+    return params
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """The head of a CGI response: status, reason and the other headers in order."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+
+
+class ResponseParser:
+    """Parses the CGI response an application writes to STDOUT.
+
+    ``feed`` returns the `ResponseHead` once it is complete, then body bytes as
+    they arrive; ``close`` marks the end of STDOUT. Any chunking of the same
+    bytes gives the same events. A malformed head raises `RemoteProtocolError`,
+    and so does every later call.
+    """
+
+    def __init__(self, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
+        self.max_header_size = max_header_size
+        self.head: ResponseHead | None = None
+        self._buf = bytearray()  # the head line not yet complete
+        self._scan = 0  # where in _buf to resume looking for LF
+        self._head_size = 0  # bytes of complete head lines already consumed
+        self._headers: list[tuple[str, str]] = []
+        self._received = 0
+        self._closed = False
+        self._error: RemoteProtocolError | None = None
+
+    def feed(self, data: bytes) -> list[ResponseHead | bytes]:
+        self._check_usable()
+        self._received += len(data)
+        if self.head is not None:
+            return [bytes(data)] if data else []  # bytes(b) is b itself: no copy
+        self._buf += data
+        try:
+            return self._parse_head()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+
+    def close(self) -> list[ResponseHead | bytes]:
+        if self._error is not None:
+            raise RemoteProtocolError(str(self._error))
+        self._closed = True
+        if self.head is None:
+            if self._received == 0:
+                error = RemoteProtocolError("no CGI response: STDOUT ended empty")
+            else:
+                error = RemoteProtocolError(
+                    f"CGI response ended inside its head after {self._received} bytes"
+                )
+            self._error = error
+            raise error
+        return []
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise RemoteProtocolError(str(self._error))
+        if self._closed:
+            raise LocalProtocolError("feed() after close()")
+
+    def _parse_head(self) -> list[ResponseHead | bytes]:
+        buf = self._buf
+        while (lf := buf.find(b"\n", self._scan)) != -1:
+            self._head_size += lf + 1
+            self._check_size(self._head_size)
+            line = bytes(buf[:lf]).removesuffix(b"\r")
+            del buf[: lf + 1]  # cheap: bytearray drops its front without moving the rest
+            self._scan = 0
+            if not line:
+                return self._finish_head()
+            self._headers.append(_parse_header_line(line))
+        self._scan = len(buf)
+        self._check_size(self._head_size + len(buf))
+        return []
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_header_size:
+            raise RemoteProtocolError(
+                f"CGI response head exceeds max_header_size={self.max_header_size} bytes"
+            )
+
+    def _finish_head(self) -> list[ResponseHead | bytes]:
+        if not self._headers:
+            raise RemoteProtocolError("CGI response has no header lines before its blank line")
+        headers: list[tuple[str, str]] = []
+        status, reason, seen_status = 200, "OK", False
+        for name, value in self._headers:
+            if name.lower() == "status":
+                if seen_status:
+                    raise RemoteProtocolError("CGI response has more than one Status header")
+                seen_status = True
+                status, reason = _parse_status(value)
+            else:
+                headers.append((name, value))
+        if not seen_status and any(name.lower() == "location" for name, _ in headers):
+            status, reason = 302, "Found"  # RFC 3875 6.2.3/6.2.4: a redirect
+        self.head = ResponseHead(status, reason, headers)
+        body = bytes(self._buf)
+        self._buf = bytearray()
+        self._headers = []
+        return [self.head, body] if body else [self.head]
+
+
+def _parse_header_line(line: bytes) -> tuple[str, str]:
+    name, colon, value = line.decode("latin-1").partition(":")
+    if not colon or not _TOKEN.fullmatch(name):
+        raise RemoteProtocolError(f"malformed CGI header line: {line[:100]!r}")
+    value = value.strip(" \t")
+    if _CONTROL.search(value):
+        raise RemoteProtocolError(f"control characters in CGI header line: {line[:100]!r}")
+    return name, value
+
+
+def _parse_status(value: str) -> tuple[int, str]:
+    match = _STATUS.fullmatch(value)
+    if match is None or int(match[1]) < 100:
+        raise RemoteProtocolError(f"malformed CGI Status header: {value[:100]!r}")
+    code = int(match[1])
+    return code, match[2] or _PHRASES.get(code, "")
+
+
+def authorizer_variables(headers: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
+    """The ``Variable-<name>`` headers of an authorizer's 200 response, prefix removed.
+
+    The prefix matches in any case; the rest of the name is kept as sent. The
+    web server passes these variables on to the request it then forwards.
+    """
+    prefix = len("variable-")
+    variables = {}
+    for name, value in headers.items() if isinstance(headers, Mapping) else headers:
+        if name[:prefix].lower() == "variable-" and len(name) > prefix:
+            variables[name[prefix:]] = value
+    return variables
