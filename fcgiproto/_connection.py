@@ -84,7 +84,7 @@ class Connection:
             else:
                 missing = self._left + self._padding
                 where = (
-                    f"inside a {stream_name(self._rtype)} record for request {self._rid} "
+                    f"in the middle of a {stream_name(self._rtype)} record for request {self._rid} "
                     f"({missing} bytes missing)"
                 )
             raise RemoteProtocolError(f"the {self._PEER} closed the connection {where}")

@@ -146,7 +146,7 @@ def build_params(
         if content_length < 0:
             raise LocalProtocolError(f"content_length is negative: {content_length}")
         length = str(content_length)
-    elif length and not length.isdigit():
+    elif length and not (length.isascii() and length.isdigit()):
         raise LocalProtocolError(f"Content-Length is not a number: {length[:100]!r}")
 
     params = {
