@@ -114,7 +114,9 @@ def to_bytes(value: StrOrBytes, what: str) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        return value.encode("utf-8")
+        # surrogateescape gives back the very bytes that were decoded the same
+        # way (as fcgiproto.cgi.build_params does), so any bytes round-trip.
+        return value.encode("utf-8", "surrogateescape")
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     raise LocalProtocolError(f"{what} must be str or bytes, not {type(value).__name__}")

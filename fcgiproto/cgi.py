@@ -52,7 +52,7 @@ _NOT_FORWARDED = frozenset({"HTTP_PROXY", "HTTP_CONTENT_TYPE", "HTTP_CONTENT_LEN
 
 
 def _text(value: _Text) -> str:
-    return value.decode("latin-1") if isinstance(value, bytes) else value
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 def _pairs(headers: _Headers) -> Iterable[tuple[_Text, _Text]]:
@@ -86,7 +86,8 @@ def build_params(
 ) -> dict[str, str]:
     """The CGI/1.1 params nginx's ``fastcgi_params`` (plus SCRIPT_FILENAME) sends.
 
-    Every str-or-bytes argument may be either; bytes are decoded as latin-1.
+    Every str-or-bytes argument may be either; bytes are decoded as UTF-8 with
+    surrogateescape, which send_params encodes back to the very same bytes.
 
     :param method: the request method, an HTTP token (REQUEST_METHOD).
     :param path: the request path as it is to appear in REQUEST_URI,
@@ -214,6 +215,7 @@ class ResponseParser:
         self._error: RemoteProtocolError | None = None
 
     def feed(self, data: bytes) -> list[ResponseHead | bytes]:
+        """STDOUT bytes in; the head (once it is complete) and body bytes out."""
         self._check_usable()
         self._received += len(data)
         if self.head is not None:
@@ -226,6 +228,7 @@ class ResponseParser:
             raise
 
     def close(self) -> list[ResponseHead | bytes]:
+        """STDOUT ended; raises `RemoteProtocolError` if the head never completed."""
         if self._error is not None:
             raise RemoteProtocolError(str(self._error))
         self._closed = True
@@ -281,7 +284,7 @@ class ResponseParser:
             else:
                 headers.append((name, value))
         if not seen_status and any(name.lower() == "location" for name, _ in headers):
-            status, reason = 302, "Found"  # RFC 3875 6.2.3/6.2.4: a redirect
+            status, reason = 302, "Found"  # RFC 3875 6.2.3: a client redirect
         self.head = ResponseHead(status, reason, headers)
         body = bytes(self._buf)
         self._buf = bytearray()

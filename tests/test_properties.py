@@ -220,7 +220,7 @@ def test_interleaved_multiplexed_responses_reach_the_right_request(
     ids = [pair.client.send_request({"N": str(i)}) for i in range(len(bodies))]
     pair.to_server()
     # Every piece of every response, shuffled while keeping each request's order.
-    schedule = [rid for rid, body in zip(ids, bodies) for _ in range(len(body) + 1)]
+    schedule = [rid for rid, body in zip(ids, bodies, strict=True) for _ in range(len(body) + 1)]
     random.Random(seed).shuffle(schedule)
     sent = {rid: 0 for rid in ids}
     for rid in schedule:
@@ -231,7 +231,7 @@ def test_interleaved_multiplexed_responses_reach_the_right_request(
         else:
             pair.server.end_request(rid)
     events = feed(pair.client, pair.server.data_to_send(), cuts)
-    for rid, body in zip(ids, bodies):
+    for rid, body in zip(ids, bodies, strict=True):
         got = b"".join(e.data for e in events if isinstance(e, StdoutData) and e.request_id == rid)
         assert got == b"".join(body)
     assert {e.request_id for e in events if isinstance(e, EndRequest)} == set(ids)

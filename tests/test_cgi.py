@@ -1,0 +1,586 @@
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import pairwise
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fcgiproto._errors import LocalProtocolError, RemoteProtocolError
+from fcgiproto.cgi import (
+    DEFAULT_MAX_HEADER_SIZE,
+    SERVER_SOFTWARE,
+    ResponseHead,
+    ResponseParser,
+    authorizer_variables,
+    build_params,
+)
+
+# --- build_params -------------------------------------------------------------
+
+
+def params(
+    method: str | bytes = "GET", path: str | bytes = "/index.php", **kwargs: Any
+) -> dict[str, str]:
+    kwargs.setdefault("script_filename", "/srv/www/index.php")
+    return build_params(method, path, **kwargs)
+
+
+def test_nginx_fastcgi_params() -> None:
+    assert build_params(
+        "POST",
+        "/app/index.php",
+        query="a=1&b=2",
+        headers=[("Host", "example.com"), ("Content-Type", "text/plain"), ("Content-Length", "4")],
+        script_filename="/srv/www/app/index.php",
+        document_root="/srv/www",
+        server_name="example.com",
+        server_port=8080,
+        server_addr="10.0.0.1",
+        remote_addr="10.0.0.2",
+        remote_port=54321,
+        server_protocol="HTTP/2.0",
+    ) == {
+        "QUERY_STRING": "a=1&b=2",
+        "REQUEST_METHOD": "POST",
+        "CONTENT_TYPE": "text/plain",
+        "CONTENT_LENGTH": "4",
+        "SCRIPT_FILENAME": "/srv/www/app/index.php",
+        "SCRIPT_NAME": "/app/index.php",
+        "REQUEST_URI": "/app/index.php?a=1&b=2",
+        "DOCUMENT_URI": "/app/index.php",
+        "DOCUMENT_ROOT": "/srv/www",
+        "SERVER_PROTOCOL": "HTTP/2.0",
+        "REQUEST_SCHEME": "http",
+        "GATEWAY_INTERFACE": "CGI/1.1",
+        "SERVER_SOFTWARE": SERVER_SOFTWARE,
+        "REMOTE_ADDR": "10.0.0.2",
+        "REMOTE_PORT": "54321",
+        "SERVER_ADDR": "10.0.0.1",
+        "SERVER_PORT": "8080",
+        "SERVER_NAME": "example.com",
+        "REDIRECT_STATUS": "200",
+        "HTTP_HOST": "example.com",
+    }
+
+
+def test_defaults() -> None:
+    p = params()
+    assert p["SERVER_NAME"] == "localhost"
+    assert p["SERVER_PORT"] == "80"
+    assert p["SERVER_ADDR"] == p["REMOTE_ADDR"] == "127.0.0.1"
+    assert p["REMOTE_PORT"] == "0"
+    assert p["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert p["DOCUMENT_ROOT"] == ""
+    assert p["REDIRECT_STATUS"] == "200"
+    assert SERVER_SOFTWARE.startswith("fcgiproto/")
+
+
+def test_request_uri_without_query_has_no_question_mark() -> None:
+    p = params(path="/x.php")
+    assert p["REQUEST_URI"] == "/x.php"
+    assert p["QUERY_STRING"] == ""
+
+
+def test_script_name_defaults_to_path_and_can_be_set() -> None:
+    assert params(path="/a/b.php")["SCRIPT_NAME"] == "/a/b.php"
+    p = params(path="/a/b.php/extra", script_name="/a/b.php")
+    assert p["SCRIPT_NAME"] == "/a/b.php"
+    assert p["DOCUMENT_URI"] == "/a/b.php/extra"
+
+
+def test_bytes_round_trip_to_the_wire_unchanged() -> None:
+    from fcgiproto import ClientConnection, ServerConnection
+
+    p = params(
+        method=b"GET",
+        path=b"/caf\xe9",
+        query=b"q=\xff&r=\xc3\xa9",
+        headers=[(b"X-Name", b"\xe9t\xe9")],
+        script_filename=b"/srv/caf\xe9.php",
+    )
+    assert p["REQUEST_METHOD"] == "GET"
+    assert p["QUERY_STRING"] == "q=\udcff&r=\xe9"  # valid UTF-8 decodes to text
+    client, server = ClientConnection(), ServerConnection()
+    client.send_request(p)
+    received = server.receive_data(client.data_to_send())[1].params  # type: ignore[attr-defined]
+    assert received[b"DOCUMENT_URI"] == b"/caf\xe9"
+    assert received[b"QUERY_STRING"] == b"q=\xff&r=\xc3\xa9"
+    assert received[b"HTTP_X_NAME"] == b"\xe9t\xe9"
+    assert received[b"SCRIPT_FILENAME"] == b"/srv/caf\xe9.php"
+
+
+def test_https_only_when_asked() -> None:
+    assert "HTTPS" not in params()
+    assert params()["REQUEST_SCHEME"] == "http"
+    p = params(https=True)
+    assert p["HTTPS"] == "on"
+    assert p["REQUEST_SCHEME"] == "https"
+
+
+def test_content_headers_become_cgi_variables_not_http() -> None:
+    p = params(headers=[("content-type", "application/json"), ("CONTENT-LENGTH", "12")])
+    assert p["CONTENT_TYPE"] == "application/json"
+    assert p["CONTENT_LENGTH"] == "12"
+    assert "HTTP_CONTENT_TYPE" not in p
+    assert "HTTP_CONTENT_LENGTH" not in p
+
+
+def test_content_variables_are_empty_without_headers() -> None:
+    # nginx's fastcgi_params sends them even when empty.
+    p = params()
+    assert p["CONTENT_TYPE"] == ""
+    assert p["CONTENT_LENGTH"] == ""
+
+
+def test_content_length_argument_wins() -> None:
+    assert params(content_length=7)["CONTENT_LENGTH"] == "7"
+    assert params(content_length=0)["CONTENT_LENGTH"] == "0"
+    assert params(headers=[("Content-Length", "3")], content_length=5)["CONTENT_LENGTH"] == "5"
+
+
+def test_underscore_spellings_of_content_headers_are_dropped() -> None:
+    p = params(headers=[("Content_Length", "99"), ("Content_Type", "evil")])
+    assert p["CONTENT_LENGTH"] == p["CONTENT_TYPE"] == ""
+    assert "HTTP_CONTENT_LENGTH" not in p
+    assert "HTTP_CONTENT_TYPE" not in p
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Content-Length", "1"), ("Content-Length", "1")],
+        [("Content-Type", "a"), ("content-type", "b")],
+    ],
+)
+def test_repeated_content_header_refused(headers: list[tuple[str, str]]) -> None:
+    with pytest.raises(LocalProtocolError, match="repeated"):
+        params(headers=headers)
+
+
+def test_empty_content_length_header_passed_as_empty() -> None:
+    assert params(headers=[("Content-Length", "")])["CONTENT_LENGTH"] == ""
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "1 ", "0x10", "\u0661", "\xb2"])
+def test_bad_content_length_header_refused(value: str) -> None:
+    with pytest.raises(LocalProtocolError, match="Content-Length"):
+        params(headers=[("Content-Length", value)])
+
+
+def test_negative_content_length_refused() -> None:
+    with pytest.raises(LocalProtocolError, match="negative"):
+        params(content_length=-1)
+
+
+def test_http_header_names() -> None:
+    p = params(headers=[("X-Forwarded-For", "1.2.3.4"), ("accept", "*/*"), ("DNT", "1")])
+    assert p["HTTP_X_FORWARDED_FOR"] == "1.2.3.4"
+    assert p["HTTP_ACCEPT"] == "*/*"
+    assert p["HTTP_DNT"] == "1"
+
+
+def test_repeated_headers_joined() -> None:
+    p = params(headers=[("Accept", "a"), ("X-Other", "x"), ("accept", "b"), ("ACCEPT", "c")])
+    assert p["HTTP_ACCEPT"] == "a, b, c"
+    assert p["HTTP_X_OTHER"] == "x"
+
+
+def test_cookies_joined_with_semicolon() -> None:
+    p = params(headers=[("Cookie", "a=1"), ("cookie", "b=2")])
+    assert p["HTTP_COOKIE"] == "a=1; b=2"
+
+
+@pytest.mark.parametrize("name", ["Proxy", "proxy", b"PROXY"])
+def test_httpoxy_proxy_header_dropped(name: str | bytes) -> None:
+    p = params(headers=[(name, "http://evil:8080"), ("Host", "h")])
+    assert "HTTP_PROXY" not in p
+    assert "http://evil:8080" not in p.values()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("X-A_B", "forged"), ("X-A-B", "real")],
+        [("X-A-B", "real"), ("X-A_B", "forged")],
+        [("x_a_b", "forged"), ("X-A-B", "real"), ("X_A-B", "forged")],
+    ],
+)
+def test_underscore_name_dropped_when_dash_spelling_present(
+    headers: list[tuple[str, str]],
+) -> None:
+    assert params(headers=headers)["HTTP_X_A_B"] == "real"
+
+
+def test_underscore_name_kept_when_alone() -> None:
+    assert params(headers=[("X_A_B", "v")])["HTTP_X_A_B"] == "v"
+    assert params(headers=[("X_A_B", "v"), ("X-A_B", "w")])["HTTP_X_A_B"] == "v, w"
+
+
+def test_headers_as_mapping() -> None:
+    assert params(headers={"X-One": "1"})["HTTP_X_ONE"] == "1"
+    assert params(headers={b"X-One": b"1"})["HTTP_X_ONE"] == "1"
+
+
+def test_extra_merged_last_and_overrides() -> None:
+    p = params(
+        headers=[("Host", "h")],
+        extra={"PATH_INFO": "/more", "HTTP_HOST": "override", "REDIRECT_STATUS": "404"},
+    )
+    assert p["PATH_INFO"] == "/more"
+    assert p["HTTP_HOST"] == "override"
+    assert p["REDIRECT_STATUS"] == "404"
+
+
+@pytest.mark.parametrize("bad", ["\r", "\n", "\x00", b"\n"])
+@pytest.mark.parametrize("where", ["path", "query", "script_name"])
+def test_cr_lf_nul_refused_in_path_query_script_name(where: str, bad: str | bytes) -> None:
+    value = b"/a" + bad + b".php" if isinstance(bad, bytes) else f"/a{bad}.php"
+    with pytest.raises(LocalProtocolError, match=f"{where} contains CR, LF or NUL"):
+        params(**{where: value})
+
+
+@pytest.mark.parametrize("name", ["", "X Header", "X:Y", "X-\xe9", "X\r\nY", "(x)", b"X\x00"])
+def test_header_name_not_a_token_refused(name: str | bytes) -> None:
+    with pytest.raises(LocalProtocolError, match="header name is not an HTTP token"):
+        params(headers=[(name, "v")])
+
+
+@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\x00b", "\x01", "a\x1f", "a\x7f", b"\r\n"])
+def test_header_value_control_characters_refused(value: str | bytes) -> None:
+    with pytest.raises(LocalProtocolError, match="control characters"):
+        params(headers=[("X-Evil", value)])
+
+
+def test_header_value_tab_and_obs_text_allowed() -> None:
+    assert params(headers=[("X-V", "a\tb\xe9")])["HTTP_X_V"] == "a\tb\xe9"
+
+
+@pytest.mark.parametrize("method", ["", "GE T", "GET\r\n", "G\x00"])
+def test_method_not_a_token_refused(method: str) -> None:
+    with pytest.raises(LocalProtocolError, match="method"):
+        params(method=method)
+
+
+# --- ResponseParser -----------------------------------------------------------
+
+
+def parse(*chunks: bytes, **kwargs: int) -> tuple[ResponseHead, bytes]:
+    """Feed chunks and close; return the one head and the joined body."""
+    parser = ResponseParser(**kwargs)
+    events = [e for chunk in chunks for e in parser.feed(chunk)] + parser.close()
+    heads = [e for e in events if isinstance(e, ResponseHead)]
+    body = [e for e in events if isinstance(e, bytes)]
+    assert len(heads) == 1
+    assert events[0] is heads[0]
+    assert all(body), "an empty bytes event"
+    assert parser.head == heads[0]
+    return heads[0], b"".join(body)
+
+
+def test_head_then_body() -> None:
+    parser = ResponseParser()
+    assert parser.head is None
+    assert parser.feed(b"Content-Type: text/html\r\n") == []
+    head = ResponseHead(200, "OK", [("Content-Type", "text/html")])
+    assert parser.feed(b"\r\nhello") == [head, b"hello"]
+    assert parser.head == head
+    assert parser.feed(b" world") == [b" world"]
+    assert parser.feed(b"") == []
+    assert parser.close() == []
+
+
+def test_head_without_body_yields_no_empty_bytes() -> None:
+    parser = ResponseParser()
+    assert parser.feed(b"X: 1\n\n") == [ResponseHead(200, "OK", [("X", "1")])]
+
+
+def test_body_passed_through_without_copy() -> None:
+    parser = ResponseParser()
+    parser.feed(b"X: 1\n\n")
+    chunk = b"x" * 100_000
+    [out] = parser.feed(chunk)
+    assert out is chunk
+
+
+@pytest.mark.parametrize(
+    ("line", "status", "reason"),
+    [
+        ("Status: 404 Not Found", 404, "Not Found"),
+        ("Status: 404 Nope", 404, "Nope"),
+        ("Status: 404", 404, "Not Found"),
+        ("Status: 404: Not Found", 404, "Not Found"),
+        ("Status: 404:", 404, "Not Found"),
+        ("status:201", 201, "Created"),
+        ("STATUS:   500   Internal  Error  ", 500, "Internal  Error"),
+        ("Status: 599", 599, ""),
+        ("Status: 100", 100, "Continue"),
+        ("Status: 999 Custom", 999, "Custom"),
+    ],
+)
+def test_status_header(line: str, status: int, reason: str) -> None:
+    head, _ = parse(line.encode() + b"\r\nContent-Type: text/plain\r\n\r\n")
+    assert (head.status, head.reason) == (status, reason)
+    assert head.headers == [("Content-Type", "text/plain")]
+
+
+@pytest.mark.parametrize("value", ["", "abc", "99", "099", "000", "1000", "404Not", "20 0", "4O4"])
+def test_bad_status_refused(value: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="Status"):
+        parse(f"Status: {value}\r\n\r\n".encode())
+
+
+def test_repeated_status_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="more than one Status"):
+        parse(b"Status: 200\r\nStatus: 404\r\n\r\n")
+
+
+def test_location_alone_means_302() -> None:
+    head, _ = parse(b"location: /elsewhere\r\n\r\n")
+    assert head == ResponseHead(302, "Found", [("location", "/elsewhere")])
+
+
+def test_status_beats_location() -> None:
+    head, _ = parse(b"Location: /x\r\nStatus: 301 Moved Permanently\r\n\r\n")
+    assert head == ResponseHead(301, "Moved Permanently", [("Location", "/x")])
+
+
+def test_default_status_200() -> None:
+    head, body = parse(b"Content-Type: text/plain\n\nok")
+    assert (head.status, head.reason, body) == (200, "OK", b"ok")
+
+
+def test_repeated_headers_kept_in_order_with_case_and_stripped_values() -> None:
+    head, _ = parse(
+        b"Set-Cookie: a=1\r\nx-custom:\t  spaced \t\r\nSet-Cookie:b=2\r\nSET-COOKIE: c=3\r\n\r\n"
+    )
+    assert head.headers == [
+        ("Set-Cookie", "a=1"),
+        ("x-custom", "spaced"),
+        ("Set-Cookie", "b=2"),
+        ("SET-COOKIE", "c=3"),
+    ]
+
+
+def test_empty_header_value() -> None:
+    assert parse(b"X-Empty:\r\n\r\n")[0].headers == [("X-Empty", "")]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"A: 1\r\nB: 2\r\n\r\nbody",
+        b"A: 1\nB: 2\n\nbody",
+        b"A: 1\r\nB: 2\n\r\nbody",
+        b"A: 1\nB: 2\r\n\nbody",
+    ],
+)
+def test_line_endings_crlf_lf_and_mixed(raw: bytes) -> None:
+    assert parse(raw) == (ResponseHead(200, "OK", [("A", "1"), ("B", "2")]), b"body")
+
+
+def test_headers_decoded_latin1() -> None:
+    head, _ = parse(b"X-Name: \xff\xe9\r\n\r\n")
+    assert head.headers == [("X-Name", "\xff\xe9")]
+
+
+def test_line_without_colon_refused_and_named() -> None:
+    with pytest.raises(
+        RemoteProtocolError, match=r"malformed CGI header line: b'this is not a header'"
+    ):
+        parse(b"Content-Type: text/plain\r\nthis is not a header\r\n\r\n")
+
+
+def test_long_bad_line_truncated_in_message() -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        parse(b"x" * 5000 + b"\r\n\r\n")
+    assert "b'" + "x" * 100 + "'" in str(info.value)
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("line", [b": no name", b"Bad Name: v", b" Folded: v", b"X\xe9: v"])
+def test_header_name_not_a_token_refused_in_response(line: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="malformed CGI header line"):
+        parse(b"A: 1\r\n" + line + b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("value", [b"a\rb", b"a\x00b", b"\x1b[31m", b"a\x7f"])
+def test_control_characters_in_response_value_refused(value: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="control characters"):
+        parse(b"X: " + value + b"\r\n\r\n")
+
+
+def test_no_header_lines_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="no header lines"):
+        parse(b"\r\nbody")
+
+
+def test_empty_stdout_is_no_cgi_response() -> None:
+    parser = ResponseParser()
+    assert parser.feed(b"") == []
+    with pytest.raises(RemoteProtocolError, match="no CGI response"):
+        parser.close()
+
+
+@pytest.mark.parametrize("raw", [b"Status: 200", b"Status: 200\r\n", b"Status: 200\r\n\r"])
+def test_stdout_ending_inside_head_refused(raw: bytes) -> None:
+    parser = ResponseParser()
+    assert parser.feed(raw) == []
+    with pytest.raises(RemoteProtocolError, match=f"inside its head after {len(raw)} bytes"):
+        parser.close()
+
+
+def test_head_size_limit() -> None:
+    head = b"X: " + b"v" * 90 + b"\r\n\r\n"
+    assert parse(head + b"body", max_header_size=len(head))[1] == b"body"
+    with pytest.raises(RemoteProtocolError, match=f"max_header_size={len(head) - 1} bytes"):
+        parse(head, max_header_size=len(head) - 1)
+
+
+def test_head_size_limit_without_line_end() -> None:
+    parser = ResponseParser(max_header_size=100)
+    assert parser.feed(b"X: " + b"v" * 97) == []
+    with pytest.raises(RemoteProtocolError, match="max_header_size=100"):
+        parser.feed(b"v")
+
+
+def test_default_limit() -> None:
+    assert ResponseParser().max_header_size == DEFAULT_MAX_HEADER_SIZE == 65536
+    parser = ResponseParser()
+    with pytest.raises(RemoteProtocolError, match="max_header_size=65536"):
+        parser.feed(b"X: 1\r\n" * 20000)
+
+
+def test_errors_are_sticky() -> None:
+    parser = ResponseParser()
+    with pytest.raises(RemoteProtocolError):
+        parser.feed(b"garbage\r\n")
+    with pytest.raises(RemoteProtocolError, match="garbage"):
+        parser.feed(b"X: 1\r\n\r\n")
+    with pytest.raises(RemoteProtocolError, match="garbage"):
+        parser.close()
+
+
+def test_feed_after_close_is_local_error() -> None:
+    parser = ResponseParser()
+    parser.feed(b"X: 1\r\n\r\n")
+    parser.close()
+    with pytest.raises(LocalProtocolError, match="after close"):
+        parser.feed(b"more")
+
+
+def test_byte_at_a_time() -> None:
+    raw = b"Status: 201 Created\r\nSet-Cookie: a\nSet-Cookie: b\r\n\r\nbody\r\n\r\nmore"
+    head, body = parse(*(raw[i : i + 1] for i in range(len(raw))))
+    assert head == ResponseHead(201, "Created", [("Set-Cookie", "a"), ("Set-Cookie", "b")])
+    assert body == b"body\r\n\r\nmore"
+
+
+def test_linear_time_one_byte_at_a_time_up_to_the_limit() -> None:
+    # A rescan from offset 0 on every feed would take ~5 * 10**11 byte
+    # comparisons here; the remembered search offset keeps it to one pass.
+    limit = 1 << 20
+    parser = ResponseParser(max_header_size=limit)
+    parser.feed(b"X")
+    byte = b"x"
+    for _ in range(limit - 1):
+        parser.feed(byte)
+    with pytest.raises(RemoteProtocolError, match="max_header_size"):
+        parser.feed(byte)
+
+
+def test_linear_time_many_lines_one_byte_at_a_time() -> None:
+    # Re-splitting or re-parsing the buffered head on every feed would cost
+    # ~10**4 lines per byte here; complete lines are parsed once and dropped.
+    parser = ResponseParser()
+    raw = b"X: 1\r\n" * (DEFAULT_MAX_HEADER_SIZE // 6)
+    for i in range(len(raw)):
+        assert parser.feed(raw[i : i + 1]) == []
+    with pytest.raises(RemoteProtocolError, match="max_header_size"):
+        parser.feed(b"X: 1\r\n")
+
+
+# --- properties ---------------------------------------------------------------
+
+_token = st.text(
+    alphabet="!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    min_size=1,
+    max_size=20,
+).filter(lambda name: name.lower() not in ("status", "location"))
+_value = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+    max_size=40,
+).map(lambda value: value.strip(" \t"))
+
+
+@st.composite
+def responses(draw: st.DrawFn) -> tuple[bytes, ResponseHead, bytes]:
+    headers = draw(st.lists(st.tuples(_token, _value), min_size=1, max_size=8))
+    status = draw(st.none() | st.integers(100, 999))
+    lines = [f"{name}: {value}" for name, value in headers]
+    if status is not None:
+        lines.insert(draw(st.integers(0, len(lines))), f"Status: {status} Because")
+    lines.append("")  # the blank line ending the head
+    ending = st.sampled_from(["\r\n", "\n"])
+    text = "".join(line + draw(ending) for line in lines)
+    body = draw(st.binary(max_size=200))
+    if status is None:
+        head = ResponseHead(200, "OK", headers)
+    else:
+        head = ResponseHead(status, "Because", headers)
+    return text.encode("latin-1") + body, head, body
+
+
+def split(data: bytes, cuts: Iterable[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in pairwise(points)]
+
+
+@given(responses(), st.lists(st.integers(min_value=0), max_size=30))
+def test_any_chunking_gives_the_same_head_and_body(
+    response: tuple[bytes, ResponseHead, bytes], cuts: list[int]
+) -> None:
+    raw, head, body = response
+    assert parse(raw) == (head, body)
+    assert parse(*split(raw, cuts)) == (head, body)
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=30), st.booleans())
+def test_fuzz_arbitrary_bytes_parse_or_remote_error(
+    data: bytes, cuts: list[int], small_limit: bool
+) -> None:
+    parser = ResponseParser(max_header_size=64 if small_limit else DEFAULT_MAX_HEADER_SIZE)
+    try:
+        events = [e for chunk in split(data, cuts) for e in parser.feed(chunk)] + parser.close()
+    except RemoteProtocolError:
+        return
+    assert isinstance(events[0], ResponseHead)
+    assert all(isinstance(e, bytes) and e for e in events[1:])
+
+
+# --- authorizer_variables -----------------------------------------------------
+
+
+def test_authorizer_variables() -> None:
+    headers = [
+        ("Variable-AUTH_USER", "alice"),
+        ("variable-Remote_Group", "staff"),
+        ("VARIABLE-x", "1"),
+        ("Content-Type", "text/plain"),
+        ("Variable-", "nameless"),
+        ("Variables-Nope", "no"),
+        ("X-Variable-Nope", "no"),
+    ]
+    assert authorizer_variables(headers) == {
+        "AUTH_USER": "alice",
+        "Remote_Group": "staff",
+        "x": "1",
+    }
+
+
+def test_authorizer_variables_from_parsed_head_and_mapping() -> None:
+    head, _ = parse(b"Status: 200\r\nVariable-AUTH_TYPE: Basic\r\n\r\n")
+    assert authorizer_variables(head.headers) == {"AUTH_TYPE": "Basic"}
+    assert authorizer_variables({"Variable-A": "1", "B": "2"}) == {"A": "1"}
