@@ -1,0 +1,75 @@
+"""Fixtures that run real FastCGI peers; the machinery lives in tests/peers.py.
+
+- ``php_fpm`` (session): a PhpFpm with ``unix_path``, ``tcp_address``,
+  ``docroot``, ``params()``, ``restart()``, ``stop()``.
+- ``go_server`` (session): a GoServer with ``unix_path``, ``tcp_address``,
+  ``restart()``, ``stop()``; build its PARAMS with ``peers.go_params()``.
+- ``make_nginx`` (function): ``make_nginx(fastcgi_address, *, keep_conn=True,
+  docroot=None)`` -> an Nginx with ``http_address``; stopped after the test.
+
+A test that uses any of them is marked ``peer`` automatically, so
+``-m "not peer"`` runs the suite without them. A missing binary skips the
+test, except with CI=true, where it fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import peers
+import pytest
+
+PEER_FIXTURES = frozenset({"php_fpm", "go_server", "make_nginx"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PEER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.peer)
+
+
+@pytest.fixture(scope="session")
+def php_fpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.PhpFpm]:
+    binary = peers.find_php_fpm()
+    peers.require_peer("php-fpm", binary is not None)
+    assert binary is not None
+    server = peers.PhpFpm(binary, tmp_path_factory.mktemp("php-fpm"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def go_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.GoServer]:
+    go = peers.find_go()
+    peers.require_peer("go", go is not None)
+    assert go is not None
+    server = peers.GoServer(peers.build_go_server(go), tmp_path_factory.mktemp("goserver"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.NginxFactory]:
+    binary = peers.find_nginx()
+    peers.require_peer("nginx", binary is not None)
+    assert binary is not None
+    factory = peers.NginxFactory(binary, lambda: tmp_path_factory.mktemp("nginx"))
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(autouse=True)
+def _peers_running(request: pytest.FixtureRequest) -> None:
+    # The session-scoped peers are shared: if an earlier test stopped one
+    # (or it died), start it again before the next test that uses it.
+    for name in ("php_fpm", "go_server"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).ensure_running()
