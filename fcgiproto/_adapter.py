@@ -1,0 +1,170 @@
+"""What both adapters share that needs no I/O: addresses, timeouts, responses.
+
+Private: the adapters re-export the public names (Timeout, Response).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TypeAlias
+
+from ._errors import CantMultiplex, Overloaded, RequestError, UnknownRole
+from ._events import EndRequest
+from ._records import ProtocolStatus
+from .cgi import ResponseHead, ResponseParser, authorizer_variables
+
+__all__ = [
+    "Address",
+    "AddressInput",
+    "Response",
+    "Timeout",
+    "TimeoutInput",
+    "parse_address",
+    "raise_for_protocol_status",
+]
+
+AddressInput: TypeAlias = "str | os.PathLike[str] | tuple[str, int]"
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where an application listens: a Unix socket path, or a TCP host and port."""
+
+    path: str | None = None
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(address: AddressInput) -> Address:
+    """Read "host:port", "[::1]:9000", "unix:/path.sock", "/path.sock" or (host, port)."""
+    if isinstance(address, tuple):
+        return Address(host=address[0], port=_port(address[1], address))
+    text = os.fspath(address)
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValueError(f"no socket path in address {text!r}")
+        return Address(path=path)
+    if text.startswith("/") or text.startswith("./"):
+        return Address(path=text)
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"address {text!r} is not [host]:port")
+        return Address(host=host, port=_port(rest[1:], text))
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host:
+        raise ValueError(
+            f"address {text!r} is not host:port, [host]:port, unix:/path or an absolute path"
+        )
+    return Address(host=host, port=_port(port_text, text))
+
+
+def _port(port: str | int, address: object) -> int:
+    try:
+        number = int(port)
+    except (TypeError, ValueError):
+        raise ValueError(f"bad port in address {address!r}") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"port {number} out of range in address {address!r}")
+    return number
+
+
+TimeoutInput: TypeAlias = "Timeout | float | None"
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """Limits in seconds; None means no limit.
+
+    connect: to open a connection. read: between two reads of the response.
+    write: for the peer to take more of the request. pool: waiting for a free
+    connection. total: the request's whole life, from asking the pool to the
+    last byte, so a peer trickling one byte a second still times out.
+    """
+
+    connect: float | None = 5.0
+    read: float | None = 30.0
+    write: float | None = 30.0
+    pool: float | None = 10.0
+    total: float | None = None
+
+    @classmethod
+    def of(cls, value: TimeoutInput) -> Timeout:
+        """A Timeout as given; a plain number sets every limit, total included."""
+        if isinstance(value, Timeout):
+            return value
+        if value is None:
+            return cls(None, None, None, None, None)
+        if isinstance(value, (int, float)) and value > 0:
+            number = float(value)
+            return cls(number, number, number, number, number)
+        raise ValueError(f"timeout must be a Timeout, a positive number or None, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Response:
+    """A finished request: the raw streams, and the CGI response parsed from stdout."""
+
+    stdout: bytes
+    stderr: bytes
+    app_status: int
+    protocol_status: ProtocolStatus
+
+    @cached_property
+    def _head_and_body(self) -> tuple[ResponseHead, bytes]:
+        parser = ResponseParser()
+        parts = parser.feed(self.stdout) + parser.close()
+        head = parts[0]
+        assert isinstance(head, ResponseHead)
+        return head, b"".join(part for part in parts[1:] if isinstance(part, bytes))
+
+    @property
+    def status(self) -> int:
+        return self._head_and_body[0].status
+
+    @property
+    def reason(self) -> str:
+        return self._head_and_body[0].reason
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return self._head_and_body[0].headers
+
+    @property
+    def body(self) -> bytes:
+        return self._head_and_body[1]
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The first header of that name, compared without case."""
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value
+        return default
+
+    @property
+    def variables(self) -> dict[str, str]:
+        """For the authorizer role: the Variable-* headers, prefix stripped."""
+        return authorizer_variables(self.headers)
+
+
+_STATUS_ERRORS: dict[ProtocolStatus, type[RequestError]] = {
+    ProtocolStatus.CANT_MPX_CONN: CantMultiplex,
+    ProtocolStatus.OVERLOADED: Overloaded,
+    ProtocolStatus.UNKNOWN_ROLE: UnknownRole,
+}
+
+
+def raise_for_protocol_status(end: EndRequest, address: Address) -> None:
+    """Raise the RequestError an abnormal END_REQUEST stands for."""
+    error = _STATUS_ERRORS.get(end.protocol_status)
+    if error is not None:
+        raise error(f"{address} ended request {end.request_id} with {end.protocol_status.name}")
