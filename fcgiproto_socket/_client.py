@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 from fcgiproto import (
@@ -16,11 +16,10 @@ from fcgiproto import (
     PoolTimeout,
     ProtocolStatus,
     ReadError,
-    RemoteProtocolError,
+    ReadTimeout,
     Role,
     StderrData,
     StdoutData,
-    TransportError,
     WriteError,
 )
 from fcgiproto._adapter import (
@@ -34,12 +33,15 @@ from fcgiproto._adapter import (
 from fcgiproto._records import ParamsInput
 from fcgiproto.cgi import ResponseHead, ResponseParser
 
+from ._mux import Inbox, MuxConnection
 from ._transport import Deadline, SocketConnection, connect
 
 __all__ = ["Client", "StreamResponse"]
 
 MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
 DEFAULT_TIMEOUT = Timeout()
+#: How long the first request waits for the answer to "do you multiplex?".
+PROBE_WAIT = 2.0
 
 
 class Client:
@@ -49,6 +51,10 @@ class Client:
     php-fpm's pm.max_children: each idle kept-alive connection pins a worker);
     max_keepalive caps the idle ones; keepalive_expiry closes connections idle
     longer than that many seconds. Safe to share between threads.
+
+    multiplex=None asks the application (GET_VALUES) before the first request
+    whether it multiplexes; if it does, concurrent requests share one
+    connection. True or False decides without asking.
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class Client:
         max_connections: int = 10,
         max_keepalive: int | None = None,
         keepalive_expiry: float = 5.0,
+        multiplex: bool | None = None,
         timeout: TimeoutInput = DEFAULT_TIMEOUT,
     ) -> None:
         if max_connections < 1:
@@ -71,6 +78,11 @@ class Client:
         self._idle: list[SocketConnection] = []
         self._open = 0  # connections open, idle or in use
         self._closed = False
+        self.multiplex = multiplex
+        self._probe_lock = threading.Lock()
+        self._mux_lock = threading.Lock()
+        self._mux: MuxConnection | None = None
+        self._retired: list[MuxConnection] = []  # replaced, closed once their requests end
 
     # --- public calls ---
 
@@ -110,12 +122,23 @@ class Client:
         """Ask the application for management variables (FCGI_MPXS_CONNS, ...)."""
         limits = self._timeout(timeout)
         deadline = Deadline(limits.total)
+        if self.multiplex:
+            exchange = self._mux_exchange(deadline, limits)
+            try:
+                return dict(exchange.mux.get_values(list(names), deadline, limits.read).values)
+            finally:
+                exchange.finish(True)
+        return self._solo_get_values(list(names), deadline, limits, limits.read)
+
+    def _solo_get_values(
+        self, names: list[str], deadline: Deadline, limits: Timeout, wait: float | None
+    ) -> dict[str, str]:
         conn, _ = self._acquire(deadline, limits)
         try:
             conn.proto.get_values(names)
             conn.queue()
             while True:
-                for event in conn.exchange(deadline, limits.read, limits.write):
+                for event in conn.exchange(deadline, wait, limits.write):
                     if isinstance(event, GetValuesResult):
                         self._release(conn)
                         return dict(event.values)
@@ -127,11 +150,12 @@ class Client:
         """Close idle connections now, and the others when their requests end."""
         with self._cond:
             self._closed = True
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
-            self._cond.notify_all()
-        for conn in idle:
-            conn.close()
+        self._close_idle()
+        with self._mux_lock:
+            muxes = [*self._retired, *([self._mux] if self._mux else [])]
+            self._mux, self._retired = None, []
+        for mux in muxes:
+            mux.close()
 
     def __enter__(self) -> Client:
         return self
@@ -139,7 +163,67 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # --- the pool ---
+    # --- choosing a connection ---
+
+    def _exchange(self, deadline: Deadline, limits: Timeout) -> _SoloExchange | _MuxExchange:
+        if self.multiplex is None:
+            self._decide_multiplex(deadline, limits)
+        if self.multiplex:
+            return self._mux_exchange(deadline, limits)
+        conn, reused = self._acquire(deadline, limits)
+        return _SoloExchange(self, conn, reused)
+
+    def _decide_multiplex(self, deadline: Deadline, limits: Timeout) -> None:
+        """Ask the application once whether it multiplexes (FCGI_MPXS_CONNS)."""
+        with self._probe_lock:
+            if self.multiplex is not None:
+                return
+            # An application that ignores GET_VALUES must not hold up the
+            # request: after a short wait it is taken not to multiplex.
+            wait = PROBE_WAIT if limits.read is None else min(limits.read, PROBE_WAIT)
+            try:
+                values = self._solo_get_values(["FCGI_MPXS_CONNS"], deadline, limits, wait)
+            except ReadTimeout:
+                if deadline.limit(None)[0] == 0:
+                    raise
+                values = {}
+            self.multiplex = values.get("FCGI_MPXS_CONNS") == "1"
+            if self.multiplex:
+                self._close_idle()
+
+    def _mux_exchange(self, deadline: Deadline, limits: Timeout) -> _MuxExchange:
+        with self._mux_lock:
+            mux = self._mux
+            if mux is not None and mux.usable:
+                return _MuxExchange(self, mux, reused=True)
+            if mux is not None:
+                self._retired.append(mux)
+            self._mux = None
+            sock = connect(self.address, deadline.limit(limits.connect)[0])
+            self._mux = mux = MuxConnection(sock, self.address)
+        self._reap_retired()
+        return _MuxExchange(self, mux, reused=False)
+
+    def _mux_done(self, mux: MuxConnection) -> None:
+        if mux is not self._mux:
+            self._reap_retired()
+
+    def _reap_retired(self) -> None:
+        with self._mux_lock:
+            done = [mux for mux in self._retired if mux.idle]
+            self._retired = [mux for mux in self._retired if not mux.idle]
+        for mux in done:
+            mux.close()
+
+    def _close_idle(self) -> None:
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()
+
+    # --- the pool of connections that carry one request at a time ---
 
     def _timeout(self, timeout: TimeoutInput | None) -> Timeout:
         return self.timeout if timeout is None else Timeout.of(timeout)
@@ -202,8 +286,94 @@ class Client:
             self._cond.notify()
 
 
+class _SoloExchange:
+    """A request on a pooled connection of its own; the pump writes while it reads."""
+
+    def __init__(self, client: Client, conn: SocketConnection, reused: bool) -> None:
+        self.client = client
+        self.conn = conn
+        self.reused = reused
+        self.address = conn.address
+        self.rid = 0
+
+    def begin(
+        self,
+        params: ParamsInput,
+        stdin: bytes | None,
+        role: Role,
+        deadline: Deadline,
+        limits: Timeout,
+    ) -> None:
+        proto = self.conn.proto
+        if stdin is None:
+            self.rid = proto.begin_request(role)
+            proto.send_params(self.rid, params)
+            proto.end_params(self.rid)
+        else:
+            self.rid = proto.send_request(params, stdin, role=role)
+        self.conn.queue()
+
+    def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
+        if chunk is None:
+            self.conn.proto.end_stdin(self.rid)
+        else:
+            self.conn.proto.send_stdin(self.rid, chunk)
+        self.conn.queue()
+
+    def events(
+        self, deadline: Deadline, limits: Timeout, refill: Callable[[], bool]
+    ) -> list[Event]:
+        return self.conn.exchange(deadline, limits.read, limits.write, refill)
+
+    def finish(self, ended: bool) -> None:
+        conn = self.conn
+        if ended and not conn.writing and conn.proto.can_send_request:
+            self.client._release(conn)
+        else:
+            self.client._discard(conn)
+
+
+class _MuxExchange:
+    """A request sharing a multiplexed connection with others."""
+
+    def __init__(self, client: Client, mux: MuxConnection, reused: bool) -> None:
+        self.client = client
+        self.mux = mux
+        self.reused = reused
+        self.address = mux.address
+        self.rid = 0
+        self.inbox: Inbox | None = None
+
+    def begin(
+        self,
+        params: ParamsInput,
+        stdin: bytes | None,
+        role: Role,
+        deadline: Deadline,
+        limits: Timeout,
+    ) -> None:
+        self.rid, self.inbox = self.mux.begin(params, stdin, role, deadline, limits.write)
+
+    def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
+        self.mux.send_stdin(self.rid, chunk, deadline, limits.write)
+
+    def events(
+        self, deadline: Deadline, limits: Timeout, refill: Callable[[], bool]
+    ) -> list[Event]:
+        # The reader thread gathers the response meanwhile.
+        while refill():
+            pass
+        assert self.inbox is not None
+        return self.mux.events(self.inbox, deadline, limits.read)
+
+    def finish(self, ended: bool) -> None:
+        if self.inbox is not None:
+            self.mux.finish(self.rid, self.inbox)
+        self.client._mux_done(self.mux)
+
+
 class StreamResponse:
-    """One request in progress: status and headers on entry, then the body as it arrives."""
+    """One request in progress: status and headers on first use, then the body as it arrives."""
 
     def __init__(
         self,
@@ -219,8 +389,7 @@ class StreamResponse:
         self._role = role
         self._limits = limits
         self._deadline = Deadline(limits.total)
-        self._conn: SocketConnection | None = None
-        self._rid = 0
+        self._exchange: _SoloExchange | _MuxExchange | None = None
         self._stdin_iter: Iterator[bytes] | None = None
         self._stdin_touched = False
         self._stdout: deque[bytes] = deque()
@@ -228,7 +397,6 @@ class StreamResponse:
         self._head: ResponseHead | None = None
         self._parser: ResponseParser | None = None
         self._body: deque[bytes] = deque()
-        self._head_raw: list[bytes] = []
         self.stderr = bytearray()
         self.app_status: int | None = None
         self.protocol_status: ProtocolStatus | None = None
@@ -252,14 +420,10 @@ class StreamResponse:
         self.close()
 
     def close(self) -> None:
-        """Give the connection back when the exchange ended cleanly, else close it."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        if self._end is not None and not conn.writing and conn.proto.can_send_request:
-            self._client._release(conn)
-        else:
-            self._client._discard(conn)
+        """Give the connection back when the exchange ended cleanly, else close (or abort) it."""
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.finish(self._end is not None)
 
     # --- the response ---
 
@@ -270,11 +434,7 @@ class StreamResponse:
             self._parser = ResponseParser()
             while self._head is None:
                 chunk = self._next_stdout()
-                if chunk is None:
-                    parts = self._parser.close()
-                else:
-                    self._head_raw.append(chunk)
-                    parts = self._parser.feed(chunk)
+                parts = self._parser.close() if chunk is None else self._parser.feed(chunk)
                 for part in parts:
                     if isinstance(part, ResponseHead):
                         self._head = part
@@ -314,7 +474,7 @@ class StreamResponse:
             yield chunk
 
     def iter_stderr(self) -> Iterator[bytes]:
-        """The stderr stream; stdout is kept in memory meanwhile."""
+        """The stderr stream as it arrives; stdout is kept in memory meanwhile."""
         sent = 0
         while True:
             if len(self.stderr) > sent:
@@ -333,30 +493,31 @@ class StreamResponse:
     # --- the exchange ---
 
     def _start(self) -> None:
-        client, limits = self._client, self._limits
+        client = self._client
+        stdin = self._stdin
+        body: bytes | None = None
+        chunks: Iterable[bytes] = ()
+        if isinstance(stdin, (bytes, bytearray, memoryview)):
+            body = bytes(stdin)
+        else:
+            chunks = stdin
         for attempt in (1, 2):
-            conn, reused = client._acquire(self._deadline, limits)
-            self._conn = conn
-            proto = conn.proto
-            if isinstance(self._stdin, (bytes, bytearray, memoryview)):
-                self._rid = proto.send_request(self._params, self._stdin, role=self._role)
-            else:
-                self._rid = proto.begin_request(self._role)
-                proto.send_params(self._rid, self._params)
-                proto.end_params(self._rid)
-                self._stdin_iter = iter(self._stdin)
-            conn.queue()
+            exchange = client._exchange(self._deadline, self._limits)
+            self._exchange = exchange
             try:
+                exchange.begin(self._params, body, self._role, self._deadline, self._limits)
+                if body is None:
+                    self._stdin_iter = iter(chunks)
                 self._pump()
                 return
             except (ReadError, WriteError):
                 # An idle connection the application closed under us (php-fpm
                 # after pm.max_requests, or a restart): retry once, fresh, if
                 # nothing of the response arrived and the body can be sent again.
-                if not reused or attempt == 2 or self._stdin_touched or self._got_output:
+                if not exchange.reused or attempt == 2 or self._stdin_touched or self._got_output:
                     raise
-                self._conn = None
-                client._discard(conn)
+                self._exchange = None
+                exchange.finish(False)
                 self._stdin_iter = None
 
     @property
@@ -364,42 +525,38 @@ class StreamResponse:
         return bool(self._stdout or self.stderr or self._end)
 
     def _refill(self) -> bool:
-        conn, stdin = self._conn, self._stdin_iter
-        if stdin is None or conn is None:
+        """Hand the exchange the next piece of a streamed body; False when there is none."""
+        exchange, stdin = self._exchange, self._stdin_iter
+        if stdin is None or exchange is None:
             return False
         if self._end is not None:
+            # The application answered without reading the rest of the body.
             self._stdin_iter = None
             return False
         for chunk in stdin:
             if chunk:
                 self._stdin_touched = True
-                conn.proto.send_stdin(self._rid, chunk)
+                exchange.send_stdin(bytes(chunk), self._deadline, self._limits)
                 return True
-        conn.proto.end_stdin(self._rid)
         self._stdin_iter = None
+        exchange.send_stdin(None, self._deadline, self._limits)
         return True
 
     def _pump(self) -> None:
         """Exchange bytes until something of the response arrives."""
-        conn = self._conn
-        if conn is None:
+        exchange = self._exchange
+        if exchange is None:
             raise LocalProtocolError("the response is closed")
-        limits = self._limits
-        events = conn.exchange(self._deadline, limits.read, limits.write, self._refill)
-        self._handle(events)
-
-    def _handle(self, events: list[Event]) -> None:
-        for event in events:
+        for event in exchange.events(self._deadline, self._limits, self._refill):
             if type(event) is StdoutData:
                 self._stdout.append(event.data)
             elif type(event) is StderrData:
                 self.stderr += event.data
-            elif isinstance(event, EndRequest) and event.request_id == self._rid:
+            elif isinstance(event, EndRequest) and event.request_id == exchange.rid:
                 self._end = event
                 self.app_status = event.app_status
                 self.protocol_status = event.protocol_status
-                assert self._conn is not None
-                raise_for_protocol_status(event, self._conn.address)
+                raise_for_protocol_status(event, exchange.address)
 
     def _next_stdout(self) -> bytes | None:
         while not self._stdout:
@@ -407,7 +564,7 @@ class StreamResponse:
                 return None
             try:
                 self._pump()
-            except (TransportError, RemoteProtocolError):
+            except BaseException:
                 self.close()
                 raise
         return self._stdout.popleft()

@@ -25,7 +25,7 @@ from fcgiproto import (
 )
 from fcgiproto._adapter import Address
 
-__all__ = ["Deadline", "SocketConnection", "connect"]
+__all__ = ["READ_SIZE", "Deadline", "SocketConnection", "connect", "wait_ready"]
 
 #: A read takes what the kernel has, up to this: several 64 KiB records at once.
 READ_SIZE = 256 * 1024
@@ -71,6 +71,21 @@ def connect(address: Address, timeout: float | None) -> socket.socket:
         raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
     sock.setblocking(False)
     return sock
+
+
+def wait_ready(
+    poller: select.poll, address: Address, deadline: Deadline, limit: float | None, writing: bool
+) -> int:
+    """Poll once within the step's limit and the deadline; the ready mask, or a timeout error."""
+    wait, total = deadline.limit(limit)
+    ready = poller.poll(None if wait is None else wait * 1000)
+    if ready:
+        return ready[0][1]
+    error = WriteTimeout if writing else ReadTimeout
+    if total:
+        raise error(f"request to {address} exceeded its total timeout of {deadline.total}s")
+    doing = "take more of the request" if writing else "send anything"
+    raise error(f"{address} did not {doing} within {limit}s")
 
 
 class SocketConnection:
@@ -147,18 +162,8 @@ class SocketConnection:
                 self._send_some()
 
     def _wait(self, mask: int, deadline: Deadline, limit: float | None, writing: bool) -> int:
-        wait, total = deadline.limit(limit)
         self._poller.modify(self._fd, mask)
-        ready = self._poller.poll(None if wait is None else wait * 1000)
-        if ready:
-            return ready[0][1]
-        error = WriteTimeout if writing else ReadTimeout
-        if total:
-            raise error(
-                f"request to {self.address} exceeded its total timeout of {deadline.total}s"
-            )
-        doing = "take more of the request" if writing else "send anything"
-        raise error(f"{self.address} did not {doing} within {limit}s")
+        return wait_ready(self._poller, self.address, deadline, limit, writing)
 
     def _send_some(self) -> None:
         try:

@@ -1,0 +1,240 @@
+"""One connection shared by many threads, for applications that multiplex (FCGI_MPXS_CONNS=1).
+
+A reader thread owns the receiving side: it feeds the protocol state and
+routes each event to the inbox of its request, waking only that request's
+thread. Senders write whole records under a write lock, so records of
+different requests interleave but never mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import threading
+from collections import deque
+
+from fcgiproto import (
+    ClientConnection,
+    Event,
+    FastCGIError,
+    GetValuesResult,
+    LocalProtocolError,
+    ReadError,
+    ReadTimeout,
+    RemoteProtocolError,
+    Role,
+    WriteError,
+)
+from fcgiproto._adapter import Address
+from fcgiproto._records import ParamsInput
+
+from ._transport import READ_SIZE, Deadline, wait_ready
+
+__all__ = ["Inbox", "MuxConnection"]
+
+_VALUES = 0  # the inbox of GET_VALUES answers: management records use request id 0
+
+
+class Inbox:
+    __slots__ = ("events", "wake")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.events: deque[Event] = deque()
+        self.wake = threading.Condition(lock)
+
+
+class MuxConnection:
+    def __init__(self, sock: socket.socket, address: Address) -> None:
+        self.sock = sock
+        self.address = address
+        self.proto = ClientConnection(multiplex=True)
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._write_poller = select.poll()
+        self._write_poller.register(sock, select.POLLOUT)
+        self._inboxes: dict[int, Inbox] = {}
+        self._failure: FastCGIError | None = None
+        self._closing = False
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"fcgiproto reader {address}", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def usable(self) -> bool:
+        with self._lock:
+            return self._failure is None and not self._closing and self.proto.can_send_request
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._inboxes
+
+    # --- a request's calls ---
+
+    def begin(
+        self,
+        params: ParamsInput,
+        stdin: bytes | None,
+        role: Role,
+        deadline: Deadline,
+        write_timeout: float | None,
+    ) -> tuple[int, Inbox]:
+        """Send a request (and its whole body, unless stdin is None); its id and inbox."""
+        with self._lock:
+            self._check()
+            if stdin is None:
+                rid = self.proto.begin_request(role)
+                self.proto.send_params(rid, params)
+                self.proto.end_params(rid)
+            else:
+                rid = self.proto.send_request(params, stdin, role=role)
+            inbox = self._inboxes[rid] = Inbox(self._lock)
+            data = self.proto.data_to_send()
+        self._write(data, deadline, write_timeout)
+        return rid, inbox
+
+    def send_stdin(
+        self, rid: int, chunk: bytes | None, deadline: Deadline, write_timeout: float | None
+    ) -> None:
+        """Send a piece of the body, or its end when chunk is None."""
+        with self._lock:
+            self._check()
+            if chunk is None:
+                self.proto.end_stdin(rid)
+            else:
+                self.proto.send_stdin(rid, chunk)
+            data = self.proto.data_to_send()
+        self._write(data, deadline, write_timeout)
+
+    def get_values(
+        self, names: list[str], deadline: Deadline, limit: float | None
+    ) -> GetValuesResult:
+        with self._lock:
+            self._check()
+            if _VALUES in self._inboxes:
+                raise LocalProtocolError("another GET_VALUES is waiting on this connection")
+            inbox = self._inboxes[_VALUES] = Inbox(self._lock)
+            self.proto.get_values(names)
+            data = self.proto.data_to_send()
+        try:
+            self._write(data, deadline, limit)
+            while True:
+                for event in self.events(inbox, deadline, limit):
+                    if isinstance(event, GetValuesResult):
+                        return event
+        finally:
+            with self._lock:
+                self._inboxes.pop(_VALUES, None)
+
+    def events(self, inbox: Inbox, deadline: Deadline, read_timeout: float | None) -> list[Event]:
+        """Wait for events in a request's inbox."""
+        with self._lock:
+            while not inbox.events:
+                self._check()
+                wait, total = deadline.limit(read_timeout)
+                if (wait is not None and wait <= 0) or not inbox.wake.wait(wait):
+                    if inbox.events:
+                        break
+                    if total:
+                        raise ReadTimeout(
+                            f"request to {self.address} exceeded its total timeout "
+                            f"of {deadline.total}s"
+                        )
+                    raise ReadTimeout(f"{self.address} did not answer within {read_timeout}s")
+            events = list(inbox.events)
+            inbox.events.clear()
+            return events
+
+    def finish(self, rid: int, inbox: Inbox) -> None:
+        """The caller is done with the request: abort it when still in flight.
+
+        The id then stays taken until the application's END_REQUEST, and is
+        retired after it, so a late reply is dropped.
+        """
+        with self._lock:
+            if self._inboxes.get(rid) is not inbox:
+                return  # it ended, and the id already belongs to a newer request
+            del self._inboxes[rid]
+            if rid not in self.proto.active_requests or self._failure is not None:
+                return
+            self.proto.abort_request(rid)
+            data = self.proto.data_to_send()
+        try:
+            self._write(data, Deadline(None), 5.0)
+        except FastCGIError:
+            self.close()
+
+    # --- internals ---
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise type(self._failure)(str(self._failure))
+        if self._closing:
+            raise LocalProtocolError(f"the connection to {self.address} is closed")
+
+    def _write(self, data: bytes, deadline: Deadline, write_timeout: float | None) -> None:
+        view = memoryview(data)
+        with self._write_lock:
+            while view:
+                wait_ready(self._write_poller, self.address, deadline, write_timeout, writing=True)
+                try:
+                    sent = self.sock.send(view)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    failure = WriteError(f"writing to {self.address} failed: {exc.strerror or exc}")
+                    self._fail(failure)
+                    raise failure from exc
+                view = view[sent:]
+
+    def _read_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLPRI)
+        while True:
+            try:
+                poller.poll()
+                data = self.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                continue
+            except (OSError, ValueError) as exc:
+                self._fail(ReadError(f"reading from {self.address} failed: {exc}"))
+                return
+            with self._lock:
+                if self._closing:
+                    return
+                try:
+                    events = self.proto.receive_data(data)
+                except RemoteProtocolError as exc:
+                    failure: FastCGIError = ReadError(f"{self.address}: {exc}") if not data else exc
+                    self._fail_locked(failure)
+                    return
+                if not data:
+                    self._fail_locked(ReadError(f"{self.address} closed the connection"))
+                    return
+                for event in events:
+                    inbox = self._inboxes.get(getattr(event, "request_id", _VALUES))
+                    if inbox is not None:
+                        inbox.events.append(event)
+                        inbox.wake.notify()
+
+    def _fail(self, failure: FastCGIError) -> None:
+        with self._lock:
+            self._fail_locked(failure)
+
+    def _fail_locked(self, failure: FastCGIError) -> None:
+        if self._failure is None:
+            self._failure = failure
+        for inbox in self._inboxes.values():
+            inbox.wake.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._fail_locked(ReadError(f"the connection to {self.address} was closed"))
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if threading.current_thread() is not self._reader:
+            self._reader.join(10)
+        self.sock.close()
