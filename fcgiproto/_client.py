@@ -9,7 +9,15 @@ from typing import ClassVar
 
 from ._connection import Connection
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._events import EndRequest, Event, GetValuesResult, StderrData, StdoutData, UnknownType
+from ._events import (
+    EndRequest,
+    Event,
+    GetValuesResult,
+    StderrData,
+    StdoutData,
+    UnknownType,
+    stream_event_maker,
+)
 from ._records import (
     FCGI_VERSION,
     HEADER,
@@ -63,7 +71,10 @@ class ClientConnection(Connection):
     many are, each taking the lowest free id.
     """
 
-    _STREAMED: ClassVar = {_STDOUT: StdoutData, _STDERR: StderrData}
+    _STREAMED: ClassVar = {
+        _STDOUT: stream_event_maker(StdoutData),
+        _STDERR: stream_event_maker(StderrData),
+    }
     _WHOLE: ClassVar = frozenset({_END_REQUEST, _GET_VALUES_RESULT, _UNKNOWN_TYPE})
     _PEER: ClassVar = "application"
 
@@ -199,6 +210,7 @@ class ClientConnection(Connection):
         if request.aborted:
             return
         request.aborted = True
+        self._forget_streams(request_id)
         self._out.append(record(_ABORT_REQUEST, request_id))
 
     def get_values(self, names: Iterable[str | bytes]) -> None:
@@ -309,6 +321,7 @@ class ClientConnection(Connection):
                 f"END_REQUEST for request {rid} with unknown protocol status {status}"
             ) from None
         del self._requests[rid]
+        self._forget_streams(rid)
         if request.aborted:
             # A late reply may still follow (Go's server sends one): never reuse the id.
             self._retired.add(rid)

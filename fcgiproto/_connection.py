@@ -9,18 +9,22 @@ incomplete non-stream record (<= 65535 + 255 bytes) is ever held back.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import ClassVar
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import Event
-from ._records import FCGI_VERSION, HEADER
+from ._records import FCGI_VERSION
 from ._state import stream_name
 
 __all__ = ["Connection"]
 
 _HEADER, _STREAM, _BODY, _SKIP = range(4)
-_unpack_header = HEADER.unpack_from
+# The header read as (version, type and request id as one number, content
+# length, padding length): HEADER's layout with its first four bytes joined.
+_unpack_prefix = struct.Struct(">IHBx").unpack_from
+_RUN_BASE = FCGI_VERSION << 24
 
 
 class Connection:
@@ -42,9 +46,11 @@ class Connection:
         self._rid = 0
         self._left = 0  # content bytes of the current record still to come
         self._padding = 0  # padding bytes after the current record's content
-        self._deliver = False  # the current stream record is delivered, not dropped
         self._error: RemoteProtocolError | None = None
         self._peer_closed = False
+        # Header prefixes of the streams that are open and delivering: a data
+        # record of one of them needs no further checks.
+        self._delivering: set[int] = set()
 
     # --- output ---
 
@@ -70,8 +76,13 @@ class Connection:
             if not data:
                 self._peer_closed = True
                 self._check_eof()
+            elif type(data) is bytes:
+                self._parse(data, events)
             else:
-                self._parse(data if type(data) is bytes else bytes(data), events)
+                # Parse the caller's buffer in place: each payload is copied
+                # once, into its event, and the view is let go before returning.
+                with memoryview(data) as view:
+                    self._parse(view, events)
         except RemoteProtocolError as exc:
             self._error = exc
             raise
@@ -90,15 +101,17 @@ class Connection:
             raise RemoteProtocolError(f"the {self._PEER} closed the connection {where}")
         self._on_eof()
 
-    def _parse(self, data: bytes, events: list[Event]) -> None:
+    def _parse(self, data: bytes | memoryview, events: list[Event]) -> None:
         end = len(data)
         pos = 0
-        # The stream run being gathered: start/stop offsets into `data` of
-        # contiguous content of one (record type, request id).
+        # The stream run being gathered: start/stop offsets into `data` of the
+        # content of consecutive records of one stream of one request, and
+        # their header's first four bytes (version, type, request id) as one
+        # number, so that a record continuing the run costs one comparison.
         pieces: list[int] = []
-        run_type = run_rid = -1
-        if self._state == _STREAM and self._deliver:
-            run_type, run_rid = self._rtype, self._rid
+        run = -1
+        if self._state == _STREAM:
+            run = _RUN_BASE | self._rtype << 16 | self._rid
         while pos < end:
             state = self._state
             if state == _HEADER:
@@ -109,44 +122,66 @@ class Connection:
                     pos += take
                     if len(buf) < 8:
                         break
-                    header = HEADER.unpack(buf)
+                    prefix, clen, plen = _unpack_prefix(buf)
                     buf.clear()
                 else:
-                    header = _unpack_header(data, pos)
+                    prefix, clen, plen = _unpack_prefix(data, pos)
                     pos += 8
-                version, rtype, rid, clen, plen = header
-                if rtype == run_type and rid == run_rid and clen and version == FCGI_VERSION:
-                    # More of the stream being gathered: already checked.
+                    # The hot path: whole records continuing the run.
+                    while prefix == run and clen:
+                        stop = pos + clen
+                        if stop + plen > end:
+                            break
+                        pieces.append(pos)
+                        pieces.append(stop)
+                        pos = stop + plen
+                        if end - pos < 8:
+                            prefix = -1
+                            break
+                        prefix, clen, plen = _unpack_prefix(data, pos)
+                        pos += 8
+                    if prefix == -1:
+                        continue
+                if prefix == run and clen:
+                    # The run goes on past the end of this chunk.
+                    self._rtype, self._rid = prefix >> 16 & 0xFF, prefix & 0xFFFF
+                    self._left, self._padding, self._state = clen, plen, _STREAM
+                    continue
+                if pieces:
+                    self._flush(run, data, pieces, events)
+                    pieces = []
+                run = -1
+                version, rtype, rid = prefix >> 24, prefix >> 16 & 0xFF, prefix & 0xFFFF
+                if clen and prefix in self._delivering:
+                    pass  # data of a stream already checked and open
+                elif version != FCGI_VERSION:
+                    raise self._bad_version(version, rtype, rid, clen)
+                elif rtype not in self._STREAMED:
+                    pass
+                elif not self._stream_allowed(rtype, rid, clen, events):
+                    self._skip(clen + plen)
+                    continue
+                elif clen:
+                    self._delivering.add(prefix)
+                else:
+                    self._delivering.discard(prefix)
+                    self._skip(plen)
+                    continue
+                if rtype in self._STREAMED:
+                    run = prefix
                     stop = pos + clen
                     if stop + plen <= end:
                         pieces.append(pos)
                         pieces.append(stop)
                         pos = stop + plen
-                        continue
-                    self._left, self._padding, self._deliver = clen, plen, True
-                    self._state = _STREAM
-                    continue
-                if pieces:
-                    self._flush(run_type, run_rid, data, pieces, events)
-                    pieces = []
-                run_type = run_rid = -1
-                if version != FCGI_VERSION:
-                    raise self._bad_version(header)
-                self._rtype, self._rid, self._left, self._padding = rtype, rid, clen, plen
-                if rtype in self._STREAMED:
-                    if not self._stream_allowed(rtype, rid, clen, events):
-                        self._state, self._deliver = _SKIP, False
-                        self._left += plen
-                        self._padding = 0
-                    elif clen:
-                        self._state, self._deliver = _STREAM, True
-                        run_type, run_rid = rtype, rid
                     else:
-                        self._state, self._left = _SKIP, plen
-                        self._padding = 0
-                elif rtype in self._WHOLE:
+                        self._rtype, self._rid = rtype, rid
+                        self._left, self._padding, self._state = clen, plen, _STREAM
+                    continue
+                self._rtype, self._rid, self._left, self._padding = rtype, rid, clen, plen
+                if rtype in self._WHOLE:
                     if pos + clen <= end:
-                        content = data[pos : pos + clen]
+                        content = bytes(data[pos : pos + clen])
                         pos += clen
                         self._state, self._left, self._padding = _SKIP, plen, 0
                         self._on_record(rtype, rid, content, events)
@@ -181,29 +216,32 @@ class Connection:
             if self._state == _SKIP and not self._left:
                 self._state = _HEADER
         if pieces:
-            self._flush(run_type, run_rid, data, pieces, events)
+            self._flush(run, data, pieces, events)
+
+    def _skip(self, count: int) -> None:
+        self._state = _SKIP if count else _HEADER
+        self._left, self._padding = count, 0
 
     def _flush(
-        self, rtype: int, rid: int, data: bytes, pieces: list[int], events: list[Event]
+        self, run: int, data: bytes | memoryview, pieces: list[int], events: list[Event]
     ) -> None:
         if len(pieces) == 2:
-            chunk = data[pieces[0] : pieces[1]]
+            chunk = bytes(data[pieces[0] : pieces[1]])
         else:
             view = memoryview(data)
             chunk = b"".join([view[pieces[i] : pieces[i + 1]] for i in range(0, len(pieces), 2)])
             view.release()
-        events.append(self._STREAMED[rtype](rid, chunk))
+        events.append(self._STREAMED[run >> 16 & 0xFF](run & 0xFFFF, chunk))
 
-    def _bad_version(self, header: tuple[int, ...]) -> RemoteProtocolError:
-        version, rtype = header[0], header[1]
+    def _bad_version(self, version: int, rtype: int, rid: int, clen: int) -> RemoteProtocolError:
         if (version, rtype) == (ord("H"), ord("T")):
             return RemoteProtocolError(
                 f"the {self._PEER} answered with HTTP, not FastCGI (bytes 'HT' where a "
                 "record header was expected): is this an HTTP port?"
             )
         return RemoteProtocolError(
-            f"record header with version {version} (type {rtype}, request {header[2]}, "
-            f"{header[3]} bytes): only version {FCGI_VERSION} exists"
+            f"record header with version {version} (type {rtype}, request {rid}, "
+            f"{clen} bytes): only version {FCGI_VERSION} exists"
         )
 
     # --- what each side defines ---
@@ -223,6 +261,11 @@ class Connection:
         raise NotImplementedError
 
     # --- shared helpers ---
+
+    def _forget_streams(self, rid: int) -> None:
+        """The request's streams deliver no more: its records go through the full checks."""
+        for rtype in self._STREAMED:
+            self._delivering.discard(_RUN_BASE | rtype << 16 | rid)
 
     def _check_sendable(self) -> None:
         if self._error is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ._records import ProtocolStatus, Role
@@ -122,3 +122,22 @@ class AbortRequest(Event):
     """The client asked to abort the request; answer with end_request."""
 
     request_id: int
+
+
+def stream_event_maker(cls: type[Event]) -> Callable[[int, bytes], Event]:
+    """A fast constructor for the reader's hot path, equal to calling `cls`.
+
+    A frozen dataclass's __init__ goes through object.__setattr__ for each
+    field; writing the slots directly costs about half as much.
+    """
+    new = object.__new__
+    set_request_id = vars(cls)["request_id"].__set__
+    set_data = vars(cls)["data"].__set__
+
+    def make(request_id: int, data: bytes) -> Event:
+        event = new(cls)
+        set_request_id(event, request_id)
+        set_data(event, data)
+        return event
+
+    return make

@@ -17,6 +17,7 @@ from ._events import (
     Params,
     StdinData,
     StdinEnd,
+    stream_event_maker,
 )
 from ._records import (
     FCGI_VERSION,
@@ -73,7 +74,10 @@ class ServerConnection(Connection):
     with OVERLOADED; none of those produce events.
     """
 
-    _STREAMED: ClassVar = {_STDIN: StdinData, _DATA: FilterData}
+    _STREAMED: ClassVar = {
+        _STDIN: stream_event_maker(StdinData),
+        _DATA: stream_event_maker(FilterData),
+    }
     _WHOLE: ClassVar = frozenset({_BEGIN_REQUEST, _ABORT_REQUEST, _PARAMS, _GET_VALUES})
     _PEER: ClassVar = "client"
 
@@ -136,6 +140,7 @@ class ServerConnection(Connection):
             out.append(HEADER.pack(FCGI_VERSION, _STDERR, request_id, 0, 0))
         self._end(request_id, app_status, ProtocolStatus(protocol_status))
         del self._requests[request_id]
+        self._forget_streams(request_id)
         if not request.keep_conn:
             self._closing = True
 

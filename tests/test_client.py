@@ -419,3 +419,38 @@ def test_one_byte_at_a_time_gives_the_same_events() -> None:
     wire = raw_record(STDOUT, 1, b"hello", padding=3) + raw_record(STDERR, 1, b"err") + end(1, 7)
     events = feed(conn, wire, [1] * len(wire))
     assert events == [StdoutData(1, b"hello"), StderrData(1, b"err"), EndRequest(1, 7, COMPLETE)]
+
+
+def test_a_stream_that_delivered_is_checked_again_once_its_request_ends() -> None:
+    conn = started()
+    conn.receive_data(raw_record(STDOUT, 1, b"a"))
+    conn.receive_data(end(1))
+    with pytest.raises(
+        RemoteProtocolError, match="STDOUT record \\(1 bytes\\) for request 1, which"
+    ):
+        conn.receive_data(raw_record(STDOUT, 1, b"b"))
+
+
+def test_a_stream_that_delivered_is_dropped_once_its_request_is_aborted() -> None:
+    conn = started(multiplex=True)
+    assert conn.receive_data(raw_record(STDOUT, 1, b"a")) == [StdoutData(1, b"a")]
+    conn.abort_request(1)
+    assert conn.receive_data(raw_record(STDOUT, 1, b"b") + raw_record(STDOUT, 1, b"c")) == []
+
+
+def test_a_stream_that_delivered_then_ended_refuses_more() -> None:
+    conn = started()
+    conn.receive_data(raw_record(STDERR, 1, b"a") + raw_record(STDERR, 1))
+    with pytest.raises(
+        RemoteProtocolError, match="STDERR record \\(1 bytes\\) for request 1 after"
+    ):
+        conn.receive_data(raw_record(STDERR, 1, b"b"))
+
+
+def test_a_dropped_empty_record_at_the_end_of_input_leaves_a_clean_close() -> None:
+    conn = started(multiplex=True)
+    conn.abort_request(1)
+    assert conn.receive_data(end(1)) == [EndRequest(1, 0, COMPLETE)]
+    assert conn.receive_data(raw_record(STDOUT, 1)) == []  # Go's late stream end
+    assert conn.receive_data(b"") == []
+    assert conn.closed
