@@ -33,7 +33,7 @@ from ._records import (
     record,
     to_bytes,
 )
-from ._state import Streams, stream_name
+from ._state import Layout, Streams, stream_name
 
 __all__ = ["ClientConnection"]
 
@@ -45,11 +45,11 @@ _END_BODY = struct.Struct(">IB3x")
 _BEGIN_BODY = struct.Struct(">HB5x")
 
 _SEND_STREAMS = {
-    Role.RESPONDER: ((_PARAMS,), (_STDIN,)),
-    Role.AUTHORIZER: ((_PARAMS,), (_STDIN,)),
-    Role.FILTER: ((_PARAMS,), (_STDIN,), (_DATA,)),
+    Role.RESPONDER: Layout((_PARAMS,), (_STDIN,)),
+    Role.AUTHORIZER: Layout((_PARAMS,), (_STDIN,)),
+    Role.FILTER: Layout((_PARAMS,), (_STDIN,), (_DATA,)),
 }
-_RECEIVE_STREAMS = ((_STDOUT, _STDERR),)
+_RECEIVE_STREAMS = Layout((_STDOUT, _STDERR))
 
 
 class _Request:

@@ -73,7 +73,11 @@ class ProtocolStatus(IntEnum):
 
 StrOrBytes: TypeAlias = "str | bytes"
 #: What send_params() takes: a mapping, or an iterable of (name, value) pairs.
-ParamsInput: TypeAlias = "Mapping[StrOrBytes, StrOrBytes] | Iterable[tuple[StrOrBytes, StrOrBytes]]"
+# Mapping is invariant in its key type, hence one Mapping per key type.
+ParamsInput: TypeAlias = (
+    "Mapping[str, StrOrBytes] | Mapping[bytes, StrOrBytes] | Mapping[StrOrBytes, StrOrBytes]"
+    " | Iterable[tuple[StrOrBytes, StrOrBytes]]"
+)
 
 _PADDING = bytes(7)
 
@@ -143,6 +147,9 @@ def encode_pair(name: bytes, value: bytes) -> bytes:
     return _length(len(name)) + _length(len(value)) + name + value
 
 
+_ONE_BYTE_LENGTHS = [bytes((n,)) for n in range(128)]
+
+
 def encode_pair_records(rtype: int, request_id: int, params: ParamsInput) -> list[bytes]:
     """Records carrying the pairs, each pair whole in one record where it fits.
 
@@ -151,52 +158,80 @@ def encode_pair_records(rtype: int, request_id: int, params: ParamsInput) -> lis
     be sent split; peers that reassemble (Go, our ServerConnection) accept it.
     """
     out: list[bytes] = []
-    content = bytearray()
+    parts: list[bytes] = []  # the encoded pairs of the record being filled
+    size = 0
+    short = _ONE_BYTE_LENGTHS
     for name, value in pairs_of(params):
-        pair = encode_pair(to_bytes(name, "a param name"), to_bytes(value, "a param value"))
-        if len(content) + len(pair) > STREAM_CHUNK and content:
-            out.append(record(rtype, request_id, bytes(content)))
-            content.clear()
-        if len(pair) > STREAM_CHUNK:
-            view = memoryview(pair)
-            for start in range(0, len(pair), STREAM_CHUNK):
+        # The common case (str or bytes, short lengths) inline: this loop is
+        # most of the client's encoding cost per request.
+        if type(name) is str:
+            name = name.encode("utf-8", "surrogateescape")
+        elif type(name) is not bytes:
+            name = to_bytes(name, "a param name")
+        if type(value) is str:
+            value = value.encode("utf-8", "surrogateescape")
+        elif type(value) is not bytes:
+            value = to_bytes(value, "a param value")
+        name_len, value_len = len(name), len(value)
+        if name_len < 128 and value_len < 128:
+            pair_len = 2 + name_len + value_len
+            prefix = short[name_len] + short[value_len]
+        else:
+            pair = encode_pair(name, value)
+            pair_len = len(pair)
+            prefix = pair[: pair_len - name_len - value_len]
+        if size + pair_len > STREAM_CHUNK and parts:
+            out.append(record(rtype, request_id, b"".join(parts)))
+            parts.clear()
+            size = 0
+        if pair_len > STREAM_CHUNK:
+            view = memoryview(prefix + name + value)
+            for start in range(0, pair_len, STREAM_CHUNK):
                 out.append(record(rtype, request_id, bytes(view[start : start + STREAM_CHUNK])))
             continue
-        content += pair
-    if content:
-        out.append(record(rtype, request_id, bytes(content)))
+        parts += (prefix, name, value)
+        size += pair_len
+    if parts:
+        out.append(record(rtype, request_id, b"".join(parts)))
     return out
 
 
 def decode_pairs(data: bytes | bytearray, where: str) -> list[tuple[bytes, bytes]]:
     """Decode a complete run of name/value pairs; lengths are checked before slicing."""
+    if type(data) is not bytes:
+        data = bytes(data)  # one copy, then each name and value is sliced once
     pairs: list[tuple[bytes, bytes]] = []
     pos = 0
     end = len(data)
     while pos < end:
-        lengths = []
-        for _ in range(2):
-            if pos >= end:
-                raise RemoteProtocolError(f"{where}: truncated name/value length at byte {pos}")
-            first = data[pos]
-            if first < 128:
-                lengths.append(first)
-                pos += 1
-            else:
-                if pos + 4 > end:
-                    raise RemoteProtocolError(
-                        f"{where}: truncated 4-byte name/value length at byte {pos}"
-                    )
-                lengths.append(int.from_bytes(data[pos : pos + 4], "big") & 0x7FFFFFFF)
-                pos += 4
-        name_len, value_len = lengths
+        name_len = data[pos]
+        if name_len < 128:
+            pos += 1
+        else:
+            if pos + 4 > end:
+                raise RemoteProtocolError(
+                    f"{where}: truncated 4-byte name/value length at byte {pos}"
+                )
+            name_len = int.from_bytes(data[pos : pos + 4], "big") & 0x7FFFFFFF
+            pos += 4
+        if pos >= end:
+            raise RemoteProtocolError(f"{where}: truncated name/value length at byte {pos}")
+        value_len = data[pos]
+        if value_len < 128:
+            pos += 1
+        else:
+            if pos + 4 > end:
+                raise RemoteProtocolError(
+                    f"{where}: truncated 4-byte name/value length at byte {pos}"
+                )
+            value_len = int.from_bytes(data[pos : pos + 4], "big") & 0x7FFFFFFF
+            pos += 4
         if name_len + value_len > end - pos:
             raise RemoteProtocolError(
                 f"{where}: a pair declares {name_len} + {value_len} bytes "
                 f"but only {end - pos} remain"
             )
-        name = bytes(data[pos : pos + name_len])
-        pos += name_len
-        pairs.append((name, bytes(data[pos : pos + value_len])))
-        pos += value_len
+        stop = pos + name_len
+        pos = stop + value_len
+        pairs.append((data[stop - name_len : stop], data[stop:pos]))
     return pairs

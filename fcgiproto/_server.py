@@ -30,7 +30,7 @@ from ._records import (
     encode_stream_records,
     record,
 )
-from ._state import Streams, stream_name
+from ._state import Layout, Streams, stream_name
 
 __all__ = ["ServerConnection"]
 
@@ -40,9 +40,9 @@ _GET_VALUES, _GET_VALUES_RESULT, _UNKNOWN_TYPE = 9, 10, 11
 _BEGIN_BODY = struct.Struct(">HB5x")
 _END_BODY = struct.Struct(">IB3x")
 _RECEIVE_STREAMS = {
-    Role.RESPONDER: ((_PARAMS,), (_STDIN,)),
-    Role.AUTHORIZER: ((_PARAMS,), (_STDIN,)),
-    Role.FILTER: ((_PARAMS,), (_STDIN, _DATA)),
+    Role.RESPONDER: Layout((_PARAMS,), (_STDIN,)),
+    Role.AUTHORIZER: Layout((_PARAMS,), (_STDIN,)),
+    Role.FILTER: Layout((_PARAMS,), (_STDIN, _DATA)),
 }
 _STREAM_END_EVENTS = {_STDIN: StdinEnd, _DATA: FilterDataEnd}
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ._records import RecordType
 
-__all__ = ["CLOSED", "OPEN", "WAITING", "Streams", "stream_name"]
+__all__ = ["CLOSED", "OPEN", "WAITING", "Layout", "Streams", "stream_name"]
 
 WAITING, OPEN, CLOSED = 0, 1, 2
 _DATA, _END = 0, 1
@@ -45,45 +45,61 @@ def stream_name(rtype: int) -> str:
         return f"record type {rtype}"
 
 
+class Layout:
+    """Which streams a kind of request has, and what the end of each opens.
+
+    `sequence` lists groups of streams: the first group is open from the
+    start, and once every stream of a group has ended the next group opens.
+    """
+
+    __slots__ = ("following", "initial", "openers")
+
+    def __init__(self, *sequence: tuple[int, ...]) -> None:
+        self.initial = {
+            rtype: OPEN if index == 0 else WAITING
+            for index, group in enumerate(sequence)
+            for rtype in group
+        }
+        self.openers = {
+            rtype: sequence[index - 1][0]
+            for index, group in enumerate(sequence)
+            if index
+            for rtype in group
+        }
+        # stream -> (its group, the group its group's end opens)
+        self.following = {
+            rtype: (group, sequence[index + 1])
+            for index, group in enumerate(sequence[:-1])
+            for rtype in group
+        }
+
+
 class Streams:
-    """The streams of one request in one direction, and what each end opens."""
+    """The streams of one request in one direction."""
 
-    __slots__ = ("_sequence", "openers", "states")
+    __slots__ = ("layout", "states")
 
-    def __init__(self, sequence: tuple[tuple[int, ...], ...]) -> None:
-        # `sequence` lists groups of streams: the first group is open, and the
-        # end of every stream of one group opens the next group.
-        self.states: dict[int, int] = {}
-        self.openers: dict[int, int] = {}
-        for index, group in enumerate(sequence):
-            for rtype in group:
-                self.states[rtype] = OPEN if index == 0 else WAITING
-                if index:
-                    self.openers[rtype] = sequence[index - 1][0]
-        self._sequence = sequence
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.states = dict(layout.initial)
 
     def move(self, rtype: int, end: bool) -> str | None:
         """Apply data (or the end) of stream `rtype`; a complaint string if not allowed."""
-        state = self.states.get(rtype)
+        states = self.states
+        state = states.get(rtype)
         if state is None:
             return "which this request does not have"
         target = _TRANSITIONS.get((state, _END if end else _DATA))
         if target is None:
-            opener = stream_name(self.openers.get(rtype, 0))
+            opener = stream_name(self.layout.openers.get(rtype, 0))
             return _COMPLAINTS[state].format(opener=opener)
-        self.states[rtype] = target
-        if target == CLOSED:
-            self._open_after(rtype)
+        states[rtype] = target
+        if target == CLOSED and rtype in self.layout.following:
+            group, following = self.layout.following[rtype]
+            if all(states[t] == CLOSED for t in group):
+                for opened in following:
+                    states[opened] = OPEN
         return None
-
-    def _open_after(self, rtype: int) -> None:
-        for index, group in enumerate(self._sequence[:-1]):
-            if rtype in group and all(self.states[t] == CLOSED for t in group):
-                for following in self._sequence[index + 1]:
-                    self.states[following] = OPEN
-
-    def is_open(self, rtype: int) -> bool:
-        return self.states.get(rtype) == OPEN
 
     def all_closed(self) -> bool:
         return all(state == CLOSED for state in self.states.values())
