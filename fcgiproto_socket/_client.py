@@ -20,6 +20,7 @@ from fcgiproto import (
     Role,
     StderrData,
     StdoutData,
+    TransportError,
     WriteError,
 )
 from fcgiproto._adapter import (
@@ -74,7 +75,10 @@ class Client:
         self.max_connections = max_connections
         self.max_keepalive = max_connections if max_keepalive is None else max_keepalive
         self.keepalive_expiry = keepalive_expiry
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # a connection was freed
+        self._reaper_wake = threading.Condition(self._lock)
+        self._reaper: threading.Thread | None = None
         self._idle: list[SocketConnection] = []
         self._open = 0  # connections open, idle or in use
         self._closed = False
@@ -127,7 +131,7 @@ class Client:
             try:
                 return dict(exchange.mux.get_values(list(names), deadline, limits.read).values)
             finally:
-                exchange.finish(True)
+                exchange.finish(True, deadline, limits)
         return self._solo_get_values(list(names), deadline, limits, limits.read)
 
     def _solo_get_values(
@@ -148,8 +152,12 @@ class Client:
 
     def close(self) -> None:
         """Close idle connections now, and the others when their requests end."""
-        with self._cond:
+        with self._lock:
             self._closed = True
+            self._reaper_wake.notify()
+            reaper = self._reaper
+        if reaper is not None and reaper is not threading.current_thread():
+            reaper.join()
         self._close_idle()
         with self._mux_lock:
             muxes = [*self._retired, *([self._mux] if self._mux else [])]
@@ -165,6 +173,10 @@ class Client:
 
     # --- choosing a connection ---
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalProtocolError(f"the client for {self.address} is closed")
+
     def _exchange(self, deadline: Deadline, limits: Timeout) -> _SoloExchange | _MuxExchange:
         if self.multiplex is None:
             self._decide_multiplex(deadline, limits)
@@ -176,6 +188,7 @@ class Client:
     def _decide_multiplex(self, deadline: Deadline, limits: Timeout) -> None:
         """Ask the application once whether it multiplexes (FCGI_MPXS_CONNS)."""
         with self._probe_lock:
+            self._check_open()
             if self.multiplex is not None:
                 return
             # An application that ignores GET_VALUES must not hold up the
@@ -193,8 +206,9 @@ class Client:
 
     def _mux_exchange(self, deadline: Deadline, limits: Timeout) -> _MuxExchange:
         with self._mux_lock:
+            self._check_open()
             mux = self._mux
-            if mux is not None and mux.usable:
+            if mux is not None and mux.usable and not mux.expired(self.keepalive_expiry):
                 return _MuxExchange(self, mux, reused=True)
             if mux is not None:
                 self._retired.append(mux)
@@ -236,8 +250,7 @@ class Client:
                 wait, _ = deadline.limit(limits.pool)
                 give_up = None if wait is None else time.monotonic() + wait
                 while True:
-                    if self._closed:
-                        raise LocalProtocolError(f"the client for {self.address} is closed")
+                    self._check_open()
                     now = time.monotonic()
                     while self._idle:
                         conn = self._idle.pop()
@@ -274,10 +287,39 @@ class Client:
                 conn.idle_since = time.monotonic()
                 self._idle.append(conn)
                 self._cond.notify()
+                if self._reaper is None:
+                    self._reaper = threading.Thread(
+                        target=self._reap_idle, name=f"fcgiproto idle {self.address}", daemon=True
+                    )
+                    self._reaper.start()
                 return
             self._open -= 1
             self._cond.notify()
         conn.close()
+
+    def _reap_idle(self) -> None:
+        """Close idle connections as they expire, without waiting for the next call.
+
+        An idle kept-alive connection pins a php-fpm worker; one the client will
+        not reuse must give it back. Runs while there are idle connections.
+        """
+        while True:
+            with self._lock:
+                if self._closed or not self._idle:
+                    self._reaper = None
+                    return
+                now = time.monotonic()
+                expiry = self.keepalive_expiry
+                expired = [c for c in self._idle if now - c.idle_since >= expiry]
+                if not expired:
+                    oldest = min(c.idle_since for c in self._idle)
+                    self._reaper_wake.wait(oldest + expiry - now)
+                    continue
+                self._idle = [c for c in self._idle if now - c.idle_since < expiry]
+                self._open -= len(expired)
+                self._cond.notify_all()
+            for conn in expired:
+                conn.close()
 
     def _discard(self, conn: SocketConnection) -> None:
         conn.close()
@@ -325,12 +367,20 @@ class _SoloExchange:
     ) -> list[Event]:
         return self.conn.exchange(deadline, limits.read, limits.write, refill)
 
-    def finish(self, ended: bool) -> None:
+    def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
         conn = self.conn
-        if ended and not conn.writing and conn.proto.can_send_request:
-            self.client._release(conn)
-        else:
-            self.client._discard(conn)
+        if ended and conn.proto.can_send_request:
+            try:
+                # The application may answer before it has all of the body
+                # (php-fpm does once it has CONTENT_LENGTH bytes): the rest,
+                # often only the empty STDIN record, goes out before reuse.
+                conn.flush(deadline, limits.write)
+            except TransportError:
+                pass
+            else:
+                self.client._release(conn)
+                return
+        self.client._discard(conn)
 
 
 class _MuxExchange:
@@ -366,7 +416,7 @@ class _MuxExchange:
         assert self.inbox is not None
         return self.mux.events(self.inbox, deadline, limits.read)
 
-    def finish(self, ended: bool) -> None:
+    def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
         if self.inbox is not None:
             self.mux.finish(self.rid, self.inbox)
         self.client._mux_done(self.mux)
@@ -423,7 +473,7 @@ class StreamResponse:
         """Give the connection back when the exchange ended cleanly, else close (or abort) it."""
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
-            exchange.finish(self._end is not None)
+            exchange.finish(self._end is not None, self._deadline, self._limits)
 
     # --- the response ---
 
@@ -517,7 +567,7 @@ class StreamResponse:
                 if not exchange.reused or attempt == 2 or self._stdin_touched or self._got_output:
                     raise
                 self._exchange = None
-                exchange.finish(False)
+                exchange.finish(False, self._deadline, self._limits)
                 self._stdin_iter = None
 
     @property

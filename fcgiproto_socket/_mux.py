@@ -12,6 +12,7 @@ import contextlib
 import select
 import socket
 import threading
+import time
 from collections import deque
 
 from fcgiproto import (
@@ -33,8 +34,6 @@ from ._transport import READ_SIZE, Deadline, wait_ready
 
 __all__ = ["Inbox", "MuxConnection"]
 
-_VALUES = 0  # the inbox of GET_VALUES answers: management records use request id 0
-
 
 class Inbox:
     __slots__ = ("events", "wake")
@@ -54,8 +53,10 @@ class MuxConnection:
         self._write_poller = select.poll()
         self._write_poller.register(sock, select.POLLOUT)
         self._inboxes: dict[int, Inbox] = {}
+        self._values_waiters: deque[Inbox] = deque()
         self._failure: FastCGIError | None = None
         self._closing = False
+        self._idle_since = time.monotonic()
         self._reader = threading.Thread(
             target=self._read_loop, name=f"fcgiproto reader {address}", daemon=True
         )
@@ -70,6 +71,11 @@ class MuxConnection:
     def idle(self) -> bool:
         with self._lock:
             return not self._inboxes
+
+    def expired(self, expiry: float) -> bool:
+        """Whether it has carried no request for `expiry` seconds."""
+        with self._lock:
+            return not self._inboxes and time.monotonic() - self._idle_since >= expiry
 
     # --- a request's calls ---
 
@@ -113,20 +119,17 @@ class MuxConnection:
     ) -> GetValuesResult:
         with self._lock:
             self._check()
-            if _VALUES in self._inboxes:
-                raise LocalProtocolError("another GET_VALUES is waiting on this connection")
-            inbox = self._inboxes[_VALUES] = Inbox(self._lock)
+            # Answers come in the order of the questions: each goes to the
+            # oldest waiter, even one that gave up, so none gets another's.
+            inbox = Inbox(self._lock)
+            self._values_waiters.append(inbox)
             self.proto.get_values(names)
             data = self.proto.data_to_send()
-        try:
-            self._write(data, deadline, limit)
-            while True:
-                for event in self.events(inbox, deadline, limit):
-                    if isinstance(event, GetValuesResult):
-                        return event
-        finally:
-            with self._lock:
-                self._inboxes.pop(_VALUES, None)
+        self._write(data, deadline, limit)
+        while True:
+            for event in self.events(inbox, deadline, limit):
+                if isinstance(event, GetValuesResult):
+                    return event
 
     def events(self, inbox: Inbox, deadline: Deadline, read_timeout: float | None) -> list[Event]:
         """Wait for events in a request's inbox."""
@@ -157,6 +160,8 @@ class MuxConnection:
             if self._inboxes.get(rid) is not inbox:
                 return  # it ended, and the id already belongs to a newer request
             del self._inboxes[rid]
+            if not self._inboxes:
+                self._idle_since = time.monotonic()
             if rid not in self.proto.active_requests or self._failure is not None:
                 return
             self.proto.abort_request(rid)
@@ -214,7 +219,10 @@ class MuxConnection:
                     self._fail_locked(ReadError(f"{self.address} closed the connection"))
                     return
                 for event in events:
-                    inbox = self._inboxes.get(getattr(event, "request_id", _VALUES))
+                    if isinstance(event, GetValuesResult):
+                        inbox = self._values_waiters.popleft() if self._values_waiters else None
+                    else:
+                        inbox = self._inboxes.get(getattr(event, "request_id", -1))
                     if inbox is not None:
                         inbox.events.append(event)
                         inbox.wake.notify()
@@ -226,7 +234,7 @@ class MuxConnection:
     def _fail_locked(self, failure: FastCGIError) -> None:
         if self._failure is None:
             self._failure = failure
-        for inbox in self._inboxes.values():
+        for inbox in [*self._inboxes.values(), *self._values_waiters]:
             inbox.wake.notify_all()
 
     def close(self) -> None:
