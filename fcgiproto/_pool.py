@@ -79,13 +79,17 @@ class PoolState(Generic[C]):
             return None
         return min(since for _, since in self.idle) + self.keepalive_expiry
 
-    def close(self) -> list[C]:
-        """No more connections; the idle ones to close now."""
-        self.closed = True
+    def take_idle(self) -> list[C]:
+        """Every idle connection, taken out of the pool to be closed."""
         idle = [conn for conn, _ in self.idle]
         self.idle.clear()
         self.open -= len(idle)
         return idle
+
+    def close(self) -> list[C]:
+        """No more connections; the idle ones to close now."""
+        self.closed = True
+        return self.take_idle()
 
     def _expired(self, now: float) -> list[C]:
         limit = now - self.keepalive_expiry

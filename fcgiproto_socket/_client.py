@@ -31,6 +31,7 @@ from fcgiproto._adapter import (
     parse_address,
     raise_for_protocol_status,
 )
+from fcgiproto._pool import PoolState
 from fcgiproto._records import ParamsInput
 from fcgiproto.cgi import ResponseHead, ResponseParser
 
@@ -79,9 +80,9 @@ class Client:
         self._cond = threading.Condition(self._lock)  # a connection was freed
         self._reaper_wake = threading.Condition(self._lock)
         self._reaper: threading.Thread | None = None
-        self._idle: list[SocketConnection] = []
-        self._open = 0  # connections open, idle or in use
-        self._closed = False
+        self._pool: PoolState[SocketConnection] = PoolState(
+            max_connections, self.max_keepalive, keepalive_expiry
+        )
         self.multiplex = multiplex
         self._probe_lock = threading.Lock()
         self._mux_lock = threading.Lock()
@@ -153,12 +154,14 @@ class Client:
     def close(self) -> None:
         """Close idle connections now, and the others when their requests end."""
         with self._lock:
-            self._closed = True
+            idle = self._pool.close()
+            self._cond.notify_all()
             self._reaper_wake.notify()
             reaper = self._reaper
         if reaper is not None and reaper is not threading.current_thread():
             reaper.join()
-        self._close_idle()
+        for conn in idle:
+            conn.close()
         with self._mux_lock:
             muxes = [*self._retired, *([self._mux] if self._mux else [])]
             self._mux, self._retired = None, []
@@ -174,7 +177,7 @@ class Client:
     # --- choosing a connection ---
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._pool.closed:
             raise LocalProtocolError(f"the client for {self.address} is closed")
 
     def _exchange(self, deadline: Deadline, limits: Timeout) -> _SoloExchange | _MuxExchange:
@@ -214,7 +217,7 @@ class Client:
                 self._retired.append(mux)
             self._mux = None
             sock = connect(self.address, deadline.limit(limits.connect)[0])
-            self._mux = mux = MuxConnection(sock, self.address)
+            self._mux = mux = MuxConnection(sock, self.address, self.keepalive_expiry)
         self._reap_retired()
         return _MuxExchange(self, mux, reused=False)
 
@@ -230,9 +233,8 @@ class Client:
             mux.close()
 
     def _close_idle(self) -> None:
-        with self._cond:
-            idle, self._idle = self._idle, []
-            self._open -= len(idle)
+        with self._lock:
+            idle = self._pool.take_idle()
             self._cond.notify_all()
         for conn in idle:
             conn.close()
@@ -244,58 +246,49 @@ class Client:
 
     def _acquire(self, deadline: Deadline, limits: Timeout) -> tuple[SocketConnection, bool]:
         """An idle connection (True) or a new one (False), within the pool limit."""
-        stale: list[SocketConnection] = []
-        try:
-            with self._cond:
-                wait, _ = deadline.limit(limits.pool)
-                give_up = None if wait is None else time.monotonic() + wait
-                while True:
-                    self._check_open()
-                    now = time.monotonic()
-                    while self._idle:
-                        conn = self._idle.pop()
-                        if now - conn.idle_since < self.keepalive_expiry and conn.looks_alive():
-                            return conn, True
-                        stale.append(conn)
-                        self._open -= 1
-                    if self._open < self.max_connections:
-                        self._open += 1
-                        break
-                    left = None if give_up is None else give_up - now
+        wait, _ = deadline.limit(limits.pool)
+        give_up = None if wait is None else time.monotonic() + wait
+        while True:
+            with self._lock:
+                self._check_open()
+                conn, may_open, stale = self._pool.acquire(time.monotonic())
+                if conn is None and not may_open:
+                    left = None if give_up is None else give_up - time.monotonic()
                     if left is not None and left <= 0:
                         raise PoolTimeout(
                             f"no connection to {self.address} became free within {wait}s "
                             f"({self.max_connections} in use)"
                         )
                     self._cond.wait(left)
-        finally:
-            for conn in stale:
-                conn.close()
+            for old in stale:
+                old.close()
+            if conn is not None:
+                if conn.looks_alive():
+                    return conn, True
+                self._discard(conn)
+            elif may_open:
+                break
         try:
             sock = connect(self.address, deadline.limit(limits.connect)[0])
         except BaseException:
-            with self._cond:
-                self._open -= 1
+            with self._lock:
+                self._pool.open_failed()
                 self._cond.notify()
             raise
         return SocketConnection(sock, self.address, multiplex=False), False
 
     def _release(self, conn: SocketConnection) -> None:
         """Return a connection in a known-clean state for reuse."""
-        with self._cond:
-            if not self._closed and len(self._idle) < self.max_keepalive:
-                conn.idle_since = time.monotonic()
-                self._idle.append(conn)
-                self._cond.notify()
-                if self._reaper is None:
-                    self._reaper = threading.Thread(
-                        target=self._reap_idle, name=f"fcgiproto idle {self.address}", daemon=True
-                    )
-                    self._reaper.start()
-                return
-            self._open -= 1
+        with self._lock:
+            to_close = self._pool.release(conn, time.monotonic())
             self._cond.notify()
-        conn.close()
+            if not to_close and self._reaper is None:
+                self._reaper = threading.Thread(
+                    target=self._reap_idle, name=f"fcgiproto idle {self.address}", daemon=True
+                )
+                self._reaper.start()
+        for old in to_close:
+            old.close()
 
     def _reap_idle(self) -> None:
         """Close idle connections as they expire, without waiting for the next call.
@@ -305,26 +298,23 @@ class Client:
         """
         while True:
             with self._lock:
-                if self._closed or not self._idle:
+                due = self._pool.next_expiry()
+                if self._pool.closed or due is None:
                     self._reaper = None
                     return
                 now = time.monotonic()
-                expiry = self.keepalive_expiry
-                expired = [c for c in self._idle if now - c.idle_since >= expiry]
+                expired = self._pool.expire(now)
                 if not expired:
-                    oldest = min(c.idle_since for c in self._idle)
-                    self._reaper_wake.wait(oldest + expiry - now)
+                    self._reaper_wake.wait(due - now)
                     continue
-                self._idle = [c for c in self._idle if now - c.idle_since < expiry]
-                self._open -= len(expired)
                 self._cond.notify_all()
             for conn in expired:
                 conn.close()
 
     def _discard(self, conn: SocketConnection) -> None:
         conn.close()
-        with self._cond:
-            self._open -= 1
+        with self._lock:
+            self._pool.discard()
             self._cond.notify()
 
 

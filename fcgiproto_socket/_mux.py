@@ -44,7 +44,7 @@ class Inbox:
 
 
 class MuxConnection:
-    def __init__(self, sock: socket.socket, address: Address) -> None:
+    def __init__(self, sock: socket.socket, address: Address, keepalive_expiry: float) -> None:
         self.sock = sock
         self.address = address
         self.proto = ClientConnection(multiplex=True)
@@ -57,6 +57,7 @@ class MuxConnection:
         self._failure: FastCGIError | None = None
         self._closing = False
         self._idle_since = time.monotonic()
+        self._expiry = keepalive_expiry
         self._reader = threading.Thread(
             target=self._read_loop, name=f"fcgiproto reader {address}", daemon=True
         )
@@ -199,7 +200,8 @@ class MuxConnection:
         poller.register(self.sock, select.POLLIN | select.POLLPRI)
         while True:
             try:
-                poller.poll()
+                if not poller.poll(self._expiry * 1000) and self._close_if_expired():
+                    return
                 data = self.sock.recv(READ_SIZE)
             except BlockingIOError:
                 continue
@@ -226,6 +228,16 @@ class MuxConnection:
                     if inbox is not None:
                         inbox.events.append(event)
                         inbox.wake.notify()
+
+    def _close_if_expired(self) -> bool:
+        """Close the connection if it has been idle past its expiry (from the reader)."""
+        with self._lock:
+            if self._inboxes or time.monotonic() - self._idle_since < self._expiry:
+                return False
+            self._closing = True
+            self._fail_locked(ReadError(f"the idle connection to {self.address} expired"))
+        self.sock.close()
+        return True
 
     def _fail(self, failure: FastCGIError) -> None:
         with self._lock:

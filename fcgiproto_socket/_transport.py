@@ -95,7 +95,6 @@ class SocketConnection:
         self.sock = sock
         self.address = address
         self.proto = ClientConnection(multiplex=multiplex)
-        self.idle_since = time.monotonic()
         self._pending = memoryview(b"")
         self._poller = select.poll()
         self._poller.register(sock, _READABLE)
@@ -111,6 +110,7 @@ class SocketConnection:
         (php-fpm closes after pm.max_requests, or on restart) or garbage.
         """
         try:
+            self._poller.modify(self._fd, _READABLE)
             return not self._poller.poll(0)
         except OSError:
             return False
