@@ -6,6 +6,7 @@ Private: the adapters re-export the public names (Timeout, Response).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TypeAlias
@@ -18,6 +19,7 @@ from .cgi import ResponseHead, ResponseParser, authorizer_variables
 __all__ = [
     "Address",
     "AddressInput",
+    "Deadline",
     "Response",
     "Timeout",
     "TimeoutInput",
@@ -154,6 +156,26 @@ class Response:
     def variables(self) -> dict[str, str]:
         """For the authorizer role: the Variable-* headers, prefix stripped."""
         return authorizer_variables(self.headers)
+
+
+class Deadline:
+    """The `total` limit of one request, on the adapter's clock."""
+
+    __slots__ = ("at", "clock", "total")
+
+    def __init__(self, total: float | None, clock: Callable[[], float]) -> None:
+        self.total = total
+        self.clock = clock
+        self.at = None if total is None else clock() + total
+
+    def limit(self, step: float | None) -> tuple[float | None, bool]:
+        """The wait allowed for a step with its own limit; True when the total is the tighter."""
+        if self.at is None:
+            return step, False
+        left = max(0.0, self.at - self.clock())
+        if step is None or left < step:
+            return left, True
+        return step, False
 
 
 _STATUS_ERRORS: dict[ProtocolStatus, type[RequestError]] = {

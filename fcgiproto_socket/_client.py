@@ -25,6 +25,7 @@ from fcgiproto import (
 )
 from fcgiproto._adapter import (
     AddressInput,
+    Deadline,
     Response,
     Timeout,
     TimeoutInput,
@@ -36,7 +37,7 @@ from fcgiproto._records import ParamsInput
 from fcgiproto.cgi import ResponseHead, ResponseParser
 
 from ._mux import Inbox, MuxConnection
-from ._transport import Deadline, SocketConnection, connect
+from ._transport import SocketConnection, connect
 
 __all__ = ["Client", "StreamResponse"]
 
@@ -126,7 +127,7 @@ class Client:
     ) -> dict[str, str]:
         """Ask the application for management variables (FCGI_MPXS_CONNS, ...)."""
         limits = self._timeout(timeout)
-        deadline = Deadline(limits.total)
+        deadline = Deadline(limits.total, time.monotonic)
         if self.multiplex:
             exchange = self._mux_exchange(deadline, limits)
             try:
@@ -428,7 +429,7 @@ class StreamResponse:
         self._stdin = stdin
         self._role = role
         self._limits = limits
-        self._deadline = Deadline(limits.total)
+        self._deadline = Deadline(limits.total, time.monotonic)
         self._exchange: _SoloExchange | _MuxExchange | None = None
         self._stdin_iter: Iterator[bytes] | None = None
         self._stdin_touched = False

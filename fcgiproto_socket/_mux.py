@@ -27,10 +27,10 @@ from fcgiproto import (
     Role,
     WriteError,
 )
-from fcgiproto._adapter import Address
+from fcgiproto._adapter import Address, Deadline
 from fcgiproto._records import ParamsInput
 
-from ._transport import READ_SIZE, Deadline, wait_ready
+from ._transport import READ_SIZE, wait_ready
 
 __all__ = ["Inbox", "MuxConnection"]
 
@@ -168,7 +168,7 @@ class MuxConnection:
             self.proto.abort_request(rid)
             data = self.proto.data_to_send()
         try:
-            self._write(data, Deadline(None), 5.0)
+            self._write(data, Deadline(None, time.monotonic), 5.0)
         except FastCGIError:
             self.close()
 

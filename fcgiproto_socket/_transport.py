@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import select
 import socket
-import time
 from collections.abc import Callable
 
 from fcgiproto import (
@@ -23,33 +22,14 @@ from fcgiproto import (
     WriteError,
     WriteTimeout,
 )
-from fcgiproto._adapter import Address
+from fcgiproto._adapter import Address, Deadline
 
-__all__ = ["READ_SIZE", "Deadline", "SocketConnection", "connect", "wait_ready"]
+__all__ = ["READ_SIZE", "SocketConnection", "connect", "wait_ready"]
 
 #: A read takes what the kernel has, up to this: several 64 KiB records at once.
 READ_SIZE = 256 * 1024
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR
-
-
-class Deadline:
-    """The `total` limit of one request, as a point on the monotonic clock."""
-
-    __slots__ = ("at", "total")
-
-    def __init__(self, total: float | None) -> None:
-        self.total = total
-        self.at = None if total is None else time.monotonic() + total
-
-    def limit(self, step: float | None) -> tuple[float | None, bool]:
-        """The wait allowed for a step with its own limit; True when the total is the tighter."""
-        if self.at is None:
-            return step, False
-        left = max(0.0, self.at - time.monotonic())
-        if step is None or left < step:
-            return left, True
-        return step, False
 
 
 def connect(address: Address, timeout: float | None) -> socket.socket:
