@@ -100,8 +100,12 @@ class Client:
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
     ) -> Response:
-        """Send a request and read its whole response."""
-        with self.stream(params, stdin, role=role, timeout=timeout) as response:
+        """Send a request and read its whole response.
+
+        On an application that multiplexes, concurrent requests share one connection.
+        """
+        limits = self._timeout(timeout)
+        with StreamResponse(self, params, stdin, role, limits, shared=True) as response:
             stdout = b"".join(response.iter_stdout())
         assert response.protocol_status is not None and response.app_status is not None
         return Response(
@@ -119,8 +123,12 @@ class Client:
         """A request whose body is sent and whose response is read in constant memory.
 
         Use it as a context manager; leaving it early closes the connection.
+        A stream has a connection of its own even when the application
+        multiplexes: FastCGI has no flow control per request, so on a shared
+        connection a slow reader would either hold up the other requests or
+        have its response buffered whole. Its own connection gives it TCP's.
         """
-        return StreamResponse(self, params, stdin, role, self._timeout(timeout))
+        return StreamResponse(self, params, stdin, role, self._timeout(timeout), shared=False)
 
     def get_values(
         self, names: Iterable[str] = MANAGEMENT_VARIABLES, *, timeout: TimeoutInput | None = None
@@ -181,10 +189,12 @@ class Client:
         if self._pool.closed:
             raise LocalProtocolError(f"the client for {self.address} is closed")
 
-    def _exchange(self, deadline: Deadline, limits: Timeout) -> _SoloExchange | _MuxExchange:
-        if self.multiplex is None:
+    def _exchange(
+        self, deadline: Deadline, limits: Timeout, shared: bool
+    ) -> _SoloExchange | _MuxExchange:
+        if shared and self.multiplex is None:
             self._decide_multiplex(deadline, limits)
-        if self.multiplex:
+        if shared and self.multiplex:
             return self._mux_exchange(deadline, limits)
         conn, reused = self._acquire(deadline, limits)
         return _SoloExchange(self, conn, reused)
@@ -206,7 +216,12 @@ class Client:
                 values = {}
             self.multiplex = values.get("FCGI_MPXS_CONNS") == "1"
             if self.multiplex:
-                self._close_idle()
+                # Requests will share one connection from now on; streams
+                # open their own when they come.
+                with self._lock:
+                    idle = self._pool.take_idle()
+                for conn in idle:
+                    conn.close()
 
     def _mux_exchange(self, deadline: Deadline, limits: Timeout) -> _MuxExchange:
         with self._mux_lock:
@@ -232,15 +247,6 @@ class Client:
             self._retired = [mux for mux in self._retired if not mux.idle]
         for mux in done:
             mux.close()
-
-    def _close_idle(self) -> None:
-        with self._lock:
-            idle = self._pool.take_idle()
-            self._cond.notify_all()
-        for conn in idle:
-            conn.close()
-
-    # --- the pool of connections that carry one request at a time ---
 
     def _timeout(self, timeout: TimeoutInput | None) -> Timeout:
         return self.timeout if timeout is None else Timeout.of(timeout)
@@ -423,8 +429,10 @@ class StreamResponse:
         stdin: bytes | Iterable[bytes],
         role: Role,
         limits: Timeout,
+        shared: bool,
     ) -> None:
         self._client = client
+        self._shared = shared
         self._params = params
         self._stdin = stdin
         self._role = role
@@ -543,7 +551,7 @@ class StreamResponse:
         else:
             chunks = stdin
         for attempt in (1, 2):
-            exchange = client._exchange(self._deadline, self._limits)
+            exchange = client._exchange(self._deadline, self._limits, self._shared)
             self._exchange = exchange
             try:
                 exchange.begin(self._params, body, self._role, self._deadline, self._limits)
