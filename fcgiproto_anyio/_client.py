@@ -1,0 +1,629 @@
+"""The async client on anyio (asyncio and trio): pooled keep-alive connections, multiplexing."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from types import TracebackType
+
+import anyio
+import anyio.abc
+
+from fcgiproto import (
+    EndRequest,
+    Event,
+    GetValuesResult,
+    LocalProtocolError,
+    PoolTimeout,
+    ProtocolStatus,
+    ReadError,
+    ReadTimeout,
+    Role,
+    StderrData,
+    StdoutData,
+    TransportError,
+    WriteError,
+)
+from fcgiproto._adapter import (
+    AddressInput,
+    Deadline,
+    Response,
+    Timeout,
+    TimeoutInput,
+    parse_address,
+    raise_for_protocol_status,
+)
+from fcgiproto._pool import PoolState
+from fcgiproto._records import ParamsInput
+from fcgiproto.cgi import ResponseHead, ResponseParser
+
+from ._connection import StreamConnection, connect, deadline_on_anyio_clock
+from ._mux import AsyncInbox, AsyncMuxConnection
+
+__all__ = ["AsyncClient", "AsyncStreamResponse"]
+
+MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
+DEFAULT_TIMEOUT = Timeout()
+#: How long the first request waits for the answer to "do you multiplex?".
+PROBE_WAIT = 2.0
+#: A body up to this size goes out with the request; a larger one, or an
+#: iterable, is sent by a task of its own while the response is read, since
+#: an application may answer before it has read all of it.
+INLINE_BODY = 64 * 1024
+
+Stdin = bytes | bytearray | memoryview | Iterable[bytes] | AsyncIterable[bytes]
+
+
+class AsyncClient:
+    """Talks to one FastCGI application from asyncio or trio; use it with ``async with``.
+
+    The same pool and limits as the blocking Client: max_connections caps the
+    connections that carry one request at a time (keep it no larger than
+    php-fpm's pm.max_children), max_keepalive the idle ones, and
+    keepalive_expiry closes connections idle that long. When the application
+    multiplexes (asked with GET_VALUES when multiplex is None), request()
+    calls share one connection, routed by a reader task; stream() calls keep
+    a connection of their own, for TCP's flow control.
+    """
+
+    def __init__(
+        self,
+        address: AddressInput,
+        *,
+        max_connections: int = 10,
+        max_keepalive: int | None = None,
+        keepalive_expiry: float = 5.0,
+        multiplex: bool | None = None,
+        timeout: TimeoutInput = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.address = parse_address(address)
+        self.timeout = Timeout.of(timeout)
+        self.max_connections = max_connections
+        self.max_keepalive = max_connections if max_keepalive is None else max_keepalive
+        self.keepalive_expiry = keepalive_expiry
+        self.multiplex = multiplex
+        self._pool: PoolState[StreamConnection] = PoolState(
+            max_connections, self.max_keepalive, keepalive_expiry
+        )
+        self._freed = anyio.Condition()  # a pooled connection was released or closed
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._reaper_running = False
+        self._reaper_wake = anyio.Event()
+        self._probe_lock = anyio.Lock()
+        self._mux_lock = anyio.Lock()
+        self._mux: AsyncMuxConnection | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose()
+        tasks, self._tasks = self._tasks, None
+        if tasks is None:
+            return None
+        tasks.cancel_scope.cancel()
+        return await tasks.__aexit__(exc_type, exc, tb)
+
+    # --- public calls ---
+
+    async def request(
+        self,
+        params: ParamsInput,
+        stdin: Stdin = b"",
+        *,
+        role: Role = Role.RESPONDER,
+        timeout: TimeoutInput | None = None,
+    ) -> Response:
+        """Send a request and read its whole response."""
+        limits = self._limits(timeout)
+        async with AsyncStreamResponse(self, params, stdin, role, limits, shared=True) as r:
+            stdout = b"".join([chunk async for chunk in r.aiter_stdout()])
+        assert r.app_status is not None and r.protocol_status is not None
+        return Response(stdout, bytes(r.stderr), r.app_status, r.protocol_status)
+
+    def stream(
+        self,
+        params: ParamsInput,
+        stdin: Stdin = b"",
+        *,
+        role: Role = Role.RESPONDER,
+        timeout: TimeoutInput | None = None,
+    ) -> AsyncStreamResponse:
+        """A request read as it arrives, its body sent meanwhile; ``async with`` it.
+
+        Status and headers are there on entry. Leaving early (or being
+        cancelled) closes its connection, which is its own.
+        """
+        return AsyncStreamResponse(
+            self, params, stdin, role, self._limits(timeout), shared=False, read_head=True
+        )
+
+    async def get_values(
+        self, names: Iterable[str] = MANAGEMENT_VARIABLES, *, timeout: TimeoutInput | None = None
+    ) -> dict[str, str]:
+        """Ask the application for management variables (FCGI_MPXS_CONNS, ...)."""
+        limits = self._limits(timeout)
+        deadline = deadline_on_anyio_clock(limits.total)
+        if self.multiplex:
+            mux = await self._shared_connection(deadline, limits)
+            result = await mux.get_values(list(names), deadline, limits.read)
+            return dict(result.values)
+        return await self._solo_get_values(list(names), deadline, limits, limits.read)
+
+    async def aclose(self) -> None:
+        """Close idle connections now; the others close as their requests end."""
+        with anyio.CancelScope(shield=True):
+            idle = self._pool.close()
+            self._reaper_wake.set()
+            for conn in idle:
+                await conn.aclose()
+            mux, self._mux = self._mux, None
+            if mux is not None:
+                await mux.aclose()
+            async with self._freed:
+                self._freed.notify_all()
+
+    # --- choosing a connection ---
+
+    def _limits(self, timeout: TimeoutInput | None) -> Timeout:
+        return self.timeout if timeout is None else Timeout.of(timeout)
+
+    def _check_open(self) -> anyio.abc.TaskGroup:
+        if self._pool.closed:
+            raise LocalProtocolError(f"the client for {self.address} is closed")
+        if self._tasks is None:
+            raise LocalProtocolError("use the client as `async with AsyncClient(...) as client:`")
+        return self._tasks
+
+    async def _exchange(
+        self, deadline: Deadline, limits: Timeout, shared: bool
+    ) -> _SoloExchange | _MuxExchange:
+        self._check_open()
+        if shared and self.multiplex is None:
+            await self._decide_multiplex(deadline, limits)
+        if shared and self.multiplex:
+            reused = self._mux is not None and self._mux.usable and not self._mux.expired()
+            return _MuxExchange(await self._shared_connection(deadline, limits), reused)
+        conn, reused = await self._acquire(deadline, limits)
+        return _SoloExchange(self, conn, reused)
+
+    async def _decide_multiplex(self, deadline: Deadline, limits: Timeout) -> None:
+        async with self._probe_lock:
+            if self.multiplex is not None:
+                return
+            # An application that ignores GET_VALUES must not hold up the
+            # request: after a short wait it is taken not to multiplex.
+            wait = PROBE_WAIT if limits.read is None else min(limits.read, PROBE_WAIT)
+            try:
+                values = await self._solo_get_values(["FCGI_MPXS_CONNS"], deadline, limits, wait)
+            except ReadTimeout:
+                if deadline.limit(None)[0] == 0:
+                    raise
+                values = {}
+            self.multiplex = values.get("FCGI_MPXS_CONNS") == "1"
+            if self.multiplex:
+                for conn in self._pool.take_idle():
+                    await conn.aclose()
+
+    async def _shared_connection(self, deadline: Deadline, limits: Timeout) -> AsyncMuxConnection:
+        async with self._mux_lock:
+            tasks = self._check_open()
+            mux = self._mux
+            if mux is not None and mux.usable and not mux.expired():
+                return mux
+            if mux is not None:
+                await mux.aclose()
+            stream = await connect(self.address, deadline.limit(limits.connect)[0])
+            mux = AsyncMuxConnection(
+                StreamConnection(stream, self.address, multiplex=True), self.keepalive_expiry
+            )
+            self._mux = mux
+            tasks.start_soon(mux.read_loop, name=f"fcgiproto reader {self.address}")
+            return mux
+
+    async def _solo_get_values(
+        self, names: list[str], deadline: Deadline, limits: Timeout, wait: float | None
+    ) -> dict[str, str]:
+        conn, _ = await self._acquire(deadline, limits)
+        try:
+            conn.proto.get_values(names)
+            await conn.send(conn.proto.data_to_send(), deadline, limits.write)
+            while True:
+                for event in await conn.receive(deadline, wait):
+                    if isinstance(event, GetValuesResult):
+                        await self._release(conn)
+                        return dict(event.values)
+        except BaseException:
+            await self._discard(conn)
+            raise
+
+    # --- the pool of connections that carry one request at a time ---
+
+    async def _acquire(self, deadline: Deadline, limits: Timeout) -> tuple[StreamConnection, bool]:
+        wait, _ = deadline.limit(limits.pool)
+        give_up = None if wait is None else anyio.current_time() + wait
+        while True:
+            self._check_open()
+            conn, may_open, stale = self._pool.acquire(anyio.current_time())
+            for old in stale:
+                await old.aclose()
+            if conn is not None:
+                if conn.looks_alive():
+                    return conn, True
+                await self._discard(conn)
+                continue
+            if may_open:
+                break
+            left = None if give_up is None else give_up - anyio.current_time()
+            if left is not None and left <= 0:
+                raise PoolTimeout(
+                    f"no connection to {self.address} became free within {wait}s "
+                    f"({self.max_connections} in use)"
+                )
+            with anyio.move_on_after(left):
+                async with self._freed:
+                    await self._freed.wait()
+        try:
+            stream = await connect(self.address, deadline.limit(limits.connect)[0])
+        except BaseException:
+            self._pool.open_failed()
+            await self._notify_freed()
+            raise
+        return StreamConnection(stream, self.address, multiplex=False), False
+
+    async def _release(self, conn: StreamConnection) -> None:
+        """Return a connection in a known-clean state for reuse."""
+        with anyio.CancelScope(shield=True):
+            for old in self._pool.release(conn, anyio.current_time()):
+                await old.aclose()
+            await self._notify_freed()
+            if self._pool.idle and not self._reaper_running and self._tasks is not None:
+                self._reaper_running = True
+                self._tasks.start_soon(self._reap_idle)
+
+    async def _discard(self, conn: StreamConnection) -> None:
+        with anyio.CancelScope(shield=True):
+            await conn.aclose()
+            self._pool.discard()
+            await self._notify_freed()
+
+    async def _notify_freed(self) -> None:
+        async with self._freed:
+            self._freed.notify()
+
+    async def _reap_idle(self) -> None:
+        """Close idle connections as they expire: each pins a php-fpm worker."""
+        try:
+            while True:
+                due = self._pool.next_expiry()
+                if self._pool.closed or due is None:
+                    return
+                self._reaper_wake = anyio.Event()
+                with anyio.move_on_after(due - anyio.current_time()):
+                    await self._reaper_wake.wait()
+                for conn in self._pool.expire(anyio.current_time()):
+                    await conn.aclose()
+        finally:
+            self._reaper_running = False
+
+
+class _SoloExchange:
+    """A request on a pooled connection of its own."""
+
+    def __init__(self, client: AsyncClient, conn: StreamConnection, reused: bool) -> None:
+        self.client = client
+        self.conn = conn
+        self.reused = reused
+        self.address = conn.address
+        self.rid = 0
+
+    async def begin(
+        self,
+        params: ParamsInput,
+        body: bytes | None,
+        role: Role,
+        deadline: Deadline,
+        limits: Timeout,
+    ) -> None:
+        proto = self.conn.proto
+        if body is None:
+            self.rid = proto.begin_request(role)
+            proto.send_params(self.rid, params)
+            proto.end_params(self.rid)
+        else:
+            self.rid = proto.send_request(params, body, role=role)
+        await self.conn.send(proto.data_to_send(), deadline, limits.write)
+
+    async def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
+        proto = self.conn.proto
+        if chunk is None:
+            proto.end_stdin(self.rid)
+        else:
+            proto.send_stdin(self.rid, chunk)
+        await self.conn.send(proto.data_to_send(), deadline, limits.write)
+
+    async def events(self, deadline: Deadline, limits: Timeout) -> list[Event]:
+        return await self.conn.receive(deadline, limits.read)
+
+    async def finish(self, ended: bool) -> None:
+        conn = self.conn
+        if ended and not conn.torn and conn.proto.can_send_request:
+            await self.client._release(conn)
+        else:
+            await self.client._discard(conn)
+
+
+class _MuxExchange:
+    """A request sharing a multiplexed connection with others."""
+
+    def __init__(self, mux: AsyncMuxConnection, reused: bool) -> None:
+        self.mux = mux
+        self.reused = reused
+        self.address = mux.address
+        self.rid = 0
+        self.inbox: AsyncInbox | None = None
+
+    async def begin(
+        self,
+        params: ParamsInput,
+        body: bytes | None,
+        role: Role,
+        deadline: Deadline,
+        limits: Timeout,
+    ) -> None:
+        self.rid, self.inbox = await self.mux.begin(params, body, role, deadline, limits.write)
+
+    async def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
+        await self.mux.send_stdin(self.rid, chunk, deadline, limits.write)
+
+    async def events(self, deadline: Deadline, limits: Timeout) -> list[Event]:
+        assert self.inbox is not None
+        return await self.mux.events(self.inbox, deadline, limits.read)
+
+    async def finish(self, ended: bool) -> None:
+        if self.inbox is not None:
+            with anyio.CancelScope(shield=True):
+                await self.mux.finish(self.rid, self.inbox)
+
+
+class AsyncStreamResponse:
+    """One request in progress; for ``async with``."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        params: ParamsInput,
+        stdin: Stdin,
+        role: Role,
+        limits: Timeout,
+        *,
+        shared: bool,
+        read_head: bool = False,
+    ) -> None:
+        self._client = client
+        self._params = params
+        self._stdin = stdin
+        self._role = role
+        self._limits = limits
+        self._shared = shared
+        self._read_head = read_head
+        self._deadline = deadline_on_anyio_clock(limits.total)
+        self._exchange: _SoloExchange | _MuxExchange | None = None
+        self._sender: anyio.abc.TaskGroup | None = None
+        self._send_error: BaseException | None = None
+        self._stdin_touched = False
+        self._stdout: deque[bytes] = deque()
+        self._end: EndRequest | None = None
+        self._head: ResponseHead | None = None
+        self._parser: ResponseParser | None = None
+        self._body: deque[bytes] = deque()
+        self._replay: list[bytes] = []  # stdout read for the head, for aiter_stdout
+        self._body_started = self._raw_started = False
+        self.stderr = bytearray()
+        self.app_status: int | None = None
+        self.protocol_status: ProtocolStatus | None = None
+
+    # --- context manager ---
+
+    async def __aenter__(self) -> AsyncStreamResponse:
+        self._sender = anyio.create_task_group()
+        await self._sender.__aenter__()
+        try:
+            await self._start()
+            if self._read_head:
+                await self._parse_head()
+        except BaseException as exc:
+            await self._close(exc)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close(exc)
+
+    async def aclose(self) -> None:
+        await self._close(None)
+
+    async def _close(self, exc: BaseException | None) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.cancel_scope.cancel()
+            await sender.__aexit__(None, None, None)
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            with anyio.CancelScope(shield=True):
+                await exchange.finish(self._end is not None)
+
+    # --- the response ---
+
+    @property
+    def head(self) -> ResponseHead:
+        if self._head is None:
+            raise LocalProtocolError("the head is read on entering stream()")
+        return self._head
+
+    @property
+    def status(self) -> int:
+        return self.head.status
+
+    @property
+    def reason(self) -> str:
+        return self.head.reason
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return self.head.headers
+
+    async def aiter_body(self) -> AsyncIterator[bytes]:
+        """The response body after the CGI head, as it arrives."""
+        parser = self._parser
+        if parser is None or self._raw_started:
+            raise LocalProtocolError("the body follows the head that stream() reads")
+        self._body_started = True
+        while self._body:
+            yield self._body.popleft()
+        while (chunk := await self._next_stdout()) is not None:
+            for part in parser.feed(chunk):
+                if isinstance(part, bytes):
+                    yield part
+
+    async def aiter_stdout(self) -> AsyncIterator[bytes]:
+        """The raw stdout stream, CGI head included, as it arrives."""
+        if self._body_started:
+            raise LocalProtocolError("the body is being read already: use aiter_body()")
+        self._raw_started = True
+        while self._replay:
+            yield self._replay.pop(0)
+        while (chunk := await self._next_stdout()) is not None:
+            yield chunk
+
+    async def aiter_stderr(self) -> AsyncIterator[bytes]:
+        """The stderr stream as it arrives; stdout is kept in memory meanwhile."""
+        sent = 0
+        while True:
+            if len(self.stderr) > sent:
+                chunk = bytes(self.stderr[sent:])
+                sent = len(self.stderr)
+                yield chunk
+            elif self._end is not None:
+                return
+            else:
+                await self._pump()
+
+    async def aread(self) -> bytes:
+        """The rest of the body."""
+        return b"".join([chunk async for chunk in self.aiter_body()])
+
+    # --- the exchange ---
+
+    async def _start(self) -> None:
+        client, stdin = self._client, self._stdin
+        inline = isinstance(stdin, (bytes, bytearray, memoryview)) and len(stdin) <= INLINE_BODY
+        for attempt in (1, 2):
+            exchange = await client._exchange(self._deadline, self._limits, self._shared)
+            self._exchange = exchange
+            try:
+                await exchange.begin(
+                    self._params,
+                    bytes(stdin) if inline else None,  # type: ignore[arg-type]
+                    self._role,
+                    self._deadline,
+                    self._limits,
+                )
+                if not inline:
+                    assert self._sender is not None
+                    self._sender.start_soon(self._send_body, exchange)
+                await self._pump()
+                return
+            except (ReadError, WriteError):
+                # An idle connection the application closed under us: retry
+                # once, fresh, if nothing of the response arrived and the
+                # body can be sent again.
+                if not exchange.reused or attempt == 2 or self._stdin_touched or self._got_output:
+                    raise
+                self._exchange = None
+                with anyio.CancelScope(shield=True):
+                    await exchange.finish(False)
+
+    @property
+    def _got_output(self) -> bool:
+        return bool(self._stdout or self.stderr or self._end)
+
+    async def _send_body(self, exchange: _SoloExchange | _MuxExchange) -> None:
+        """The sender task: the body, while the response is read."""
+        stdin = self._stdin
+        try:
+            if isinstance(stdin, (bytes, bytearray, memoryview)):
+                chunks: AsyncIterator[bytes] = _once(bytes(stdin))
+            elif isinstance(stdin, AsyncIterable):
+                chunks = aiter(stdin)
+            else:
+                chunks = _from_sync(stdin)
+            async for chunk in chunks:
+                if self._end is not None:
+                    return  # answered before it read the rest
+                if chunk:
+                    self._stdin_touched = True
+                    await exchange.send_stdin(bytes(chunk), self._deadline, self._limits)
+            if self._end is None:
+                await exchange.send_stdin(None, self._deadline, self._limits)
+        except Exception as exc:  # reported by the reading side
+            self._send_error = exc
+
+    async def _pump(self) -> None:
+        """Read until something of the response arrives."""
+        exchange = self._exchange
+        if exchange is None:
+            raise LocalProtocolError("the response is closed")
+        if self._send_error is not None and not isinstance(self._send_error, TransportError):
+            raise self._send_error
+        for event in await exchange.events(self._deadline, self._limits):
+            if type(event) is StdoutData:
+                self._stdout.append(event.data)
+            elif type(event) is StderrData:
+                self.stderr += event.data
+            elif isinstance(event, EndRequest) and event.request_id == exchange.rid:
+                self._end = event
+                self.app_status = event.app_status
+                self.protocol_status = event.protocol_status
+                raise_for_protocol_status(event, exchange.address)
+
+    async def _next_stdout(self) -> bytes | None:
+        while not self._stdout:
+            if self._end is not None:
+                return None
+            await self._pump()
+        return self._stdout.popleft()
+
+    async def _parse_head(self) -> None:
+        parser = self._parser = ResponseParser()
+        while self._head is None:
+            chunk = await self._next_stdout()
+            if chunk is not None:
+                self._replay.append(chunk)
+            parts = parser.close() if chunk is None else parser.feed(chunk)
+            for part in parts:
+                if isinstance(part, ResponseHead):
+                    self._head = part
+                elif part:
+                    self._body.append(part)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _from_sync(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
