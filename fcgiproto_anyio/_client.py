@@ -87,8 +87,8 @@ class AsyncClient:
         )
         self._freed = anyio.Condition()  # a pooled connection was released or closed
         self._tasks: anyio.abc.TaskGroup | None = None
-        self._reaper_running = False
         self._reaper_wake = anyio.Event()
+        self._reaper_has_deadline = False
         self._probe_lock = anyio.Lock()
         self._mux_lock = anyio.Lock()
         self._mux: AsyncMuxConnection | None = None
@@ -96,6 +96,7 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
+        self._tasks.start_soon(self._reap_idle, name=f"fcgiproto idle {self.address}")
         return self
 
     async def __aexit__(
@@ -284,9 +285,8 @@ class AsyncClient:
             for old in self._pool.release(conn, anyio.current_time()):
                 await old.aclose()
             await self._notify_freed()
-            if self._pool.idle and not self._reaper_running and self._tasks is not None:
-                self._reaper_running = True
-                self._tasks.start_soon(self._reap_idle)
+            if not self._reaper_has_deadline:
+                self._reaper_wake.set()
 
     async def _discard(self, conn: StreamConnection) -> None:
         with anyio.CancelScope(shield=True):
@@ -295,23 +295,30 @@ class AsyncClient:
             await self._notify_freed()
 
     async def _notify_freed(self) -> None:
-        async with self._freed:
-            self._freed.notify()
+        if self._freed.statistics().tasks_waiting:
+            async with self._freed:
+                self._freed.notify()
 
     async def _reap_idle(self) -> None:
-        """Close idle connections as they expire: each pins a php-fpm worker."""
-        try:
-            while True:
-                due = self._pool.next_expiry()
-                if self._pool.closed or due is None:
-                    return
-                self._reaper_wake = anyio.Event()
-                with anyio.move_on_after(due - anyio.current_time()):
-                    await self._reaper_wake.wait()
-                for conn in self._pool.expire(anyio.current_time()):
-                    await conn.aclose()
-        finally:
-            self._reaper_running = False
+        """The reaper task: close idle connections as they expire (each pins a php-fpm worker).
+
+        It sleeps until the oldest idle connection is due, or, with none idle,
+        until a release wakes it: once per expiry period at most, not per request.
+        """
+        woken = False
+        while not self._pool.closed:
+            due = self._pool.next_expiry()
+            if due is None and woken:
+                # Woken by a release whose connection is in use again already:
+                # look again one expiry period later rather than at every release.
+                due = anyio.current_time() + self.keepalive_expiry
+            self._reaper_wake = anyio.Event()
+            self._reaper_has_deadline = due is not None
+            with anyio.move_on_after(None if due is None else due - anyio.current_time()):
+                await self._reaper_wake.wait()
+            woken = self._reaper_wake.is_set()
+            for conn in self._pool.expire(anyio.current_time()):
+                await conn.aclose()
 
 
 class _SoloExchange:
@@ -416,6 +423,7 @@ class AsyncStreamResponse:
         self._read_head = read_head
         self._deadline = deadline_on_anyio_clock(limits.total)
         self._exchange: _SoloExchange | _MuxExchange | None = None
+        self._inline = True
         self._sender: anyio.abc.TaskGroup | None = None
         self._send_error: BaseException | None = None
         self._stdin_touched = False
@@ -433,8 +441,14 @@ class AsyncStreamResponse:
     # --- context manager ---
 
     async def __aenter__(self) -> AsyncStreamResponse:
-        self._sender = anyio.create_task_group()
-        await self._sender.__aenter__()
+        stdin = self._stdin
+        self._inline = (
+            isinstance(stdin, (bytes, bytearray, memoryview)) and len(stdin) <= INLINE_BODY
+        )
+        if not self._inline:
+            # The body goes out from a task of its own while the response is read.
+            self._sender = anyio.create_task_group()
+            await self._sender.__aenter__()
         try:
             await self._start()
             if self._read_head:
@@ -528,8 +542,7 @@ class AsyncStreamResponse:
     # --- the exchange ---
 
     async def _start(self) -> None:
-        client, stdin = self._client, self._stdin
-        inline = isinstance(stdin, (bytes, bytearray, memoryview)) and len(stdin) <= INLINE_BODY
+        client, stdin, inline = self._client, self._stdin, self._inline
         for attempt in (1, 2):
             exchange = await client._exchange(self._deadline, self._limits, self._shared)
             self._exchange = exchange
