@@ -50,6 +50,7 @@ _SEND_STREAMS = {
     Role.FILTER: Layout((_PARAMS,), (_STDIN,), (_DATA,)),
 }
 _RECEIVE_STREAMS = Layout((_STDOUT, _STDERR))
+_PROTOCOL_STATUSES = tuple(ProtocolStatus)
 
 
 class _Request:
@@ -274,7 +275,6 @@ class ClientConnection(Connection):
         return True
 
     def _on_record(self, rtype: int, rid: int, content: bytes, events: list[Event]) -> None:
-        name = stream_name(rtype)
         if rtype == _END_REQUEST:
             after_values = False
             self._end_request(rid, content, events)
@@ -282,7 +282,8 @@ class ClientConnection(Connection):
             after_values = rtype == _GET_VALUES_RESULT
             if rid != 0:
                 raise RemoteProtocolError(
-                    f"{name} record for request {rid}: management records carry request id 0"
+                    f"{stream_name(rtype)} record for request {rid}: "
+                    "management records carry request id 0"
                 )
             if rtype == _UNKNOWN_TYPE:
                 if len(content) != 8:
@@ -314,12 +315,11 @@ class ClientConnection(Connection):
                 f"END_REQUEST for request {rid} with a {len(content)}-byte body; it must be 8"
             )
         app_status, status = _END_BODY.unpack(content)
-        try:
-            protocol_status = ProtocolStatus(status)
-        except ValueError:
+        if status >= len(_PROTOCOL_STATUSES):
             raise RemoteProtocolError(
                 f"END_REQUEST for request {rid} with unknown protocol status {status}"
-            ) from None
+            )
+        protocol_status = _PROTOCOL_STATUSES[status]
         del self._requests[rid]
         self._forget_streams(rid)
         if request.aborted:

@@ -45,6 +45,8 @@ MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
 DEFAULT_TIMEOUT = Timeout()
 #: How long the first request waits for the answer to "do you multiplex?".
 PROBE_WAIT = 2.0
+#: An idle connection younger than this is reused without checking it first.
+RECENTLY = 1.0
 
 
 class Client:
@@ -105,12 +107,54 @@ class Client:
         On an application that multiplexes, concurrent requests share one connection.
         """
         limits = self._timeout(timeout)
+        if isinstance(stdin, (bytes, bytearray, memoryview)) and self.multiplex is False:
+            return self._request_whole(params, bytes(stdin), role, limits)
         with StreamResponse(self, params, stdin, role, limits, shared=True) as response:
             stdout = b"".join(response.iter_stdout())
         assert response.protocol_status is not None and response.app_status is not None
         return Response(
             stdout, bytes(response.stderr), response.app_status, response.protocol_status
         )
+
+    def _request_whole(
+        self, params: ParamsInput, body: bytes, role: Role, limits: Timeout
+    ) -> Response:
+        """request() on a connection of its own, with the body at hand: the hot path.
+
+        What StreamResponse does, without its generators and queues.
+        """
+        deadline = Deadline(limits.total, time.monotonic)
+        for attempt in (1, 2):
+            conn, reused = self._acquire(deadline, limits)
+            stdout: list[bytes] = []
+            stderr: list[bytes] = []
+            end: EndRequest | None = None
+            try:
+                conn.proto.send_request(params, body, role=role)
+                conn.queue()
+                while end is None:
+                    for event in conn.exchange(deadline, limits.read, limits.write):
+                        kind = type(event)
+                        if kind is StdoutData:
+                            stdout.append(event.data)  # type: ignore[attr-defined]
+                        elif kind is StderrData:
+                            stderr.append(event.data)  # type: ignore[attr-defined]
+                        elif kind is EndRequest:
+                            end = event  # type: ignore[assignment]
+            except (ReadError, WriteError):
+                self._discard(conn)
+                # The retry rule of StreamResponse._start: an idle connection
+                # the application closed under us, and no byte of an answer.
+                if reused and attempt == 1 and not (stdout or stderr):
+                    continue
+                raise
+            except BaseException:
+                self._discard(conn)
+                raise
+            _SoloExchange(self, conn, reused).finish(True, deadline, limits)
+            raise_for_protocol_status(end, conn.address)
+            return Response(b"".join(stdout), b"".join(stderr), end.app_status, end.protocol_status)
+        raise AssertionError("unreachable")
 
     def stream(
         self,
@@ -270,7 +314,9 @@ class Client:
             for old in stale:
                 old.close()
             if conn is not None:
-                if conn.looks_alive():
+                # A connection released moments ago is taken as alive without
+                # a system call; if it died, the request is retried anyway.
+                if time.monotonic() - conn.released_at < RECENTLY or conn.looks_alive():
                     return conn, True
                 self._discard(conn)
             elif may_open:
@@ -286,8 +332,9 @@ class Client:
 
     def _release(self, conn: SocketConnection) -> None:
         """Return a connection in a known-clean state for reuse."""
+        conn.released_at = time.monotonic()
         with self._lock:
-            to_close = self._pool.release(conn, time.monotonic())
+            to_close = self._pool.release(conn, conn.released_at)
             self._cond.notify()
             if not to_close and self._reaper is None:
                 self._reaper = threading.Thread(

@@ -76,6 +76,7 @@ class SocketConnection:
         self.address = address
         self.proto = ClientConnection(multiplex=multiplex)
         self._pending = memoryview(b"")
+        self.released_at = 0.0
         self._poller = select.poll()
         self._poller.register(sock, _READABLE)
         self._fd = sock.fileno()
@@ -128,6 +129,11 @@ class SocketConnection:
         while True:
             if not self._pending and refill is not None and refill():
                 self.queue()
+            if self._pending:
+                # Most writes fit in the socket's buffer: try before polling.
+                self._send_some()
+                if not self._pending and refill is not None:
+                    continue  # all gone: ask for more before waiting
             if self._pending:
                 mask = _READABLE | _WRITABLE
                 limit = write_timeout
