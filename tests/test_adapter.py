@@ -90,3 +90,15 @@ def test_abnormal_end_raises_its_own_error(status: ProtocolStatus, error: type[E
     with pytest.raises(error, match=f"127.0.0.1:9000 ended request 3 with {status.name}"):
         raise_for_protocol_status(EndRequest(3, 0, status), address)
     raise_for_protocol_status(EndRequest(3, 0, ProtocolStatus.REQUEST_COMPLETE), address)
+
+
+def test_port_zero_is_an_address_to_listen_on_only() -> None:
+    assert parse_address("127.0.0.1:0", listening=True) == Address(host="127.0.0.1", port=0)
+    assert parse_address(("::1", 0), listening=True) == Address(host="::1", port=0)
+    with pytest.raises(ValueError, match="port 0 out of range"):
+        parse_address("127.0.0.1:0")
+
+
+def test_an_address_object_passes_through() -> None:
+    address = Address(host="127.0.0.1", port=9000)
+    assert parse_address(address) is address
