@@ -1,0 +1,770 @@
+"""The application side on blocking sockets: a thread per connection.
+
+Each connection's thread reads the socket, feeds a `ServerConnection` and
+gathers each request's params, stdin and filter data. Once a request is whole
+the handler runs: in the connection's thread when the connection does not
+multiplex, in a thread of its own when it does. The protocol state is only
+touched under the connection's lock, and one thread at a time writes (see
+`_Connection`), so records of concurrent requests go out whole and in order.
+
+Only a connection's own thread closes its socket; other threads shut it down
+(which wakes a blocked recv or send) and let that thread close it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+import traceback
+from collections.abc import Callable, Collection, Iterable
+from types import TracebackType
+from typing import TypeAlias
+
+from fcgiproto import (
+    AbortRequest,
+    BeginRequest,
+    Event,
+    FilterData,
+    FilterDataEnd,
+    Params,
+    RemoteProtocolError,
+    Role,
+    ServerConnection,
+    StdinData,
+    StdinEnd,
+)
+from fcgiproto._adapter import Address, AddressInput, parse_address
+
+__all__ = ["Handler", "Request", "Server", "serve"]
+
+logger = logging.getLogger("fcgiproto_socket.server")
+
+Handler: TypeAlias = "Callable[[Request], bytes | Iterable[bytes]]"
+
+ALL_ROLES = (Role.RESPONDER, Role.AUTHORIZER, Role.FILTER)
+#: A read takes what the kernel has, up to this: several 64 KiB records at once.
+READ_SIZE = 256 * 1024
+#: How often serve() looks at a `stop` event that nothing else wakes it for.
+POLL_INTERVAL = 0.1
+#: The app_status of a request whose handler raised, or that was aborted.
+ERROR_STATUS = 1
+INTERNAL_ERROR = (
+    b"Status: 500 Internal Server Error\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"Internal Server Error\n"
+)
+
+_STDOUT, _STDERR = True, False
+_Bytes = (bytes, bytearray, memoryview)
+
+
+class Request:
+    """One whole request: what the web server sent, and a way to write to its STDERR.
+
+    ``params`` names and values are decoded as UTF-8 with surrogateescape:
+    ``value.encode("utf-8", "surrogateescape")`` gives back the bytes sent.
+    """
+
+    __slots__ = (
+        "_app_status",
+        "_connection",
+        "_data",
+        "_params",
+        "_state",
+        "_stdin",
+    )
+
+    def __init__(
+        self,
+        connection: _Connection,
+        state: _State,
+        params: dict[str, str],
+        stdin: bytes,
+        data: bytes,
+    ) -> None:
+        self._connection = connection
+        self._state = state
+        self._params = params
+        self._stdin = stdin
+        self._data = data
+        self._app_status = 0
+
+    @property
+    def request_id(self) -> int:
+        return self._state.request_id
+
+    @property
+    def role(self) -> Role:
+        return self._state.role
+
+    @property
+    def keep_conn(self) -> bool:
+        """Whether the web server keeps the connection open after this request."""
+        return self._state.keep_conn
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self._params
+
+    @property
+    def stdin(self) -> bytes:
+        """The request body."""
+        return self._stdin
+
+    @property
+    def data(self) -> bytes:
+        """The FCGI_DATA stream (the file to filter, in the filter role); b"" otherwise."""
+        return self._data
+
+    @property
+    def connection_id(self) -> int:
+        """Which connection the request came on: 1 for the server's first, then 2, ..."""
+        return self._connection.number
+
+    @property
+    def aborted(self) -> bool:
+        """True once the web server aborted the request or the connection was lost.
+
+        Output is dropped from then on; a streaming handler is stopped at its next chunk.
+        """
+        return self._state.aborted
+
+    @property
+    def app_status(self) -> int:
+        """The status END_REQUEST carries, 0 unless set (1 when the handler raises)."""
+        return self._app_status
+
+    @app_status.setter
+    def app_status(self, value: int) -> None:
+        if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"app_status must be an int from 0 to 2**32 - 1, not {value!r}")
+        self._app_status = value
+
+    def log(self, message: str | bytes) -> None:
+        """Write to the request's STDERR (the web server's error log), at once."""
+        if isinstance(message, str):
+            try:
+                data = message.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                data = message.encode("utf-8", "backslashreplace")
+        else:
+            data = bytes(message)
+        if data:
+            self._connection.write(self._state, _STDERR, data)
+
+    def __repr__(self) -> str:
+        method = self._params.get("REQUEST_METHOD", "")
+        uri = self._params.get("REQUEST_URI") or self._params.get("SCRIPT_NAME", "")
+        what = " ".join(part for part in (self.role.name, method, uri) if part)
+        return f"<Request {self.request_id} on connection {self.connection_id}: {what}>"
+
+
+class _State:
+    """What has arrived of one request, and whether it is over."""
+
+    __slots__ = (
+        "aborted",
+        "data",
+        "data_done",
+        "dispatched",
+        "ended",
+        "keep_conn",
+        "params",
+        "request_id",
+        "role",
+        "stdin",
+        "stdin_done",
+    )
+
+    def __init__(self, request_id: int, role: Role, keep_conn: bool) -> None:
+        self.request_id = request_id
+        self.role = role
+        self.keep_conn = keep_conn
+        self.params: dict[str, str] | None = None
+        self.stdin: list[bytes] = []
+        self.data: list[bytes] = []
+        self.stdin_done = False
+        self.data_done = role is not Role.FILTER
+        self.dispatched = False
+        self.ended = False
+        self.aborted = False
+
+    @property
+    def whole(self) -> bool:
+        return self.params is not None and self.stdin_done and self.data_done
+
+
+def _decode(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
+
+
+class _Connection:
+    """One accepted socket: its protocol state, its requests, and the thread reading it.
+
+    Two locks. `lock` guards the protocol state and the requests, and is never
+    held across socket I/O. `send_lock` makes one thread at a time the sender:
+    it writes out `pending` until it finds it empty, and checks that and lets
+    go under `lock`, so output queued meanwhile by anyone is never left
+    behind. Handler threads wait for `send_lock` (backpressure); the reading
+    thread only takes it when it is free, so a client that is not reading
+    never stops the server from reading (and seeing an ABORT_REQUEST).
+    """
+
+    def __init__(self, listener: _Listener, sock: socket.socket, number: int) -> None:
+        self.listener = listener
+        self.sock = sock
+        self.number = number
+        self.proto = ServerConnection(
+            roles=listener.roles,
+            multiplex=listener.multiplex,
+            max_requests=listener.max_requests,
+            max_connections=listener.max_connections,
+        )
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
+        self.pending: list[bytes] = []
+        self.states: dict[int, _State] = {}
+        self.workers: set[threading.Thread] = set()
+        self.dead = False
+
+    # --- the connection's thread ---
+
+    def run(self) -> None:
+        try:
+            self._read_loop()
+        except Exception:
+            logger.exception("connection %d failed", self.number)
+        finally:
+            self._close()
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except OSError:
+                return
+            whole: list[_State] = []
+            with self.lock:
+                if self.dead or self.proto.closed:
+                    return
+                try:
+                    events = self.proto.receive_data(data)
+                except RemoteProtocolError as exc:
+                    logger.info("closing connection %d: %s", self.number, exc)
+                    self._die()
+                    return
+                for event in events:
+                    self._route(event, whole)
+                sending = self._queue() and self.send_lock.acquire(blocking=False)
+            if sending:
+                self._send_pending()
+            if not data:
+                return
+            for state in whole:
+                self._dispatch(state)
+            with self.lock:
+                if self.dead or self.proto.closed:
+                    return
+
+    def _route(self, event: Event, whole: list[_State]) -> None:
+        if isinstance(event, BeginRequest):
+            self.states[event.request_id] = _State(event.request_id, event.role, event.keep_conn)
+            return
+        if not isinstance(
+            event, (Params, StdinData, StdinEnd, FilterData, FilterDataEnd, AbortRequest)
+        ):
+            return
+        state = self.states.get(event.request_id)
+        if state is None:
+            return
+        if isinstance(event, AbortRequest):
+            state.aborted = True
+            self._end(state, ERROR_STATUS)
+            return
+        if isinstance(event, Params):
+            state.params = {_decode(k): _decode(v) for k, v in event.params.items()}
+        elif isinstance(event, StdinData):
+            state.stdin.append(event.data)
+        elif isinstance(event, StdinEnd):
+            state.stdin_done = True
+        elif isinstance(event, FilterData):
+            state.data.append(event.data)
+        else:
+            state.data_done = True
+        if state.whole and not state.dispatched:
+            state.dispatched = True
+            whole.append(state)
+
+    def _dispatch(self, state: _State) -> None:
+        assert state.params is not None
+        request = Request(self, state, state.params, b"".join(state.stdin), b"".join(state.data))
+        state.stdin = state.data = []
+        if not self.listener.multiplex:
+            self._respond(state, request)
+            return
+        worker = threading.Thread(
+            target=self._respond,
+            args=(state, request),
+            name=f"fcgi-request-{self.number}-{state.request_id}",
+            daemon=True,
+        )
+        with self.lock:
+            self.workers = {thread for thread in self.workers if thread.is_alive()}
+            self.workers.add(worker)
+        try:
+            worker.start()
+        except RuntimeError:  # no more threads: answer it in this one
+            with self.lock:
+                self.workers.discard(worker)
+            self._respond(state, request)
+
+    def _close(self) -> None:
+        with self.lock:
+            self._die()
+            workers = list(self.workers)
+        for worker in workers:
+            worker.join()
+        self.listener.forget(self)
+        self.sock.close()
+
+    # --- running a request ---
+
+    def _respond(self, state: _State, request: Request) -> None:
+        status = ERROR_STATUS
+        started = False
+        try:
+            result = self.listener.handler(request)
+            try:
+                for chunk in _chunks(result):
+                    started = True
+                    if not self.write(state, _STDOUT, chunk):
+                        break
+            finally:
+                close = getattr(result, "close", None)
+                if callable(close):
+                    close()
+            status = request.app_status
+        except Exception:
+            logger.exception("the handler failed on %r", request)
+            self.write(state, _STDERR, traceback.format_exc().encode("utf-8", "backslashreplace"))
+            if not started:
+                self.write(state, _STDOUT, INTERNAL_ERROR)
+        finally:
+            with self.lock:
+                self._end(state, status)
+                queued = self._queue()
+            if queued:
+                self.send_lock.acquire()
+                self._send_pending()
+
+    # --- output ---
+
+    def write(self, state: _State, stdout: bool, data: bytes | bytearray | memoryview) -> bool:
+        """Send stdout or stderr of a request, waiting for the socket; False once it is over."""
+        with self.lock:
+            if state.ended or self.dead:
+                return False
+            if stdout:
+                self.proto.send_stdout(state.request_id, data)
+            else:
+                self.proto.send_stderr(state.request_id, data)
+            self._queue()
+        self.send_lock.acquire()
+        self._send_pending()
+        return not (state.ended or self.dead)
+
+    def _end(self, state: _State, app_status: int) -> None:
+        """End a request, unless it is over already; `lock` is held."""
+        if state.ended or self.dead:
+            return
+        state.ended = True
+        if self.states.get(state.request_id) is state:
+            del self.states[state.request_id]
+        self.proto.end_request(state.request_id, app_status)
+
+    def _queue(self) -> bool:
+        """Move the protocol's output to `pending`; True if anything is pending. `lock` is held."""
+        data = self.proto.data_to_send()
+        if data:
+            self.pending.append(data)
+        return bool(self.pending) and not self.dead
+
+    def _send_pending(self) -> None:
+        """Write out `pending` until it is empty, then let go of `send_lock`, which is held."""
+        while True:
+            with self.lock:
+                data = b"".join(self.pending)
+                self.pending.clear()
+                if not data or self.dead:
+                    if self.proto.closed:
+                        # keep_conn=False, all written: wake the reading thread to close.
+                        self._shutdown()
+                    self.send_lock.release()
+                    return
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                logger.info("connection %d lost while writing: %s", self.number, exc)
+                with self.lock:
+                    self._die()
+
+    def _die(self) -> None:
+        """The connection is over: abandon every request; `lock` is held."""
+        self.dead = True
+        for state in self.states.values():
+            state.aborted = state.ended = True
+        self.states.clear()
+        self.pending.clear()
+        self._shutdown()
+
+    # --- from other threads ---
+
+    def kill(self) -> None:
+        """Wake the connection's thread, which abandons the requests and closes the socket.
+
+        Called with the listener's lock held, so the socket is still open.
+        """
+        self.dead = True
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _chunks(result: object) -> Iterable[bytes | bytearray | memoryview]:
+    if isinstance(result, _Bytes):
+        return (result,) if result else ()
+    if isinstance(result, str) or not isinstance(result, Iterable):
+        raise TypeError(
+            f"the handler returned {type(result).__name__}, not bytes or an iterable of bytes"
+        )
+    return _checked(result)
+
+
+def _checked(result: Iterable[object]) -> Iterable[bytes | bytearray | memoryview]:
+    for chunk in result:
+        if not isinstance(chunk, _Bytes):
+            raise TypeError(f"the handler yielded {type(chunk).__name__}, not bytes")
+        if chunk:
+            yield chunk
+
+
+class _Listener:
+    """The listening socket, the accept loop, and the connections it started."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        address: AddressInput,
+        *,
+        multiplex: bool,
+        max_connections: int,
+        max_requests: int,
+        roles: Collection[Role],
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if max_requests < 1:
+            raise ValueError("max_requests must be at least 1")
+        self.handler = handler
+        self.multiplex = multiplex
+        self.max_connections = max_connections
+        self.max_requests = max_requests
+        self.roles = frozenset(Role(role) for role in roles)
+        # A byte on this pair wakes the accept loop: to stop, or to accept again.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        try:
+            self.sock, self.address, self._inode = _bind(parse_address(address, listening=True))
+        except BaseException:
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
+        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._threads: list[threading.Thread] = []
+        self._numbers = itertools.count(1)
+        self._stopping = False
+
+    def run(self, stop: threading.Event | None, ready: Callable[[Address], object] | None) -> None:
+        try:
+            if ready is not None:
+                ready(self.address)
+            self._accept_loop(stop)
+        finally:
+            self._shutdown()
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        self._wake()
+
+    def forget(self, connection: _Connection) -> None:
+        """A connection's thread is about to close its socket."""
+        with self._lock:
+            self._connections.discard(connection)
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _accept_loop(self, stop: threading.Event | None) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        listening = False
+        timeout = None if stop is None else POLL_INTERVAL * 1000
+        while not self._stopping and not (stop is not None and stop.is_set()):
+            with self._lock:
+                full = len(self._connections) >= self.max_connections
+            if listening == full:  # stop accepting at the cap; the backlog holds the rest
+                if full:
+                    poller.unregister(self.sock)
+                else:
+                    poller.register(self.sock, select.POLLIN)
+                listening = not full
+            for fd, _ in poller.poll(timeout):
+                if fd == self._wake_r.fileno():
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                else:
+                    self._accept()
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # out of file descriptors, ...: the client waits in the backlog
+            logger.warning("accepting a connection on %s failed: %s", self.address, exc)
+            return
+        sock.setblocking(True)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = _Connection(self, sock, next(self._numbers))
+        thread = threading.Thread(
+            target=connection.run, name=f"fcgi-connection-{connection.number}", daemon=True
+        )
+        with self._lock:
+            self._connections.add(connection)
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no more threads: refuse this one, keep serving
+            logger.warning("no thread for a connection on %s: %s", self.address, exc)
+            with self._lock:
+                self._connections.discard(connection)
+                self._threads.remove(thread)
+            sock.close()
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        self.sock.close()
+        path = self.address.path
+        if path is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == self._inode:
+                    os.unlink(path)
+        with self._lock:
+            for connection in self._connections:
+                connection.kill()
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def _bind(address: Address) -> tuple[socket.socket, Address, int]:
+    """A listening socket, the address it is bound to, and its socket file's inode."""
+    if address.path is not None:
+        path = address.path
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            inode = os.stat(path).st_ino
+            sock.listen(socket.SOMAXCONN)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock, address, inode
+    host = address.host or None
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+        bound = sock.getsockname()
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock, Address(host=bound[0], port=bound[1]), 0
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a server that is gone; refuse to steal a live one."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)  # a live server with a full backlog does not answer at once
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nothing listens there: stale
+        return
+    except FileNotFoundError:
+        return
+    except (TimeoutError, BlockingIOError):  # alive, its backlog full
+        pass
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
+
+
+def serve(
+    handler: Handler,
+    address: AddressInput,
+    *,
+    multiplex: bool = False,
+    max_connections: int = 100,
+    max_requests: int = 100,
+    roles: Collection[Role] = ALL_ROLES,
+    ready: Callable[[Address], object] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run a FastCGI application until `stop` is set (forever without it).
+
+    `handler(request)` is called once a request's params, stdin and filter data
+    have all arrived; what it returns, bytes or an iterable of bytes sent as it
+    is produced, is the CGI response: headers, a blank line, the body. If it
+    raises, the traceback goes to the request's STDERR, a 500 response is sent
+    if nothing was yet, and the request ends with app_status 1.
+
+    `address` is as for the client: "host:port" (port 0 takes a free one),
+    "[::1]:9000", "unix:/path.sock", an absolute path, or (host, port). A Unix
+    socket file left by a server that is gone is replaced, and removed again
+    on the way out. `ready` is called with the bound address once listening.
+
+    Each connection has a thread. Without `multiplex` a connection carries one
+    request at a time and the handler runs in that thread, so an ABORT_REQUEST
+    is read only after it returns (web servers close the connection instead,
+    which stops a streaming handler at its next chunk). With `multiplex` a
+    connection carries up to `max_requests` requests at once, each handler in
+    a thread of its own, and ABORT_REQUEST ends the request at once: the
+    handler sees `request.aborted`, and its output is dropped. A request's
+    stdin and filter data are held in memory until the handler runs: put a
+    body size limit in the web server (nginx's client_max_body_size).
+
+    `max_connections` caps connections; more wait in the listen backlog.
+    Requests in `roles` only are accepted (others end with UNKNOWN_ROLE). A
+    client that breaks the protocol loses its connection; the server goes on.
+
+    Setting `stop` closes the listener and every connection (requests in
+    progress are abandoned) and returns once every thread has ended, waiting
+    for handlers still running.
+    """
+    listener = _Listener(
+        handler,
+        address,
+        multiplex=multiplex,
+        max_connections=max_connections,
+        max_requests=max_requests,
+        roles=roles,
+    )
+    listener.run(stop, ready)
+
+
+class Server:
+    """`serve` in a background thread, for tests, demos and embedding.
+
+    ``with Server(handler, "127.0.0.1:0") as server:`` listens on
+    ``server.address`` inside the block; leaving it stops the server and joins
+    every thread it started. Binding happens in ``start()``, so an address in
+    use raises there.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        address: AddressInput,
+        *,
+        multiplex: bool = False,
+        max_connections: int = 100,
+        max_requests: int = 100,
+        roles: Collection[Role] = ALL_ROLES,
+    ) -> None:
+        self._handler = handler
+        self._requested = address
+        self._multiplex = multiplex
+        self._max_connections = max_connections
+        self._max_requests = max_requests
+        self._roles = roles
+        self._listener: _Listener | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> Address:
+        """The bound address (with the real port when port 0 was asked for)."""
+        if self._listener is None:
+            raise RuntimeError("the server is not started")
+        return self._listener.address
+
+    def start(self) -> Server:
+        if self._listener is not None:
+            raise RuntimeError("the server is already started")
+        listener = _Listener(
+            self._handler,
+            self._requested,
+            multiplex=self._multiplex,
+            max_connections=self._max_connections,
+            max_requests=self._max_requests,
+            roles=self._roles,
+        )
+        thread = threading.Thread(
+            target=listener.run,
+            args=(None, None),
+            name=f"fcgi-server {listener.address}",
+            daemon=True,
+        )
+        self._listener, self._thread = listener, thread
+        thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the listener and every connection, and join every thread."""
+        listener, thread = self._listener, self._thread
+        if listener is None or thread is None:
+            return
+        listener.request_stop()
+        thread.join()
+
+    def __enter__(self) -> Server:
+        return self if self._listener is not None else self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
