@@ -221,9 +221,9 @@ class AsyncClient:
                 return mux
             if mux is not None:
                 await mux.aclose()
-            stream = await connect(self.address, deadline.limit(limits.connect)[0])
+            sock = await connect(self.address, deadline.limit(limits.connect)[0])
             mux = AsyncMuxConnection(
-                StreamConnection(stream, self.address, multiplex=True), self.keepalive_expiry
+                StreamConnection(sock, self.address, multiplex=True), self.keepalive_expiry
             )
             self._mux = mux
             tasks.start_soon(mux.read_loop, name=f"fcgiproto reader {self.address}")
@@ -272,12 +272,12 @@ class AsyncClient:
                 async with self._freed:
                     await self._freed.wait()
         try:
-            stream = await connect(self.address, deadline.limit(limits.connect)[0])
+            sock = await connect(self.address, deadline.limit(limits.connect)[0])
         except BaseException:
             self._pool.open_failed()
             await self._notify_freed()
             raise
-        return StreamConnection(stream, self.address, multiplex=False), False
+        return StreamConnection(sock, self.address, multiplex=False), False
 
     async def _release(self, conn: StreamConnection) -> None:
         """Return a connection in a known-clean state for reuse."""

@@ -1,12 +1,19 @@
-"""One anyio byte stream to an application, with its timeouts and its error map."""
+"""One socket to an application, on anyio, with its timeouts and its error map.
+
+The socket is used directly, non-blocking, waiting with anyio.wait_readable /
+wait_writable only when it would block: a request and its answer then cost a
+few system calls and little Python, where a stream object's protocol layers
+cost several times the client's own work per request.
+"""
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 
 import anyio
-import anyio.abc
+import anyio.lowlevel
 
 from fcgiproto import (
     ClientConnection,
@@ -25,24 +32,48 @@ __all__ = ["READ_SIZE", "StreamConnection", "connect", "deadline_on_anyio_clock"
 
 #: A read takes what the kernel has, up to this: several 64 KiB records at once.
 READ_SIZE = 256 * 1024
-_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
 def deadline_on_anyio_clock(total: float | None) -> Deadline:
     return Deadline(total, anyio.current_time)
 
 
-async def connect(address: Address, timeout: float | None) -> anyio.abc.SocketStream:
+async def connect(address: Address, timeout: float | None) -> socket.socket:
     with anyio.move_on_after(timeout) as scope:
         try:
             if address.path is not None:
-                return await anyio.connect_unix(address.path)
-            stream = await anyio.connect_tcp(address.host, address.port)
-            return stream
+                return await _connect_one(socket.AF_UNIX, address.path)
+            infos = await anyio.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            last: OSError = OSError(f"no address for {address.host}")
+            for family, _, _, _, sockaddr in infos:
+                try:
+                    sock = await _connect_one(family, sockaddr)
+                except OSError as exc:
+                    last = exc
+                    continue
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            raise last
         except OSError as exc:
             raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
     assert scope.cancelled_caught
     raise ConnectTimeout(f"connecting to {address} took longer than {timeout}s")
+
+
+async def _connect_one(family: int, sockaddr: object) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        code = sock.connect_ex(sockaddr)  # type: ignore[arg-type]
+        if code in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            await anyio.wait_writable(sock)
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, errno.errorcode.get(code, str(code)))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _timeout_error(
@@ -59,53 +90,76 @@ def _timeout_error(
 
 
 class StreamConnection:
-    """A stream, its protocol state, and whether a write was cut short."""
+    """A socket, its protocol state, and whether a write was cut short."""
 
-    def __init__(self, stream: anyio.abc.SocketStream, address: Address, multiplex: bool) -> None:
-        self.stream = stream
+    def __init__(self, sock: socket.socket, address: Address, multiplex: bool) -> None:
+        self.sock = sock
         self.address = address
         self.proto = ClientConnection(multiplex=multiplex)
         # A write cancelled halfway leaves a partial record on the wire: the
         # connection can then only be closed.
         self.torn = False
+        self.released_at = 0.0
+        self._closed = False
 
     def looks_alive(self) -> bool:
         """An idle connection is usable only while it has nothing to read."""
-        sock: socket.socket = self.stream.extra(anyio.abc.SocketAttribute.raw_socket)
         try:
             poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLPRI)
+            poller.register(self.sock, select.POLLIN | select.POLLPRI)
             return not poller.poll(0)
         except (OSError, ValueError):
             return False
 
     async def send(self, data: bytes, deadline: Deadline, write_timeout: float | None) -> None:
-        if not data:
-            return
-        wait, by_total = deadline.limit(write_timeout)
+        view = memoryview(data)
         self.torn = True
-        with anyio.move_on_after(wait) as scope:
+        while view:
             try:
-                await self.stream.send(data)
-            except _BROKEN as exc:
-                raise WriteError(f"writing to {self.address} failed: {exc}") from exc
-            self.torn = False
-            return
-        assert scope.cancelled_caught
-        raise _timeout_error(WriteTimeout, self.address, deadline, write_timeout, by_total)
+                view = view[self.sock.send(view) :]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise WriteError(
+                    f"writing to {self.address} failed: {exc.strerror or exc}"
+                ) from exc
+            wait, by_total = deadline.limit(write_timeout)
+            with anyio.move_on_after(wait) as scope:
+                await self._wait(anyio.wait_writable)
+            if scope.cancelled_caught:
+                raise _timeout_error(WriteTimeout, self.address, deadline, write_timeout, by_total)
+        self.torn = False
+
+    async def read_some(self, deadline: Deadline, read_timeout: float | None) -> bytes:
+        """The next bytes from the application; b"" when it closed."""
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            wait, by_total = deadline.limit(read_timeout)
+            with anyio.move_on_after(wait) as scope:
+                await self._wait(anyio.wait_readable)
+            if scope.cancelled_caught:
+                raise _timeout_error(
+                    ReadTimeout, self.address, deadline, read_timeout, by_total
+                ) from None
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return await self.read_some(deadline, read_timeout)
+            except OSError as exc:
+                raise self._read_error(exc) from exc
+        except OSError as exc:
+            raise self._read_error(exc) from exc
+        else:
+            # Data was there at once: still let other tasks run, and
+            # cancellation in, as every async call should.
+            await anyio.lowlevel.checkpoint()
+        return data
 
     async def receive(self, deadline: Deadline, read_timeout: float | None) -> list[Event]:
         """The events of the next read (maybe none)."""
-        wait, by_total = deadline.limit(read_timeout)
-        with anyio.move_on_after(wait) as scope:
-            try:
-                data = await self.stream.receive(READ_SIZE)
-            except anyio.EndOfStream:
-                data = b""
-            except _BROKEN as exc:
-                raise ReadError(f"reading from {self.address} failed: {exc}") from exc
-        if scope.cancelled_caught:
-            raise _timeout_error(ReadTimeout, self.address, deadline, read_timeout, by_total)
+        data = await self.read_some(deadline, read_timeout)
         if data:
             return self.proto.receive_data(data)
         try:
@@ -116,6 +170,18 @@ class StreamConnection:
             raise ReadError(f"{self.address} closed the connection")
         return events
 
+    async def _wait(self, wait: object) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        await wait(self.sock)  # type: ignore[operator]
+
+    def _read_error(self, exc: OSError) -> ReadError:
+        return ReadError(f"reading from {self.address} failed: {exc.strerror or exc}")
+
     async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.stream.aclose()
+        if self._closed:
+            return
+        self._closed = True
+        # Wake any task waiting on the socket before it goes away.
+        anyio.notify_closing(self.sock)
+        self.sock.close()

@@ -182,15 +182,12 @@ class AsyncMuxConnection:
 
     async def read_loop(self) -> None:
         """The reader task: route events to their requests until the connection ends."""
-        stream = self.conn.stream
+        forever = Deadline(None, anyio.current_time)
         try:
             while True:
-                with anyio.move_on_after(self._expiry) as scope:
-                    try:
-                        data = await stream.receive(1 << 18)
-                    except anyio.EndOfStream:
-                        data = b""
-                if scope.cancelled_caught:
+                try:
+                    data = await self.conn.read_some(forever, self._expiry)
+                except ReadTimeout:
                     if self.expired():
                         self._fail(ReadError(f"the idle connection to {self.address} expired"))
                         return
@@ -210,8 +207,8 @@ class AsyncMuxConnection:
                         inbox = self._inboxes.get(getattr(event, "request_id", -1))
                     if inbox is not None:
                         inbox.put(event)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self._fail(ReadError(f"reading from {self.address} failed: {exc}"))
+        except (ReadError, anyio.ClosedResourceError) as exc:
+            self._fail(exc if isinstance(exc, ReadError) else ReadError(f"{self.address}: closed"))
         finally:
             self._closing = True
             await self.conn.aclose()
