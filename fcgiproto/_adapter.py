@@ -6,13 +6,14 @@ Private: the adapters re-export the public names (Timeout, Response).
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TypeAlias
 
-from ._errors import CantMultiplex, Overloaded, RequestError, UnknownRole
-from ._events import EndRequest
+from ._errors import CantMultiplex, LocalProtocolError, Overloaded, RequestError, UnknownRole
+from ._events import EndRequest, Event, StderrData, StdoutData
 from ._records import ProtocolStatus
 from .cgi import ResponseHead, ResponseParser, authorizer_variables
 
@@ -21,6 +22,7 @@ __all__ = [
     "AddressInput",
     "Deadline",
     "Response",
+    "ResponseState",
     "Timeout",
     "TimeoutInput",
     "parse_address",
@@ -195,3 +197,72 @@ def raise_for_protocol_status(end: EndRequest, address: Address) -> None:
     error = _STATUS_ERRORS.get(end.protocol_status)
     if error is not None:
         raise error(f"{address} ended request {end.request_id} with {end.protocol_status.name}")
+
+
+class ResponseState:
+    """The answer to a request in progress, as both adapters keep it: events in, no I/O.
+
+    Raw stdout waits in a queue until read; stderr gathers whole; the CGI head
+    is parsed from stdout when asked for, and the body parts that came with it
+    wait for the body's reader.
+    """
+
+    def __init__(self) -> None:
+        self._stdout: deque[bytes] = deque()
+        self._end: EndRequest | None = None
+        self._head: ResponseHead | None = None
+        self._parser: ResponseParser | None = None
+        self._body: deque[bytes] = deque()
+        self.stderr = bytearray()
+        self.app_status: int | None = None
+        self.protocol_status: ProtocolStatus | None = None
+
+    @property
+    def head(self) -> ResponseHead:
+        if self._head is None:
+            raise LocalProtocolError("the head of the response has not been read")
+        return self._head
+
+    @property
+    def status(self) -> int:
+        return self.head.status
+
+    @property
+    def reason(self) -> str:
+        return self.head.reason
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return self.head.headers
+
+    @property
+    def _got_output(self) -> bool:
+        return bool(self._stdout or self.stderr or self._end)
+
+    def _take(self, events: list[Event], request_id: int, address: Address) -> None:
+        for event in events:
+            if type(event) is StdoutData:
+                self._stdout.append(event.data)
+            elif type(event) is StderrData:
+                self.stderr += event.data
+            elif isinstance(event, EndRequest) and event.request_id == request_id:
+                self._end = event
+                self.app_status = event.app_status
+                self.protocol_status = event.protocol_status
+                raise_for_protocol_status(event, address)
+
+    def _feed_head(self, chunk: bytes | None) -> None:
+        """Parse more of the head from stdout (None: stdout ended)."""
+        if self._parser is None:
+            self._parser = ResponseParser()
+        parts = self._parser.close() if chunk is None else self._parser.feed(chunk)
+        for part in parts:
+            if isinstance(part, ResponseHead):
+                self._head = part
+            elif part:
+                self._body.append(part)
+
+    def _body_of(self, chunk: bytes) -> list[bytes]:
+        """The body in a stdout chunk that came after the head."""
+        assert self._parser is not None
+        return [part for part in self._parser.feed(chunk) if isinstance(part, bytes)]

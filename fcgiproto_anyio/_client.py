@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 
@@ -10,17 +9,13 @@ import anyio
 import anyio.abc
 
 from fcgiproto import (
-    EndRequest,
     Event,
     GetValuesResult,
     LocalProtocolError,
     PoolTimeout,
-    ProtocolStatus,
     ReadError,
     ReadTimeout,
     Role,
-    StderrData,
-    StdoutData,
     TransportError,
     WriteError,
 )
@@ -28,14 +23,13 @@ from fcgiproto._adapter import (
     AddressInput,
     Deadline,
     Response,
+    ResponseState,
     Timeout,
     TimeoutInput,
     parse_address,
-    raise_for_protocol_status,
 )
 from fcgiproto._pool import PoolState
 from fcgiproto._records import ParamsInput
-from fcgiproto.cgi import ResponseHead, ResponseParser
 
 from ._connection import StreamConnection, connect, deadline_on_anyio_clock
 from ._mux import AsyncInbox, AsyncMuxConnection
@@ -400,8 +394,8 @@ class _MuxExchange:
                 await self.mux.finish(self.rid, self.inbox)
 
 
-class AsyncStreamResponse:
-    """One request in progress; for ``async with``."""
+class AsyncStreamResponse(ResponseState):
+    """One request in progress; for ``async with``. Status and headers are there on entry."""
 
     def __init__(
         self,
@@ -427,16 +421,9 @@ class AsyncStreamResponse:
         self._sender: anyio.abc.TaskGroup | None = None
         self._send_error: BaseException | None = None
         self._stdin_touched = False
-        self._stdout: deque[bytes] = deque()
-        self._end: EndRequest | None = None
-        self._head: ResponseHead | None = None
-        self._parser: ResponseParser | None = None
-        self._body: deque[bytes] = deque()
+        super().__init__()
         self._replay: list[bytes] = []  # stdout read for the head, for aiter_stdout
         self._body_started = self._raw_started = False
-        self.stderr = bytearray()
-        self.app_status: int | None = None
-        self.protocol_status: ProtocolStatus | None = None
 
     # --- context manager ---
 
@@ -481,24 +468,6 @@ class AsyncStreamResponse:
 
     # --- the response ---
 
-    @property
-    def head(self) -> ResponseHead:
-        if self._head is None:
-            raise LocalProtocolError("the head is read on entering stream()")
-        return self._head
-
-    @property
-    def status(self) -> int:
-        return self.head.status
-
-    @property
-    def reason(self) -> str:
-        return self.head.reason
-
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        return self.head.headers
-
     async def aiter_body(self) -> AsyncIterator[bytes]:
         """The response body after the CGI head, as it arrives."""
         parser = self._parser
@@ -508,9 +477,8 @@ class AsyncStreamResponse:
         while self._body:
             yield self._body.popleft()
         while (chunk := await self._next_stdout()) is not None:
-            for part in parser.feed(chunk):
-                if isinstance(part, bytes):
-                    yield part
+            for part in self._body_of(chunk):
+                yield part
 
     async def aiter_stdout(self) -> AsyncIterator[bytes]:
         """The raw stdout stream, CGI head included, as it arrives."""
@@ -569,10 +537,6 @@ class AsyncStreamResponse:
                 with anyio.CancelScope(shield=True):
                     await exchange.finish(False)
 
-    @property
-    def _got_output(self) -> bool:
-        return bool(self._stdout or self.stderr or self._end)
-
     async def _send_body(self, exchange: _SoloExchange | _MuxExchange) -> None:
         """The sender task: the body, while the response is read."""
         stdin = self._stdin
@@ -601,16 +565,8 @@ class AsyncStreamResponse:
             raise LocalProtocolError("the response is closed")
         if self._send_error is not None and not isinstance(self._send_error, TransportError):
             raise self._send_error
-        for event in await exchange.events(self._deadline, self._limits):
-            if type(event) is StdoutData:
-                self._stdout.append(event.data)
-            elif type(event) is StderrData:
-                self.stderr += event.data
-            elif isinstance(event, EndRequest) and event.request_id == exchange.rid:
-                self._end = event
-                self.app_status = event.app_status
-                self.protocol_status = event.protocol_status
-                raise_for_protocol_status(event, exchange.address)
+        events = await exchange.events(self._deadline, self._limits)
+        self._take(events, exchange.rid, exchange.address)
 
     async def _next_stdout(self) -> bytes | None:
         while not self._stdout:
@@ -620,17 +576,11 @@ class AsyncStreamResponse:
         return self._stdout.popleft()
 
     async def _parse_head(self) -> None:
-        parser = self._parser = ResponseParser()
         while self._head is None:
             chunk = await self._next_stdout()
             if chunk is not None:
                 self._replay.append(chunk)
-            parts = parser.close() if chunk is None else parser.feed(chunk)
-            for part in parts:
-                if isinstance(part, ResponseHead):
-                    self._head = part
-                elif part:
-                    self._body.append(part)
+            self._feed_head(chunk)
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
@@ -14,7 +13,6 @@ from fcgiproto import (
     GetValuesResult,
     LocalProtocolError,
     PoolTimeout,
-    ProtocolStatus,
     ReadError,
     ReadTimeout,
     Role,
@@ -27,6 +25,7 @@ from fcgiproto._adapter import (
     AddressInput,
     Deadline,
     Response,
+    ResponseState,
     Timeout,
     TimeoutInput,
     parse_address,
@@ -34,7 +33,7 @@ from fcgiproto._adapter import (
 )
 from fcgiproto._pool import PoolState
 from fcgiproto._records import ParamsInput
-from fcgiproto.cgi import ResponseHead, ResponseParser
+from fcgiproto.cgi import ResponseHead
 
 from ._mux import Inbox, MuxConnection
 from ._transport import SocketConnection, connect
@@ -466,7 +465,7 @@ class _MuxExchange:
         self.client._mux_done(self.mux)
 
 
-class StreamResponse:
+class StreamResponse(ResponseState):
     """One request in progress: status and headers on first use, then the body as it arrives."""
 
     def __init__(
@@ -488,14 +487,7 @@ class StreamResponse:
         self._exchange: _SoloExchange | _MuxExchange | None = None
         self._stdin_iter: Iterator[bytes] | None = None
         self._stdin_touched = False
-        self._stdout: deque[bytes] = deque()
-        self._end: EndRequest | None = None
-        self._head: ResponseHead | None = None
-        self._parser: ResponseParser | None = None
-        self._body: deque[bytes] = deque()
-        self.stderr = bytearray()
-        self.app_status: int | None = None
-        self.protocol_status: ProtocolStatus | None = None
+        super().__init__()
 
     # --- context manager ---
 
@@ -526,41 +518,17 @@ class StreamResponse:
     @property
     def head(self) -> ResponseHead:
         """The CGI head of the response, read from stdout on first use."""
-        if self._head is None:
-            self._parser = ResponseParser()
-            while self._head is None:
-                chunk = self._next_stdout()
-                parts = self._parser.close() if chunk is None else self._parser.feed(chunk)
-                for part in parts:
-                    if isinstance(part, ResponseHead):
-                        self._head = part
-                    elif part:
-                        self._body.append(part)
+        while self._head is None:
+            self._feed_head(self._next_stdout())
         return self._head
-
-    @property
-    def status(self) -> int:
-        return self.head.status
-
-    @property
-    def reason(self) -> str:
-        return self.head.reason
-
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        return self.head.headers
 
     def iter_body(self) -> Iterator[bytes]:
         """The response body after the CGI head, as it arrives."""
         self.head  # noqa: B018 - reads the head first
-        parser = self._parser
-        assert parser is not None
         while self._body:
             yield self._body.popleft()
         while (chunk := self._next_stdout()) is not None:
-            for part in parser.feed(chunk):
-                if isinstance(part, bytes):
-                    yield part
+            yield from self._body_of(chunk)
 
     def iter_stdout(self) -> Iterator[bytes]:
         """The raw stdout stream, CGI head included, as it arrives."""
@@ -616,10 +584,6 @@ class StreamResponse:
                 exchange.finish(False, self._deadline, self._limits)
                 self._stdin_iter = None
 
-    @property
-    def _got_output(self) -> bool:
-        return bool(self._stdout or self.stderr or self._end)
-
     def _refill(self) -> bool:
         """Hand the exchange the next piece of a streamed body; False when there is none."""
         exchange, stdin = self._exchange, self._stdin_iter
@@ -643,16 +607,8 @@ class StreamResponse:
         exchange = self._exchange
         if exchange is None:
             raise LocalProtocolError("the response is closed")
-        for event in exchange.events(self._deadline, self._limits, self._refill):
-            if type(event) is StdoutData:
-                self._stdout.append(event.data)
-            elif type(event) is StderrData:
-                self.stderr += event.data
-            elif isinstance(event, EndRequest) and event.request_id == exchange.rid:
-                self._end = event
-                self.app_status = event.app_status
-                self.protocol_status = event.protocol_status
-                raise_for_protocol_status(event, exchange.address)
+        events = exchange.events(self._deadline, self._limits, self._refill)
+        self._take(events, exchange.rid, exchange.address)
 
     def _next_stdout(self) -> bytes | None:
         while not self._stdout:
