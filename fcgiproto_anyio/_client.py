@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 
 import anyio
@@ -422,7 +423,8 @@ class AsyncStreamResponse(ResponseState):
         self._send_error: BaseException | None = None
         self._stdin_touched = False
         super().__init__()
-        self._replay: list[bytes] = []  # stdout read for the head, for aiter_stdout
+        self._replay: deque[bytes] = deque()  # stdout read for the head, for aiter_stdout
+        self._stderr_sent = 0
         self._body_started = self._raw_started = False
 
     # --- context manager ---
@@ -468,40 +470,48 @@ class AsyncStreamResponse(ResponseState):
 
     # --- the response ---
 
-    async def aiter_body(self) -> AsyncIterator[bytes]:
+    # The iterators are plain objects, not async generators: one left by
+    # `break` needs no finalizing, which trio would otherwise warn about.
+
+    def aiter_body(self) -> AsyncIterator[bytes]:
         """The response body after the CGI head, as it arrives."""
-        parser = self._parser
-        if parser is None or self._raw_started:
+        if self._parser is None or self._raw_started:
             raise LocalProtocolError("the body follows the head that stream() reads")
         self._body_started = True
-        while self._body:
-            yield self._body.popleft()
-        while (chunk := await self._next_stdout()) is not None:
-            for part in self._body_of(chunk):
-                yield part
+        return _Chunks(self._next_body)
 
-    async def aiter_stdout(self) -> AsyncIterator[bytes]:
+    def aiter_stdout(self) -> AsyncIterator[bytes]:
         """The raw stdout stream, CGI head included, as it arrives."""
         if self._body_started:
             raise LocalProtocolError("the body is being read already: use aiter_body()")
         self._raw_started = True
-        while self._replay:
-            yield self._replay.pop(0)
-        while (chunk := await self._next_stdout()) is not None:
-            yield chunk
+        return _Chunks(self._next_raw)
 
-    async def aiter_stderr(self) -> AsyncIterator[bytes]:
+    def aiter_stderr(self) -> AsyncIterator[bytes]:
         """The stderr stream as it arrives; stdout is kept in memory meanwhile."""
-        sent = 0
-        while True:
-            if len(self.stderr) > sent:
-                chunk = bytes(self.stderr[sent:])
-                sent = len(self.stderr)
-                yield chunk
-            elif self._end is not None:
-                return
-            else:
-                await self._pump()
+        return _Chunks(self._next_stderr)
+
+    async def _next_body(self) -> bytes | None:
+        while not self._body:
+            chunk = await self._next_stdout()
+            if chunk is None:
+                return None
+            self._body.extend(self._body_of(chunk))
+        return self._body.popleft()
+
+    async def _next_raw(self) -> bytes | None:
+        if self._replay:
+            return self._replay.popleft()
+        return await self._next_stdout()
+
+    async def _next_stderr(self) -> bytes | None:
+        while len(self.stderr) <= self._stderr_sent:
+            if self._end is not None:
+                return None
+            await self._pump()
+        chunk = bytes(self.stderr[self._stderr_sent :])
+        self._stderr_sent = len(self.stderr)
+        return chunk
 
     async def aread(self) -> bytes:
         """The rest of the body."""
@@ -581,6 +591,27 @@ class AsyncStreamResponse(ResponseState):
             if chunk is not None:
                 self._replay.append(chunk)
             self._feed_head(chunk)
+
+
+class _Chunks:
+    """An async iterator over what `next_chunk` gives until it gives None."""
+
+    __slots__ = ("_next_chunk",)
+
+    def __init__(self, next_chunk: Callable[[], Awaitable[bytes | None]]) -> None:
+        self._next_chunk = next_chunk
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        """Nothing to release; here for contextlib.aclosing(), as on a generator."""
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
