@@ -1,0 +1,752 @@
+"""The application side on anyio (asyncio or trio): a task per connection, a task per request.
+
+Each connection has three kinds of task. Its reader feeds a `ServerConnection`
+and gathers each request's params, stdin and filter data; once a request is
+whole it starts the request's task, which runs the app under a cancel scope
+of its own (ABORT_REQUEST cancels it). Its writer is the only task that
+writes to the socket: the others move the core's output to `pending` and,
+for a request's output, wait until the writer has sent it, so a slow peer
+holds back the apps instead of making memory grow.
+
+Everything runs in one thread, so the protocol state needs no lock: a task
+that calls the core moves its output to `pending` before its next await.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import inspect
+import itertools
+import logging
+import os
+import socket
+import stat
+import traceback
+from collections import deque
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterable
+from typing import Any, TypeAlias
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from fcgiproto import (
+    AbortRequest,
+    BeginRequest,
+    Event,
+    FilterData,
+    FilterDataEnd,
+    Params,
+    RemoteProtocolError,
+    Role,
+    ServerConnection,
+    StdinData,
+    StdinEnd,
+)
+from fcgiproto._adapter import Address, AddressInput, parse_address
+from fcgiproto._server import DEFAULT_MAX_PARAMS_SIZE
+
+__all__ = ["App", "Request", "serve"]
+
+logger = logging.getLogger("fcgiproto_anyio.server")
+
+Output: TypeAlias = "bytes | AsyncIterable[bytes] | Iterable[bytes]"
+App: TypeAlias = "Callable[[Request], Awaitable[Output] | AsyncIterable[bytes]]"
+
+ALL_ROLES = (Role.RESPONDER, Role.AUTHORIZER, Role.FILTER)
+#: A read takes what the kernel has, up to this: several 64 KiB records at once.
+READ_SIZE = 256 * 1024
+#: Small pieces of output waiting together go out in one write, up to this size.
+COALESCE_SIZE = 64 * 1024
+#: What the core answers by itself (GET_VALUES, refusals, aborts) may wait
+#: unsent up to this much; past it the reader stops reading until it is sent,
+#: so a client that sends without reading cannot make the answers pile up.
+MAX_UNSENT_ANSWERS = 64 * 1024
+#: After a keep_conn=False request, how long the client has to take the rest
+#: of the output and close its end before the connection is closed anyway.
+LINGER_TIMEOUT = 5.0
+#: How long to wait before accepting again after accept() failed (out of fds, ...).
+ACCEPT_RETRY = 0.1
+#: The app_status of a request whose app raised, or that was aborted.
+ERROR_STATUS = 1
+INTERNAL_ERROR = (
+    b"Status: 500 Internal Server Error\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"Internal Server Error\n"
+)
+
+_STDOUT, _STDERR = True, False
+_Bytes = (bytes, bytearray, memoryview)
+
+
+class Request:
+    """One whole request: what the web server sent, and a way to write to its STDERR.
+
+    ``params`` names and values are decoded as UTF-8 with surrogateescape:
+    ``value.encode("utf-8", "surrogateescape")`` gives back the bytes sent.
+    """
+
+    __slots__ = ("_app_status", "_connection", "_data", "_params", "_state", "_stdin")
+
+    def __init__(
+        self,
+        connection: _Connection,
+        state: _State,
+        params: dict[str, str],
+        stdin: bytes,
+        data: bytes,
+    ) -> None:
+        self._connection = connection
+        self._state = state
+        self._params = params
+        self._stdin = stdin
+        self._data = data
+        self._app_status = 0
+
+    @property
+    def request_id(self) -> int:
+        return self._state.request_id
+
+    @property
+    def role(self) -> Role:
+        return self._state.role
+
+    @property
+    def keep_conn(self) -> bool:
+        """Whether the web server keeps the connection open after this request."""
+        return self._state.keep_conn
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self._params
+
+    @property
+    def stdin(self) -> bytes:
+        """The request body."""
+        return self._stdin
+
+    @property
+    def data(self) -> bytes:
+        """The FCGI_DATA stream (the file to filter, in the filter role); b"" otherwise."""
+        return self._data
+
+    @property
+    def connection_id(self) -> int:
+        """Which connection the request came on: 1 for the server's first, then 2, ..."""
+        return self._connection.number
+
+    @property
+    def aborted(self) -> bool:
+        """True once the web server aborted the request or the connection was lost.
+
+        The app's task is cancelled then; output from a shielded app is dropped.
+        """
+        return self._state.aborted
+
+    @property
+    def app_status(self) -> int:
+        """The status END_REQUEST carries, 0 unless set (1 when the app raises)."""
+        return self._app_status
+
+    @app_status.setter
+    def app_status(self, value: int) -> None:
+        if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"app_status must be an int from 0 to 2**32 - 1, not {value!r}")
+        self._app_status = value
+
+    async def log(self, message: str | bytes) -> None:
+        """Write to the request's STDERR (the web server's error log), once it is sent."""
+        if isinstance(message, str):
+            try:
+                data = message.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                data = message.encode("utf-8", "backslashreplace")
+        else:
+            data = bytes(message)
+        if data:
+            await self._connection.write(self._state, _STDERR, data)
+
+    def __repr__(self) -> str:
+        method = self._params.get("REQUEST_METHOD", "")
+        uri = self._params.get("REQUEST_URI") or self._params.get("SCRIPT_NAME", "")
+        what = " ".join(part for part in (self.role.name, method, uri) if part)
+        return f"<Request {self.request_id} on connection {self.connection_id}: {what}>"
+
+
+class _State:
+    """What has arrived of one request, and whether it is over."""
+
+    __slots__ = (
+        "aborted",
+        "data",
+        "data_done",
+        "ended",
+        "keep_conn",
+        "params",
+        "request_id",
+        "role",
+        "scope",
+        "stdin",
+        "stdin_done",
+    )
+
+    def __init__(self, request_id: int, role: Role, keep_conn: bool) -> None:
+        self.request_id = request_id
+        self.role = role
+        self.keep_conn = keep_conn
+        self.params: dict[str, str] | None = None
+        self.stdin: list[bytes] = []
+        self.data: list[bytes] = []
+        self.stdin_done = False
+        self.data_done = role is not Role.FILTER
+        self.scope: anyio.CancelScope | None = None  # set once the app's task is started
+        self.ended = False
+        self.aborted = False
+
+    @property
+    def whole(self) -> bool:
+        return self.params is not None and self.stdin_done and self.data_done
+
+
+def _decode(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
+
+
+class _Connection:
+    """One accepted connection: its protocol state, its requests, its reader and writer.
+
+    Output offsets count every byte ever queued (`queued`) and sent (`sent`):
+    a task that queued output up to offset n waits for `sent >= n`.
+    """
+
+    def __init__(self, server: _Server, sock: _Socket, number: int) -> None:
+        self.server = server
+        self.app = server.app
+        self.sock = sock
+        self.number = number
+        self.proto = ServerConnection(
+            roles=server.roles,
+            multiplex=server.multiplex,
+            max_requests=server.max_requests,
+            max_connections=server.max_connections,
+            max_params_size=server.max_params_size,
+        )
+        self.states: dict[int, _State] = {}
+        self.pending: deque[bytes] = deque()
+        self.queued = 0
+        self.sent = 0
+        # (offset, size) of the core's own answers not yet known to be sent.
+        self.answers: deque[tuple[int, int]] = deque()
+        self.unsent_answers = 0
+        self.wake_writer = anyio.Event()
+        self.progress = anyio.Event()  # set, then replaced, whenever `sent` moves or we die
+        self.read_scope = anyio.CancelScope()
+        self.requests: anyio.abc.TaskGroup | None = None
+        self.dead = False  # lost, broken, or shut down: nothing more is sent
+        self.closing = False  # a keep_conn=False request ended: close once it is all sent
+
+    async def run(self) -> None:
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._write_loop, name=f"fcgi-writer-{self.number}")
+                async with anyio.create_task_group() as requests:
+                    self.requests = requests
+                    graceful = await self._read_loop()
+                    if not graceful:
+                        self._die()
+                    requests.cancel_scope.cancel()
+                if graceful:
+                    await self._close_gracefully()
+                tasks.cancel_scope.cancel()
+        finally:
+            self._die()
+            self.sock.close()
+
+    # --- reading ---
+
+    async def _read_loop(self) -> bool:
+        """Read and route until the connection is over; True if it closes in good order."""
+        with self.read_scope:
+            while not (self.dead or self.closing):
+                await self._wait_for_answers()
+                try:
+                    data = await self.sock.receive(READ_SIZE)
+                except OSError as exc:
+                    logger.info("connection %d lost while reading: %s", self.number, exc)
+                    return False
+                try:
+                    events = self.proto.receive_data(data)
+                except RemoteProtocolError as exc:
+                    logger.info("closing connection %d: %s", self.number, exc)
+                    return False
+                if not data:
+                    return False
+                before = self.queued
+                for event in events:
+                    self._route(event)
+                self._queue()
+                if self.queued > before:
+                    self.answers.append((self.queued, self.queued - before))
+                    self.unsent_answers += self.queued - before
+        return self.closing and not self.dead
+
+    async def _wait_for_answers(self) -> None:
+        while self.answers and self.answers[0][0] <= self.sent:
+            self.unsent_answers -= self.answers.popleft()[1]
+        if self.unsent_answers > MAX_UNSENT_ANSWERS:
+            await self._sent_up_to(self.answers[-1][0])
+
+    def _route(self, event: Event) -> None:
+        if isinstance(event, BeginRequest):
+            self.states[event.request_id] = _State(event.request_id, event.role, event.keep_conn)
+            return
+        if not isinstance(
+            event, (Params, StdinData, StdinEnd, FilterData, FilterDataEnd, AbortRequest)
+        ):
+            return
+        state = self.states.get(event.request_id)
+        if state is None:
+            return
+        if isinstance(event, AbortRequest):
+            state.aborted = True
+            if state.scope is not None:
+                state.scope.cancel()
+            self._end(state, ERROR_STATUS)
+            return
+        if isinstance(event, Params):
+            state.params = {_decode(k): _decode(v) for k, v in event.params.items()}
+        elif isinstance(event, StdinData):
+            state.stdin.append(event.data)
+        elif isinstance(event, StdinEnd):
+            state.stdin_done = True
+        elif isinstance(event, FilterData):
+            state.data.append(event.data)
+        else:
+            state.data_done = True
+        if state.whole and state.scope is None:
+            self._dispatch(state)
+
+    def _dispatch(self, state: _State) -> None:
+        assert state.params is not None and self.requests is not None
+        request = Request(self, state, state.params, b"".join(state.stdin), b"".join(state.data))
+        state.stdin = state.data = []
+        state.scope = anyio.CancelScope()
+        self.requests.start_soon(
+            self._respond, state, request, name=f"fcgi-request-{self.number}-{state.request_id}"
+        )
+
+    # --- running a request ---
+
+    async def _respond(self, state: _State, request: Request) -> None:
+        status = ERROR_STATUS
+        try:
+            assert state.scope is not None
+            with state.scope:
+                if not state.ended:
+                    status = await self._run_app(state, request)
+        finally:
+            self._end(state, status)
+
+    async def _run_app(self, state: _State, request: Request) -> int:
+        """Run the app and send its output; the app_status to end the request with."""
+        started = False
+        try:
+            result: Any = self.app(request)
+            if inspect.isawaitable(result):
+                result = await result
+            if isinstance(result, _Bytes):
+                if result:
+                    started = True
+                    await self.write(state, _STDOUT, result)
+            elif isinstance(result, AsyncIterable):
+                try:
+                    async for chunk in result:
+                        if _checked(chunk):
+                            started = True
+                            if not await self.write(state, _STDOUT, chunk):
+                                break
+                finally:
+                    aclose = getattr(result, "aclose", None)
+                    if callable(aclose):
+                        await aclose()
+            elif isinstance(result, Iterable) and not isinstance(result, str):
+                try:
+                    for chunk in result:
+                        if _checked(chunk):
+                            started = True
+                            if not await self.write(state, _STDOUT, chunk):
+                                break
+                finally:
+                    close = getattr(result, "close", None)
+                    if callable(close):
+                        close()
+            else:
+                raise TypeError(
+                    f"the app returned {type(result).__name__}, "
+                    "not bytes or an (async) iterable of bytes"
+                )
+            return request.app_status
+        except Exception:
+            logger.exception("the app failed on %r", request)
+            trace = traceback.format_exc().encode("utf-8", "backslashreplace")
+            await self.write(state, _STDERR, trace)
+            if not started:
+                await self.write(state, _STDOUT, INTERNAL_ERROR)
+            return ERROR_STATUS
+
+    # --- output ---
+
+    async def write(
+        self, state: _State, stdout: bool, data: bytes | bytearray | memoryview
+    ) -> bool:
+        """Send stdout or stderr of a request, once it is sent; False once the request is over."""
+        if state.ended or self.dead:
+            return False
+        if stdout:
+            self.proto.send_stdout(state.request_id, data)
+        else:
+            self.proto.send_stderr(state.request_id, data)
+        await self._sent_up_to(self._queue())
+        return not (state.ended or self.dead)
+
+    def _end(self, state: _State, app_status: int) -> None:
+        """End a request, unless it is over already."""
+        if state.ended or self.dead:
+            return
+        state.ended = True
+        if self.states.get(state.request_id) is state:
+            del self.states[state.request_id]
+        self.proto.end_request(state.request_id, app_status)
+        self._queue()
+        if self.proto.closed:  # keep_conn=False: read no more, close once it is sent
+            self.closing = True
+            self.read_scope.cancel()
+
+    def _queue(self) -> int:
+        """Move the core's output to `pending`; the offset where it ends."""
+        data = self.proto.data_to_send()
+        if data and not self.dead:
+            self.pending.append(data)
+            self.queued += len(data)
+            self.wake_writer.set()
+        return self.queued
+
+    async def _sent_up_to(self, offset: int) -> None:
+        while self.sent < offset and not self.dead:
+            await self.progress.wait()
+
+    async def _write_loop(self) -> None:
+        while True:
+            while self.pending:
+                data = self._next_write()
+                try:
+                    await self.sock.send(data)
+                except OSError as exc:
+                    logger.info("connection %d lost while writing: %s", self.number, exc)
+                    self._die()
+                    return
+                self.sent += len(data)
+                self._progressed()
+            self.wake_writer = anyio.Event()
+            await self.wake_writer.wait()
+
+    def _next_write(self) -> bytes:
+        pending = self.pending
+        first = pending.popleft()
+        if len(first) >= COALESCE_SIZE or not pending:
+            return first
+        parts, size = [first], len(first)
+        while pending and size + len(pending[0]) <= COALESCE_SIZE:
+            part = pending.popleft()
+            parts.append(part)
+            size += len(part)
+        return first if len(parts) == 1 else b"".join(parts)
+
+    def _progressed(self) -> None:
+        self.progress.set()
+        self.progress = anyio.Event()
+
+    # --- closing ---
+
+    async def _close_gracefully(self) -> None:
+        """After a keep_conn=False request: send the rest, then wait for the client to close."""
+        with anyio.move_on_after(LINGER_TIMEOUT):
+            await self._sent_up_to(self.queued)
+            if self.dead:
+                return
+            self.dead = True
+            with contextlib.suppress(OSError):
+                self.sock.send_eof()
+                # Read what the client still sends, so that closing does not reset
+                # the connection (which could drop our last bytes at the client).
+                while await self.sock.receive(READ_SIZE):
+                    pass
+
+    def _die(self) -> None:
+        """Nothing more is sent: abandon every request and wake whoever waits."""
+        self.dead = True
+        for state in self.states.values():
+            state.aborted = True
+        self.pending.clear()
+        self._progressed()
+        self.read_scope.cancel()
+
+
+def _checked(chunk: object) -> bool:
+    """Whether a chunk of output has bytes to send; TypeError if it is not bytes."""
+    if not isinstance(chunk, _Bytes):
+        raise TypeError(f"the app yielded {type(chunk).__name__}, not bytes")
+    return bool(chunk)
+
+
+class _Server:
+    """The accept loops and the connections they started, all in one task group."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        multiplex: bool,
+        max_connections: int,
+        max_requests: int,
+        roles: Collection[Role],
+        max_params_size: int,
+        tasks: anyio.abc.TaskGroup,
+    ) -> None:
+        self.app = app
+        self.multiplex = multiplex
+        self.max_connections = max_connections
+        self.max_requests = max_requests
+        self.roles = frozenset(Role(role) for role in roles)
+        self.max_params_size = max_params_size
+        self.tasks = tasks
+        self.slots = anyio.Semaphore(max_connections)
+        self.numbers = itertools.count(1)
+
+    async def accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            await self.slots.acquire()  # at the cap: accept no more until a connection ends
+            try:
+                sock = await _accept(listener)
+            except BaseException:
+                self.slots.release()
+                raise
+            number = next(self.numbers)
+            self.tasks.start_soon(self._connection, sock, number, name=f"fcgi-connection-{number}")
+
+    async def _connection(self, sock: _Socket, number: int) -> None:
+        try:
+            await _Connection(self, sock, number).run()
+        except Exception:
+            logger.exception("connection %d failed", number)
+        finally:
+            self.slots.release()
+
+
+def _listen_address(address: AddressInput) -> Address:
+    """parse_address, plus port 0 (any free port), which a client never asks for."""
+    if isinstance(address, tuple) and len(address) == 2 and address[1] == 0:
+        return Address(host=address[0], port=0)
+    if isinstance(address, str) and address.endswith(":0"):
+        probe = parse_address(address[:-1] + "1")
+        if probe.path is None:
+            return dataclasses.replace(probe, port=0)
+    return parse_address(address)
+
+
+class _Socket:
+    """A connected non-blocking socket, read and written as readiness allows.
+
+    Not an anyio stream, for two things they do on asyncio: a stream from a
+    listener reads ahead without bound until a receive() first has to wait,
+    so a client that sends without reading its answers fills our memory
+    instead of its socket buffer; and cancelling a Unix stream's receive() or
+    send(), or a listener's accept(), in the loop iteration in which the
+    socket becomes ready makes the event loop call set_result() on a cancelled
+    future (InvalidStateError, reported by the loop). Cancelling is how
+    serve() stops; anyio.wait_readable() and wait_writable() are safe there.
+    Here the kernel holds what we have not read, and a send is done once the
+    kernel has it all. Errors are OSError.
+    """
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    async def receive(self, max_bytes: int) -> bytes:
+        """Up to max_bytes, at least one; b"" once the peer has closed."""
+        await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                return self.sock.recv(max_bytes)
+            except (BlockingIOError, InterruptedError):
+                await anyio.wait_readable(self.sock)
+
+    async def send(self, data: bytes) -> None:
+        await anyio.lowlevel.checkpoint()
+        view = memoryview(data)
+        start, end = 0, len(data)
+        while start < end:
+            try:
+                start += self.sock.send(view[start:])
+            except (BlockingIOError, InterruptedError):
+                await anyio.wait_writable(self.sock)
+
+    def send_eof(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _accept(listener: socket.socket) -> _Socket:
+    """The next connection on a listening socket."""
+    while True:
+        await anyio.wait_readable(listener)
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError as exc:  # out of file descriptors, ...: the client waits in the backlog
+            logger.warning("accepting a connection failed: %s", exc)
+            await anyio.sleep(ACCEPT_RETRY)
+            continue
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            with contextlib.suppress(OSError):  # the client may be gone already
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Socket(sock)
+
+
+async def _listen(address: Address) -> tuple[socket.socket, Address, int]:
+    """A listening socket, the address it is bound to, and its socket file's inode (0 for TCP)."""
+    if address.path is not None:
+        path = address.path
+        await _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            inode = os.stat(path).st_ino
+            sock.listen(socket.SOMAXCONN)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock, address, inode
+    family, kind, proto, _, sockaddr = (
+        await anyio.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+        bound = sock.getsockname()
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock, Address(host=bound[0], port=bound[1]), 0
+
+
+async def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a server that is gone; refuse to steal a live one."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    try:
+        with anyio.fail_after(1.0):  # a live server with a full backlog does not answer at once
+            probe = await anyio.connect_unix(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nothing listens there: stale
+        return
+    except FileNotFoundError:
+        return
+    except TimeoutError:  # alive, its backlog full
+        pass
+    else:
+        await probe.aclose()
+    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
+
+
+async def serve(
+    app: App,
+    address: AddressInput,
+    *,
+    multiplex: bool = True,
+    max_connections: int = 100,
+    max_requests: int = 100,
+    roles: Collection[Role] = ALL_ROLES,
+    max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
+    task_status: anyio.abc.TaskStatus[Address] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a FastCGI application until cancelled.
+
+    ``await app(request)`` runs once a request's params, stdin and filter data
+    have all arrived; what it returns, bytes or an iterable or async iterable
+    of bytes sent as it is produced, is the CGI response: headers, a blank
+    line, the body. The app may also be an async generator function. If it
+    raises, the traceback goes to the request's STDERR, a 500 response is sent
+    if nothing was yet, and the request ends with app_status 1; the connection
+    goes on. Each chunk is sent before the next is asked for, so a slow client
+    slows the app down instead of making memory grow. A synchronous iterable
+    runs in the event loop: it must not block.
+
+    `address` is as for the client: "host:port" (port 0 takes a free one),
+    "[::1]:9000", "unix:/path.sock", an absolute path, or (host, port). A Unix
+    socket file left by a server that is gone is replaced, and removed on the
+    way out. ``await task_group.start(serve, app, address)`` returns the bound
+    address once listening.
+
+    Each connection has a task, and each request a task of its own: with
+    `multiplex` a connection carries up to `max_requests` requests at once
+    (more are refused with OVERLOADED), without it one at a time. An
+    ABORT_REQUEST cancels that request's task and ends the request at once
+    with app_status 1; the connection's other requests go on. A request's
+    stdin and filter data are held in memory until the app runs: put a body
+    size limit in the web server (nginx's client_max_body_size).
+
+    Past `max_connections` connections the server stops accepting: further
+    clients wait in the listen backlog until a connection ends. Requests in
+    `roles` only are accepted (others end with UNKNOWN_ROLE); PARAMS beyond
+    `max_params_size` bytes, or anything else against the protocol, close
+    that connection only, as does the client closing it, which cancels its
+    requests. After a keep_conn=False request
+    the connection is closed once its output is sent.
+
+    Cancelling serve closes the listener and every connection (requests in
+    progress are cancelled) and returns once every task has ended.
+    """
+    if max_connections < 1:
+        raise ValueError("max_connections must be at least 1")
+    if max_requests < 1:
+        raise ValueError("max_requests must be at least 1")
+    listener, bound, inode = await _listen(_listen_address(address))
+    try:
+        async with anyio.create_task_group() as tasks:
+            server = _Server(
+                app,
+                multiplex=multiplex,
+                max_connections=max_connections,
+                max_requests=max_requests,
+                roles=roles,
+                max_params_size=max_params_size,
+                tasks=tasks,
+            )
+            tasks.start_soon(server.accept_loop, listener, name=f"fcgi-accept {bound}")
+            task_status.started(bound)
+    finally:
+        listener.close()
+        if bound.path is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(bound.path).st_ino == inode:
+                    os.unlink(bound.path)
