@@ -46,6 +46,16 @@ from fcgiproto import (
     StdinEnd,
 )
 from fcgiproto._adapter import Address, AddressInput, parse_address
+from fcgiproto._application import (
+    ALL_ROLES,
+    ERROR_STATUS,
+    INTERNAL_ERROR,
+    OUTPUT_TYPES,
+    RequestBase,
+    RequestState,
+    check_output,
+    log_bytes,
+)
 from fcgiproto._server import DEFAULT_MAX_PARAMS_SIZE
 
 __all__ = ["App", "Request", "serve"]
@@ -55,7 +65,6 @@ logger = logging.getLogger("fcgiproto_anyio.server")
 Output: TypeAlias = "bytes | AsyncIterable[bytes] | Iterable[bytes]"
 App: TypeAlias = "Callable[[Request], Awaitable[Output] | AsyncIterable[bytes]]"
 
-ALL_ROLES = (Role.RESPONDER, Role.AUTHORIZER, Role.FILTER)
 #: A read takes what the kernel has, up to this: several 64 KiB records at once.
 READ_SIZE = 256 * 1024
 #: Small pieces of output waiting together go out in one write, up to this size.
@@ -69,150 +78,35 @@ MAX_UNSENT_ANSWERS = 64 * 1024
 LINGER_TIMEOUT = 5.0
 #: How long to wait before accepting again after accept() failed (out of fds, ...).
 ACCEPT_RETRY = 0.1
-#: The app_status of a request whose app raised, or that was aborted.
-ERROR_STATUS = 1
-INTERNAL_ERROR = (
-    b"Status: 500 Internal Server Error\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\n"
-    b"\r\n"
-    b"Internal Server Error\n"
-)
 
 _STDOUT, _STDERR = True, False
-_Bytes = (bytes, bytearray, memoryview)
 
 
-class Request:
+class Request(RequestBase):
     """One whole request: what the web server sent, and a way to write to its STDERR.
 
-    ``params`` names and values are decoded as UTF-8 with surrogateescape:
-    ``value.encode("utf-8", "surrogateescape")`` gives back the bytes sent.
+    Once aborted, the app's task is cancelled; output from a shielded app is dropped.
     """
 
-    __slots__ = ("_app_status", "_connection", "_data", "_params", "_state", "_stdin")
+    __slots__ = ("_connection",)
 
-    def __init__(
-        self,
-        connection: _Connection,
-        state: _State,
-        params: dict[str, str],
-        stdin: bytes,
-        data: bytes,
-    ) -> None:
+    def __init__(self, connection: _Connection, state: _State) -> None:
+        super().__init__(state, connection.number)
         self._connection = connection
-        self._state = state
-        self._params = params
-        self._stdin = stdin
-        self._data = data
-        self._app_status = 0
-
-    @property
-    def request_id(self) -> int:
-        return self._state.request_id
-
-    @property
-    def role(self) -> Role:
-        return self._state.role
-
-    @property
-    def keep_conn(self) -> bool:
-        """Whether the web server keeps the connection open after this request."""
-        return self._state.keep_conn
-
-    @property
-    def params(self) -> dict[str, str]:
-        return self._params
-
-    @property
-    def stdin(self) -> bytes:
-        """The request body."""
-        return self._stdin
-
-    @property
-    def data(self) -> bytes:
-        """The FCGI_DATA stream (the file to filter, in the filter role); b"" otherwise."""
-        return self._data
-
-    @property
-    def connection_id(self) -> int:
-        """Which connection the request came on: 1 for the server's first, then 2, ..."""
-        return self._connection.number
-
-    @property
-    def aborted(self) -> bool:
-        """True once the web server aborted the request or the connection was lost.
-
-        The app's task is cancelled then; output from a shielded app is dropped.
-        """
-        return self._state.aborted
-
-    @property
-    def app_status(self) -> int:
-        """The status END_REQUEST carries, 0 unless set (1 when the app raises)."""
-        return self._app_status
-
-    @app_status.setter
-    def app_status(self, value: int) -> None:
-        if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
-            raise ValueError(f"app_status must be an int from 0 to 2**32 - 1, not {value!r}")
-        self._app_status = value
 
     async def log(self, message: str | bytes) -> None:
         """Write to the request's STDERR (the web server's error log), once it is sent."""
-        if isinstance(message, str):
-            try:
-                data = message.encode("utf-8", "surrogateescape")
-            except UnicodeEncodeError:
-                data = message.encode("utf-8", "backslashreplace")
-        else:
-            data = bytes(message)
+        data = log_bytes(message)
         if data:
             await self._connection.write(self._state, _STDERR, data)
 
-    def __repr__(self) -> str:
-        method = self._params.get("REQUEST_METHOD", "")
-        uri = self._params.get("REQUEST_URI") or self._params.get("SCRIPT_NAME", "")
-        what = " ".join(part for part in (self.role.name, method, uri) if part)
-        return f"<Request {self.request_id} on connection {self.connection_id}: {what}>"
 
-
-class _State:
-    """What has arrived of one request, and whether it is over."""
-
-    __slots__ = (
-        "aborted",
-        "data",
-        "data_done",
-        "ended",
-        "keep_conn",
-        "params",
-        "request_id",
-        "role",
-        "scope",
-        "stdin",
-        "stdin_done",
-    )
+class _State(RequestState):
+    __slots__ = ("scope",)
 
     def __init__(self, request_id: int, role: Role, keep_conn: bool) -> None:
-        self.request_id = request_id
-        self.role = role
-        self.keep_conn = keep_conn
-        self.params: dict[str, str] | None = None
-        self.stdin: list[bytes] = []
-        self.data: list[bytes] = []
-        self.stdin_done = False
-        self.data_done = role is not Role.FILTER
+        super().__init__(request_id, role, keep_conn)
         self.scope: anyio.CancelScope | None = None  # set once the app's task is started
-        self.ended = False
-        self.aborted = False
-
-    @property
-    def whole(self) -> bool:
-        return self.params is not None and self.stdin_done and self.data_done
-
-
-def _decode(value: bytes) -> str:
-    return value.decode("utf-8", "surrogateescape")
 
 
 class _Connection:
@@ -316,23 +210,12 @@ class _Connection:
                 state.scope.cancel()
             self._end(state, ERROR_STATUS)
             return
-        if isinstance(event, Params):
-            state.params = {_decode(k): _decode(v) for k, v in event.params.items()}
-        elif isinstance(event, StdinData):
-            state.stdin.append(event.data)
-        elif isinstance(event, StdinEnd):
-            state.stdin_done = True
-        elif isinstance(event, FilterData):
-            state.data.append(event.data)
-        else:
-            state.data_done = True
-        if state.whole and state.scope is None:
+        if state.gather(event) and state.scope is None:
             self._dispatch(state)
 
     def _dispatch(self, state: _State) -> None:
         assert state.params is not None and self.requests is not None
-        request = Request(self, state, state.params, b"".join(state.stdin), b"".join(state.data))
-        state.stdin = state.data = []
+        request = Request(self, state)
         state.scope = anyio.CancelScope()
         self.requests.start_soon(
             self._respond, state, request, name=f"fcgi-request-{self.number}-{state.request_id}"
@@ -357,14 +240,14 @@ class _Connection:
             result: Any = self.app(request)
             if inspect.isawaitable(result):
                 result = await result
-            if isinstance(result, _Bytes):
+            if isinstance(result, OUTPUT_TYPES):
                 if result:
                     started = True
                     await self.write(state, _STDOUT, result)
             elif isinstance(result, AsyncIterable):
                 try:
                     async for chunk in result:
-                        if _checked(chunk):
+                        if check_output(chunk):
                             started = True
                             if not await self.write(state, _STDOUT, chunk):
                                 break
@@ -375,7 +258,7 @@ class _Connection:
             elif isinstance(result, Iterable) and not isinstance(result, str):
                 try:
                     for chunk in result:
-                        if _checked(chunk):
+                        if check_output(chunk):
                             started = True
                             if not await self.write(state, _STDOUT, chunk):
                                 break
@@ -400,7 +283,7 @@ class _Connection:
     # --- output ---
 
     async def write(
-        self, state: _State, stdout: bool, data: bytes | bytearray | memoryview
+        self, state: RequestState, stdout: bool, data: bytes | bytearray | memoryview
     ) -> bool:
         """Send stdout or stderr of a request, once it is sent; False once the request is over."""
         if state.ended or self.dead:
@@ -493,13 +376,6 @@ class _Connection:
         self.pending.clear()
         self._progressed()
         self.read_scope.cancel()
-
-
-def _checked(chunk: object) -> bool:
-    """Whether a chunk of output has bytes to send; TypeError if it is not bytes."""
-    if not isinstance(chunk, _Bytes):
-        raise TypeError(f"the app yielded {type(chunk).__name__}, not bytes")
-    return bool(chunk)
 
 
 class _Server:

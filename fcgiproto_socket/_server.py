@@ -41,6 +41,16 @@ from fcgiproto import (
     StdinEnd,
 )
 from fcgiproto._adapter import Address, AddressInput, parse_address
+from fcgiproto._application import (
+    ALL_ROLES,
+    ERROR_STATUS,
+    INTERNAL_ERROR,
+    OUTPUT_TYPES,
+    RequestBase,
+    RequestState,
+    check_output,
+    log_bytes,
+)
 
 __all__ = ["Handler", "Request", "Server", "serve"]
 
@@ -48,162 +58,40 @@ logger = logging.getLogger("fcgiproto_socket.server")
 
 Handler: TypeAlias = "Callable[[Request], bytes | Iterable[bytes]]"
 
-ALL_ROLES = (Role.RESPONDER, Role.AUTHORIZER, Role.FILTER)
 #: A read takes what the kernel has, up to this: several 64 KiB records at once.
 READ_SIZE = 256 * 1024
 #: How often serve() looks at a `stop` event that nothing else wakes it for.
 POLL_INTERVAL = 0.1
-#: The app_status of a request whose handler raised, or that was aborted.
-ERROR_STATUS = 1
-INTERNAL_ERROR = (
-    b"Status: 500 Internal Server Error\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\n"
-    b"\r\n"
-    b"Internal Server Error\n"
-)
 
 _STDOUT, _STDERR = True, False
-_Bytes = (bytes, bytearray, memoryview)
 
 
-class Request:
+class Request(RequestBase):
     """One whole request: what the web server sent, and a way to write to its STDERR.
 
-    ``params`` names and values are decoded as UTF-8 with surrogateescape:
-    ``value.encode("utf-8", "surrogateescape")`` gives back the bytes sent.
+    Once aborted, its output is dropped; a streaming handler is stopped at its
+    next chunk.
     """
 
-    __slots__ = (
-        "_app_status",
-        "_connection",
-        "_data",
-        "_params",
-        "_state",
-        "_stdin",
-    )
+    __slots__ = ("_connection",)
 
-    def __init__(
-        self,
-        connection: _Connection,
-        state: _State,
-        params: dict[str, str],
-        stdin: bytes,
-        data: bytes,
-    ) -> None:
+    def __init__(self, connection: _Connection, state: _State) -> None:
+        super().__init__(state, connection.number)
         self._connection = connection
-        self._state = state
-        self._params = params
-        self._stdin = stdin
-        self._data = data
-        self._app_status = 0
-
-    @property
-    def request_id(self) -> int:
-        return self._state.request_id
-
-    @property
-    def role(self) -> Role:
-        return self._state.role
-
-    @property
-    def keep_conn(self) -> bool:
-        """Whether the web server keeps the connection open after this request."""
-        return self._state.keep_conn
-
-    @property
-    def params(self) -> dict[str, str]:
-        return self._params
-
-    @property
-    def stdin(self) -> bytes:
-        """The request body."""
-        return self._stdin
-
-    @property
-    def data(self) -> bytes:
-        """The FCGI_DATA stream (the file to filter, in the filter role); b"" otherwise."""
-        return self._data
-
-    @property
-    def connection_id(self) -> int:
-        """Which connection the request came on: 1 for the server's first, then 2, ..."""
-        return self._connection.number
-
-    @property
-    def aborted(self) -> bool:
-        """True once the web server aborted the request or the connection was lost.
-
-        Output is dropped from then on; a streaming handler is stopped at its next chunk.
-        """
-        return self._state.aborted
-
-    @property
-    def app_status(self) -> int:
-        """The status END_REQUEST carries, 0 unless set (1 when the handler raises)."""
-        return self._app_status
-
-    @app_status.setter
-    def app_status(self, value: int) -> None:
-        if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
-            raise ValueError(f"app_status must be an int from 0 to 2**32 - 1, not {value!r}")
-        self._app_status = value
 
     def log(self, message: str | bytes) -> None:
         """Write to the request's STDERR (the web server's error log), at once."""
-        if isinstance(message, str):
-            try:
-                data = message.encode("utf-8", "surrogateescape")
-            except UnicodeEncodeError:
-                data = message.encode("utf-8", "backslashreplace")
-        else:
-            data = bytes(message)
+        data = log_bytes(message)
         if data:
             self._connection.write(self._state, _STDERR, data)
 
-    def __repr__(self) -> str:
-        method = self._params.get("REQUEST_METHOD", "")
-        uri = self._params.get("REQUEST_URI") or self._params.get("SCRIPT_NAME", "")
-        what = " ".join(part for part in (self.role.name, method, uri) if part)
-        return f"<Request {self.request_id} on connection {self.connection_id}: {what}>"
 
-
-class _State:
-    """What has arrived of one request, and whether it is over."""
-
-    __slots__ = (
-        "aborted",
-        "data",
-        "data_done",
-        "dispatched",
-        "ended",
-        "keep_conn",
-        "params",
-        "request_id",
-        "role",
-        "stdin",
-        "stdin_done",
-    )
+class _State(RequestState):
+    __slots__ = ("dispatched",)
 
     def __init__(self, request_id: int, role: Role, keep_conn: bool) -> None:
-        self.request_id = request_id
-        self.role = role
-        self.keep_conn = keep_conn
-        self.params: dict[str, str] | None = None
-        self.stdin: list[bytes] = []
-        self.data: list[bytes] = []
-        self.stdin_done = False
-        self.data_done = role is not Role.FILTER
+        super().__init__(request_id, role, keep_conn)
         self.dispatched = False
-        self.ended = False
-        self.aborted = False
-
-    @property
-    def whole(self) -> bool:
-        return self.params is not None and self.stdin_done and self.data_done
-
-
-def _decode(value: bytes) -> str:
-    return value.decode("utf-8", "surrogateescape")
 
 
 class _Connection:
@@ -289,23 +177,13 @@ class _Connection:
             state.aborted = True
             self._end(state, ERROR_STATUS)
             return
-        if isinstance(event, Params):
-            state.params = {_decode(k): _decode(v) for k, v in event.params.items()}
-        elif isinstance(event, StdinData):
-            state.stdin.append(event.data)
-        elif isinstance(event, StdinEnd):
-            state.stdin_done = True
-        elif isinstance(event, FilterData):
-            state.data.append(event.data)
-        else:
-            state.data_done = True
-        if state.whole and not state.dispatched:
+        if state.gather(event) and not state.dispatched:
             state.dispatched = True
             whole.append(state)
 
     def _dispatch(self, state: _State) -> None:
         assert state.params is not None
-        request = Request(self, state, state.params, b"".join(state.stdin), b"".join(state.data))
+        request = Request(self, state)
         state.stdin = state.data = []
         if not self.listener.multiplex:
             self._respond(state, request)
@@ -367,7 +245,9 @@ class _Connection:
 
     # --- output ---
 
-    def write(self, state: _State, stdout: bool, data: bytes | bytearray | memoryview) -> bool:
+    def write(
+        self, state: RequestState, stdout: bool, data: bytes | bytearray | memoryview
+    ) -> bool:
         """Send stdout or stderr of a request, waiting for the socket; False once it is over."""
         with self.lock:
             if state.ended or self.dead:
@@ -441,21 +321,13 @@ class _Connection:
 
 
 def _chunks(result: object) -> Iterable[bytes | bytearray | memoryview]:
-    if isinstance(result, _Bytes):
+    if isinstance(result, OUTPUT_TYPES):
         return (result,) if result else ()
     if isinstance(result, str) or not isinstance(result, Iterable):
         raise TypeError(
             f"the handler returned {type(result).__name__}, not bytes or an iterable of bytes"
         )
-    return _checked(result)
-
-
-def _checked(result: Iterable[object]) -> Iterable[bytes | bytearray | memoryview]:
-    for chunk in result:
-        if not isinstance(chunk, _Bytes):
-            raise TypeError(f"the handler yielded {type(chunk).__name__}, not bytes")
-        if chunk:
-            yield chunk
+    return (chunk for chunk in result if check_output(chunk))
 
 
 class _Listener:
