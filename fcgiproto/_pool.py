@@ -32,10 +32,6 @@ class PoolState(Generic[C]):
         self.open = 0  # idle, in use, or being opened
         self.closed = False
 
-    @property
-    def in_use(self) -> int:
-        return self.open - len(self.idle)
-
     def acquire(self, now: float) -> tuple[C | None, bool, list[C]]:
         """(an idle connection to use, or None; whether a new one may be opened; to close).
 

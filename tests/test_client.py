@@ -454,3 +454,29 @@ def test_a_dropped_empty_record_at_the_end_of_input_leaves_a_clean_close() -> No
     assert conn.receive_data(raw_record(STDOUT, 1)) == []  # Go's late stream end
     assert conn.receive_data(b"") == []
     assert conn.closed
+
+
+def test_when_every_request_id_is_taken_no_request_can_begin_until_one_ends() -> None:
+    conn = ClientConnection(multiplex=True)
+    for _ in range(0xFFFF):
+        conn.send_request({})
+    assert not conn.can_send_request
+    with pytest.raises(LocalProtocolError, match="every request id is in use or retired"):
+        conn.begin_request()
+    conn.data_to_send()
+    conn.receive_data(end(300))
+    assert conn.begin_request() == 300
+
+
+def test_a_get_values_query_larger_than_a_record_is_refused() -> None:
+    conn = ClientConnection()
+    with pytest.raises(LocalProtocolError, match="does not fit in a record"):
+        conn.get_values(["N" * 1000] * 70)
+    assert conn.data_to_send() == b""
+
+
+def test_params_may_be_bytearray_or_memoryview() -> None:
+    client = ClientConnection()
+    client.send_request([(bytearray(b"NAME"), memoryview(b"value"))])
+    records = parse_records(client.data_to_send())
+    assert decode_pairs(records[1][2], "params") == [(b"NAME", b"value")]

@@ -132,3 +132,12 @@ def test_expired_idle_connections_are_never_handed_out() -> None:
     pool.release("a", 0.0)
     assert pool.next_expiry() == 5.0
     assert pool.acquire(5.0) == (None, True, ["a"])
+
+
+@pytest.mark.parametrize(
+    ("connections", "keepalive", "message"),
+    [(0, 1, "max_connections must be at least 1"), (1, -1, "max_keepalive cannot be negative")],
+)
+def test_impossible_limits_are_refused(connections: int, keepalive: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PoolState(connections, keepalive, 5.0)

@@ -243,3 +243,12 @@ def test_get_values_query_names_decode_with_values_ignored() -> None:
     ((rtype, rid, content, _),) = parse_records(server.data_to_send())
     assert (rtype, rid) == (10, 0)
     assert decode_pairs(content, "answer") == [(b"FCGI_MPXS_CONNS", b"0")]
+
+
+def test_active_requests_are_those_begun_and_not_ended() -> None:
+    pair = ConnectionPair(multiplex=True)
+    first, second = pair.client.send_request({}), pair.client.send_request({})
+    pair.to_server()
+    assert pair.server.active_requests == {first, second}
+    pair.server.end_request(first)
+    assert pair.server.active_requests == {second}
