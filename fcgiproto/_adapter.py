@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TypeAlias
 
-from ._errors import CantMultiplex, LocalProtocolError, Overloaded, RequestError, UnknownRole
+from ._client import ClientConnection
+from ._errors import (
+    CantMultiplex,
+    LocalProtocolError,
+    Overloaded,
+    ReadError,
+    RemoteProtocolError,
+    RequestError,
+    UnknownRole,
+)
 from ._events import EndRequest, Event, StderrData, StdoutData
 from ._records import ProtocolStatus
 from .cgi import ResponseHead, ResponseParser, authorizer_variables
@@ -26,7 +35,9 @@ __all__ = [
     "Timeout",
     "TimeoutInput",
     "parse_address",
+    "probe_wait",
     "raise_for_protocol_status",
+    "receive_from",
 ]
 
 AddressInput: TypeAlias = "str | os.PathLike[str] | tuple[str, int]"
@@ -183,6 +194,39 @@ class Deadline:
         if step is None or left < step:
             return left, True
         return step, False
+
+
+#: How long the first request waits for the answer to "do you multiplex?".
+PROBE_WAIT = 2.0
+
+
+def probe_wait(limits: Timeout, deadline: Deadline) -> float:
+    """How long to wait for the answer to "do you multiplex?" before the first request.
+
+    An application that ignores GET_VALUES must not hold up the request: after
+    this it is taken not to multiplex. At most half of what is left of the
+    request's deadline, so the request itself still has time.
+    """
+    wait = PROBE_WAIT if limits.read is None else min(limits.read, PROBE_WAIT)
+    left, _ = deadline.limit(None)
+    return wait if left is None else min(wait, left / 2)
+
+
+def receive_from(proto: ClientConnection, data: bytes, address: Address) -> list[Event]:
+    """Feed what a read gave (b"": the application closed); errors name the address.
+
+    A close in the middle of a record or of a request is a ReadError, as for
+    the transport; invalid bytes are a RemoteProtocolError.
+    """
+    try:
+        events = proto.receive_data(data)
+    except RemoteProtocolError as exc:
+        if not data:
+            raise ReadError(f"{address}: {exc}") from exc
+        raise RemoteProtocolError(f"{address}: {exc}") from exc
+    if not data and not events:
+        raise ReadError(f"{address} closed the connection")
+    return events
 
 
 _STATUS_ERRORS: dict[ProtocolStatus, type[RequestError]] = {

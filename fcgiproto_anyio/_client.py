@@ -28,6 +28,7 @@ from fcgiproto._adapter import (
     Timeout,
     TimeoutInput,
     parse_address,
+    probe_wait,
 )
 from fcgiproto._pool import PoolState
 from fcgiproto._records import ParamsInput
@@ -39,8 +40,6 @@ __all__ = ["AsyncClient", "AsyncStreamResponse"]
 
 MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
 DEFAULT_TIMEOUT = Timeout()
-#: How long the first request waits for the answer to "do you multiplex?".
-PROBE_WAIT = 2.0
 #: A body up to this size goes out with the request; a larger one, or an
 #: iterable, is sent by a task of its own while the response is read, since
 #: an application may answer before it has read all of it.
@@ -194,9 +193,7 @@ class AsyncClient:
         async with self._probe_lock:
             if self.multiplex is not None:
                 return
-            # An application that ignores GET_VALUES must not hold up the
-            # request: after a short wait it is taken not to multiplex.
-            wait = PROBE_WAIT if limits.read is None else min(limits.read, PROBE_WAIT)
+            wait = probe_wait(limits, deadline)
             try:
                 values = await self._solo_get_values(["FCGI_MPXS_CONNS"], deadline, limits, wait)
             except ReadTimeout:

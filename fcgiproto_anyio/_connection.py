@@ -9,6 +9,7 @@ cost several times the client's own work per request.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 
@@ -22,11 +23,10 @@ from fcgiproto import (
     Event,
     ReadError,
     ReadTimeout,
-    RemoteProtocolError,
     WriteError,
     WriteTimeout,
 )
-from fcgiproto._adapter import Address, Deadline
+from fcgiproto._adapter import Address, Deadline, receive_from
 
 __all__ = ["READ_SIZE", "StreamConnection", "connect", "deadline_on_anyio_clock"]
 
@@ -69,7 +69,7 @@ async def _connect_one(family: int, sockaddr: object) -> socket.socket:
             await anyio.wait_writable(sock)
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
-            raise OSError(code, errno.errorcode.get(code, str(code)))
+            raise OSError(code, os.strerror(code))
         return sock
     except BaseException:
         sock.close()
@@ -99,7 +99,6 @@ class StreamConnection:
         # A write cancelled halfway leaves a partial record on the wire: the
         # connection can then only be closed.
         self.torn = False
-        self.released_at = 0.0
         self._closed = False
 
     def looks_alive(self) -> bool:
@@ -160,15 +159,7 @@ class StreamConnection:
     async def receive(self, deadline: Deadline, read_timeout: float | None) -> list[Event]:
         """The events of the next read (maybe none)."""
         data = await self.read_some(deadline, read_timeout)
-        if data:
-            return self.proto.receive_data(data)
-        try:
-            events = self.proto.receive_data(b"")
-        except RemoteProtocolError as exc:
-            raise ReadError(f"{self.address}: {exc}") from exc
-        if not events:
-            raise ReadError(f"{self.address} closed the connection")
-        return events
+        return receive_from(self.proto, data, self.address)
 
     async def _wait(self, wait: object) -> None:
         if self._closed:

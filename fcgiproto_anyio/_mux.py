@@ -20,11 +20,10 @@ from fcgiproto import (
     LocalProtocolError,
     ReadError,
     ReadTimeout,
-    RemoteProtocolError,
     Role,
     TimeoutException,
 )
-from fcgiproto._adapter import Address, Deadline
+from fcgiproto._adapter import Address, Deadline, receive_from
 from fcgiproto._records import ParamsInput
 
 from ._connection import StreamConnection
@@ -193,12 +192,9 @@ class AsyncMuxConnection:
                         return
                     continue
                 try:
-                    events = self.proto.receive_data(data)
-                except RemoteProtocolError as exc:
-                    self._fail(ReadError(f"{self.address}: {exc}") if not data else exc)
-                    return
-                if not data:
-                    self._fail(ReadError(f"{self.address} closed the connection"))
+                    events = receive_from(self.proto, data, self.address)
+                except FastCGIError as exc:
+                    self._fail(exc)
                     return
                 for event in events:
                     if isinstance(event, GetValuesResult):

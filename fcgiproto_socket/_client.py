@@ -29,6 +29,7 @@ from fcgiproto._adapter import (
     Timeout,
     TimeoutInput,
     parse_address,
+    probe_wait,
     raise_for_protocol_status,
 )
 from fcgiproto._pool import PoolState
@@ -42,10 +43,6 @@ __all__ = ["Client", "StreamResponse"]
 
 MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
 DEFAULT_TIMEOUT = Timeout()
-#: How long the first request waits for the answer to "do you multiplex?".
-PROBE_WAIT = 2.0
-#: An idle connection younger than this is reused without checking it first.
-RECENTLY = 1.0
 
 
 class Client:
@@ -248,9 +245,7 @@ class Client:
             self._check_open()
             if self.multiplex is not None:
                 return
-            # An application that ignores GET_VALUES must not hold up the
-            # request: after a short wait it is taken not to multiplex.
-            wait = PROBE_WAIT if limits.read is None else min(limits.read, PROBE_WAIT)
+            wait = probe_wait(limits, deadline)
             try:
                 values = self._solo_get_values(["FCGI_MPXS_CONNS"], deadline, limits, wait)
             except ReadTimeout:
@@ -313,9 +308,10 @@ class Client:
             for old in stale:
                 old.close()
             if conn is not None:
-                # A connection released moments ago is taken as alive without
-                # a system call; if it died, the request is retried anyway.
-                if time.monotonic() - conn.released_at < RECENTLY or conn.looks_alive():
+                # Checked even when released moments ago: an application that
+                # wrote to it since (garbage, a second END_REQUEST) would
+                # otherwise answer the next request with the last one's leftovers.
+                if conn.looks_alive():
                     return conn, True
                 self._discard(conn)
             elif may_open:
@@ -331,9 +327,8 @@ class Client:
 
     def _release(self, conn: SocketConnection) -> None:
         """Return a connection in a known-clean state for reuse."""
-        conn.released_at = time.monotonic()
         with self._lock:
-            to_close = self._pool.release(conn, conn.released_at)
+            to_close = self._pool.release(conn, time.monotonic())
             self._cond.notify()
             if not to_close and self._reaper is None:
                 self._reaper = threading.Thread(

@@ -23,11 +23,10 @@ from fcgiproto import (
     LocalProtocolError,
     ReadError,
     ReadTimeout,
-    RemoteProtocolError,
     Role,
     WriteError,
 )
-from fcgiproto._adapter import Address, Deadline
+from fcgiproto._adapter import Address, Deadline, receive_from
 from fcgiproto._records import ParamsInput
 
 from ._transport import READ_SIZE, wait_ready
@@ -212,13 +211,9 @@ class MuxConnection:
                 if self._closing:
                     return
                 try:
-                    events = self.proto.receive_data(data)
-                except RemoteProtocolError as exc:
-                    failure: FastCGIError = ReadError(f"{self.address}: {exc}") if not data else exc
-                    self._fail_locked(failure)
-                    return
-                if not data:
-                    self._fail_locked(ReadError(f"{self.address} closed the connection"))
+                    events = receive_from(self.proto, data, self.address)
+                except FastCGIError as exc:
+                    self._fail_locked(exc)
                     return
                 for event in events:
                     if isinstance(event, GetValuesResult):

@@ -18,11 +18,10 @@ from fcgiproto import (
     Event,
     ReadError,
     ReadTimeout,
-    RemoteProtocolError,
     WriteError,
     WriteTimeout,
 )
-from fcgiproto._adapter import Address, Deadline
+from fcgiproto._adapter import Address, Deadline, receive_from
 
 __all__ = ["READ_SIZE", "SocketConnection", "connect", "wait_ready"]
 
@@ -76,7 +75,6 @@ class SocketConnection:
         self.address = address
         self.proto = ClientConnection(multiplex=multiplex)
         self._pending = memoryview(b"")
-        self.released_at = 0.0
         self._poller = select.poll()
         self._poller.register(sock, _READABLE)
         self._fd = sock.fileno()
@@ -167,12 +165,4 @@ class SocketConnection:
             return []
         except OSError as exc:
             raise ReadError(f"reading from {self.address} failed: {exc.strerror or exc}") from exc
-        if not data:
-            try:
-                events = self.proto.receive_data(b"")
-            except RemoteProtocolError as exc:
-                raise ReadError(f"{self.address}: {exc}") from exc
-            if not events:
-                raise ReadError(f"{self.address} closed the connection")
-            return events
-        return self.proto.receive_data(data)
+        return receive_from(self.proto, data, self.address)
