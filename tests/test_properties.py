@@ -236,3 +236,24 @@ def test_interleaved_multiplexed_responses_reach_the_right_request(
         assert got == b"".join(body)
     assert {e.request_id for e in events if isinstance(e, EndRequest)} == set(ids)
     assert pair.client.active_requests == frozenset()
+
+
+@given(
+    params=st.lists(
+        st.tuples(
+            st.one_of(st.text(max_size=200), st.binary(max_size=200)),
+            st.one_of(st.text(max_size=200), st.binary(max_size=200)),
+        ),
+        max_size=30,
+    )
+)
+def test_str_and_bytes_params_mixed_arrive_as_their_utf8_bytes(
+    params: list[tuple[str | bytes, str | bytes]],
+) -> None:
+    def encoded(value: str | bytes) -> bytes:
+        return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+
+    client, server = ClientConnection(), ServerConnection(max_params_size=1 << 22)
+    client.send_request(params)
+    events = server.receive_data(client.data_to_send())
+    assert events[1] == Params(1, {encoded(n): encoded(v) for n, v in params})
