@@ -34,10 +34,12 @@ __all__ = [
     "ResponseState",
     "Timeout",
     "TimeoutInput",
+    "gather_answer",
     "parse_address",
     "probe_wait",
     "raise_for_protocol_status",
     "receive_from",
+    "whole_answer",
 ]
 
 AddressInput: TypeAlias = "str | os.PathLike[str] | tuple[str, int]"
@@ -210,6 +212,32 @@ def probe_wait(limits: Timeout, deadline: Deadline) -> float:
     wait = PROBE_WAIT if limits.read is None else min(limits.read, PROBE_WAIT)
     left, _ = deadline.limit(None)
     return wait if left is None else min(wait, left / 2)
+
+
+def gather_answer(
+    events: list[Event], stdout: list[bytes], stderr: list[bytes]
+) -> EndRequest | None:
+    """Add a request's output to `stdout` and `stderr`; its END_REQUEST once it comes.
+
+    For connections that carry one request: every event is that request's.
+    """
+    end = None
+    for event in events:
+        if isinstance(event, StdoutData):
+            stdout.append(event.data)
+        elif isinstance(event, StderrData):
+            stderr.append(event.data)
+        elif isinstance(event, EndRequest):
+            end = event
+    return end
+
+
+def whole_answer(
+    stdout: list[bytes], stderr: list[bytes], end: EndRequest, address: Address
+) -> Response:
+    """The Response of a finished request, or the RequestError its END_REQUEST means."""
+    raise_for_protocol_status(end, address)
+    return Response(b"".join(stdout), b"".join(stderr), end.app_status, end.protocol_status)
 
 
 def receive_from(proto: ClientConnection, data: bytes, address: Address) -> list[Event]:

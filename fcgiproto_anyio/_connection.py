@@ -130,9 +130,17 @@ class StreamConnection:
                 raise _timeout_error(WriteTimeout, self.address, deadline, write_timeout, by_total)
         self.torn = False
 
-    async def read_some(self, deadline: Deadline, read_timeout: float | None) -> bytes:
-        """The next bytes from the application; b"" when it closed."""
+    async def read_some(
+        self, deadline: Deadline, read_timeout: float | None, expecting: bool = False
+    ) -> bytes:
+        """The next bytes from the application; b"" when it closed.
+
+        `expecting`: nothing can be there yet (the request just went out), so
+        wait before reading rather than try a read that would fail.
+        """
         try:
+            if expecting:
+                raise BlockingIOError
             data = self.sock.recv(READ_SIZE)
         except BlockingIOError:
             wait, by_total = deadline.limit(read_timeout)
@@ -156,9 +164,11 @@ class StreamConnection:
             await anyio.lowlevel.checkpoint()
         return data
 
-    async def receive(self, deadline: Deadline, read_timeout: float | None) -> list[Event]:
+    async def receive(
+        self, deadline: Deadline, read_timeout: float | None, expecting: bool = False
+    ) -> list[Event]:
         """The events of the next read (maybe none)."""
-        data = await self.read_some(deadline, read_timeout)
+        data = await self.read_some(deadline, read_timeout, expecting)
         return receive_from(self.proto, data, self.address)
 
     async def _wait(self, wait: object) -> None:

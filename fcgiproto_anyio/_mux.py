@@ -52,7 +52,7 @@ class AsyncMuxConnection:
         self.conn = conn
         self.address: Address = conn.address
         self.proto = conn.proto
-        self._write_lock = anyio.Lock()
+        self._write_lock = anyio.Lock(fast_acquire=True)
         self._inboxes: dict[int, AsyncInbox] = {}
         self._values_waiters: deque[AsyncInbox] = deque()
         self._failure: FastCGIError | None = None

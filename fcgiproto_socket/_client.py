@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 from fcgiproto import (
-    EndRequest,
     Event,
     GetValuesResult,
     LocalProtocolError,
@@ -16,8 +15,6 @@ from fcgiproto import (
     ReadError,
     ReadTimeout,
     Role,
-    StderrData,
-    StdoutData,
     TransportError,
     WriteError,
 )
@@ -28,9 +25,10 @@ from fcgiproto._adapter import (
     ResponseState,
     Timeout,
     TimeoutInput,
+    gather_answer,
     parse_address,
     probe_wait,
-    raise_for_protocol_status,
+    whole_answer,
 )
 from fcgiproto._pool import PoolState
 from fcgiproto._records import ParamsInput
@@ -124,19 +122,13 @@ class Client:
             conn, reused = self._acquire(deadline, limits)
             stdout: list[bytes] = []
             stderr: list[bytes] = []
-            end: EndRequest | None = None
+            end = None
             try:
                 conn.proto.send_request(params, body, role=role)
                 conn.queue()
                 while end is None:
-                    for event in conn.exchange(deadline, limits.read, limits.write):
-                        kind = type(event)
-                        if kind is StdoutData:
-                            stdout.append(event.data)  # type: ignore[attr-defined]
-                        elif kind is StderrData:
-                            stderr.append(event.data)  # type: ignore[attr-defined]
-                        elif kind is EndRequest:
-                            end = event  # type: ignore[assignment]
+                    events = conn.exchange(deadline, limits.read, limits.write)
+                    end = gather_answer(events, stdout, stderr)
             except (ReadError, WriteError):
                 self._discard(conn)
                 # The retry rule of StreamResponse._start: an idle connection
@@ -148,8 +140,7 @@ class Client:
                 self._discard(conn)
                 raise
             _SoloExchange(self, conn, reused).finish(True, deadline, limits)
-            raise_for_protocol_status(end, conn.address)
-            return Response(b"".join(stdout), b"".join(stderr), end.app_status, end.protocol_status)
+            return whole_answer(stdout, stderr, end, conn.address)
         raise AssertionError("unreachable")
 
     def stream(
