@@ -276,10 +276,8 @@ class ClientConnection(Connection):
 
     def _on_record(self, rtype: int, rid: int, content: bytes, events: list[Event]) -> None:
         if rtype == _END_REQUEST:
-            after_values = False
             self._end_request(rid, content, events)
         else:
-            after_values = rtype == _GET_VALUES_RESULT
             if rid != 0:
                 raise RemoteProtocolError(
                     f"{stream_name(rtype)} record for request {rid}: "
@@ -293,12 +291,13 @@ class ClientConnection(Connection):
                 events.append(UnknownType(content[0]))
             else:
                 self._values_result(content, events)
-        self._after_values_result = after_values
 
     def _values_result(self, content: bytes, events: list[Event]) -> None:
         pairs = decode_pairs(content, "GET_VALUES_RESULT")
-        if not pairs and (self._after_values_result or not self._values_pending):
-            # Go's server ends every result with an empty one; nothing was asked.
+        # Go's server follows every result with an empty one, written
+        # separately, so other records may come between the two.
+        after_result, self._after_values_result = self._after_values_result, bool(pairs)
+        if not pairs and (after_result or not self._values_pending):
             return
         self._values_pending = max(0, self._values_pending - 1)
         values = {name.decode("latin-1"): value.decode("latin-1") for name, value in pairs}

@@ -17,7 +17,6 @@ from fcgiproto import (
     ReadError,
     ReadTimeout,
     Role,
-    TransportError,
     WriteError,
 )
 from fcgiproto._adapter import (
@@ -331,9 +330,10 @@ class AsyncClient:
             await self._notify_freed()
 
     async def _notify_freed(self) -> None:
-        if self._freed.statistics().tasks_waiting:
-            async with self._freed:
-                self._freed.notify()
+        # Always: a task that found the pool full may not be counted as
+        # waiting yet, and would then sleep out its whole pool timeout.
+        async with self._freed:
+            self._freed.notify()
 
     async def _reap_idle(self) -> None:
         """The reaper task: close idle connections as they expire (each pins a php-fpm worker).
@@ -461,6 +461,9 @@ class AsyncStreamResponse(ResponseState):
         self._exchange: _SoloExchange | _MuxExchange | None = None
         self._inline = True
         self._sender: anyio.abc.TaskGroup | None = None
+        self._sender_scope: anyio.CancelScope | None = None
+        self._sender_done = anyio.Event()
+        self._read_scope: anyio.CancelScope | None = None
         self._send_error: BaseException | None = None
         self._stdin_touched = False
         super().__init__()
@@ -501,13 +504,17 @@ class AsyncStreamResponse(ResponseState):
 
     async def _close(self, exc: BaseException | None) -> None:
         sender, self._sender = self._sender, None
-        if sender is not None:
-            sender.cancel_scope.cancel()
-            await sender.__aexit__(None, None, None)
-        exchange, self._exchange = self._exchange, None
-        if exchange is not None:
-            with anyio.CancelScope(shield=True):
-                await exchange.finish(self._end is not None)
+        try:
+            if sender is not None:
+                sender.cancel_scope.cancel()
+                # Re-raises a cancellation pending on the caller: the
+                # connection is settled below all the same.
+                await sender.__aexit__(None, None, None)
+        finally:
+            exchange, self._exchange = self._exchange, None
+            if exchange is not None:
+                with anyio.CancelScope(shield=True):
+                    await exchange.finish(self._end is not None)
 
     # --- the response ---
 
@@ -575,7 +582,8 @@ class AsyncStreamResponse(ResponseState):
                 )
                 if not inline:
                     assert self._sender is not None
-                    self._sender.start_soon(self._send_body, exchange)
+                    self._sender_done = anyio.Event()
+                    self._sender.start_soon(self._send_body, exchange, self._sender_done)
                 await self._pump()
                 return
             except (ReadError, WriteError):
@@ -586,37 +594,55 @@ class AsyncStreamResponse(ResponseState):
                     raise
                 self._exchange = None
                 with anyio.CancelScope(shield=True):
+                    if self._sender_scope is not None:
+                        # One sender at a time: the retry's must not share the body.
+                        self._sender_scope.cancel()
+                        await self._sender_done.wait()
+                    self._send_error = None
                     await exchange.finish(False)
 
-    async def _send_body(self, exchange: _SoloExchange | _MuxExchange) -> None:
-        """The sender task: the body, while the response is read."""
+    async def _send_body(self, exchange: _SoloExchange | _MuxExchange, done: anyio.Event) -> None:
+        """The sender task: the body, while the response is read.
+
+        Its failure, its own or the body iterable's, is raised by the reading
+        side, whose wait it cuts short.
+        """
         stdin = self._stdin
         try:
-            if isinstance(stdin, (bytes, bytearray, memoryview)):
-                chunks: AsyncIterator[bytes] = _once(bytes(stdin))
-            elif isinstance(stdin, AsyncIterable):
-                chunks = aiter(stdin)
-            else:
-                chunks = _from_sync(stdin)
-            async for chunk in chunks:
-                if self._end is not None:
-                    return  # answered before it read the rest
-                if chunk:
+            with anyio.CancelScope() as self._sender_scope:
+                if isinstance(stdin, (bytes, bytearray, memoryview)):
+                    chunks: AsyncIterator[bytes] = _once(bytes(stdin))  # can be sent again
+                else:
+                    # An iterable cannot be replayed once pulled from.
                     self._stdin_touched = True
-                    await exchange.send_stdin(bytes(chunk), self._deadline, self._limits)
-            if self._end is None:
-                await exchange.send_stdin(None, self._deadline, self._limits)
-        except Exception as exc:  # reported by the reading side
+                    chunks = aiter(stdin) if isinstance(stdin, AsyncIterable) else _from_sync(stdin)
+                async for chunk in chunks:
+                    if self._end is not None:
+                        return  # answered before it read the rest
+                    if chunk:
+                        await exchange.send_stdin(bytes(chunk), self._deadline, self._limits)
+                if self._end is None:
+                    await exchange.send_stdin(None, self._deadline, self._limits)
+        except Exception as exc:
             self._send_error = exc
+            if self._read_scope is not None:
+                self._read_scope.cancel()
+        finally:
+            self._sender_scope = None
+            done.set()
 
     async def _pump(self) -> None:
         """Read until something of the response arrives."""
         exchange = self._exchange
         if exchange is None:
             raise LocalProtocolError("the response is closed")
-        if self._send_error is not None and not isinstance(self._send_error, TransportError):
+        if self._send_error is not None:
             raise self._send_error
-        events = await exchange.events(self._deadline, self._limits)
+        with anyio.CancelScope() as self._read_scope:
+            events = await exchange.events(self._deadline, self._limits)
+        self._read_scope = None
+        if self._send_error is not None:
+            raise self._send_error
         self._take(events, exchange.rid, exchange.address)
 
     async def _next_stdout(self) -> bytes | None:
