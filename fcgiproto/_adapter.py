@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 from ._client import ClientConnection
 from ._errors import (
@@ -22,7 +22,7 @@ from ._errors import (
     RequestError,
     UnknownRole,
 )
-from ._events import EndRequest, Event, StderrData, StdoutData
+from ._events import EndRequest, Event, GetValuesResult, StderrData, StdoutData
 from ._records import ProtocolStatus
 from .cgi import ResponseHead, ResponseParser, authorizer_variables
 
@@ -39,6 +39,7 @@ __all__ = [
     "probe_wait",
     "raise_for_protocol_status",
     "receive_from",
+    "recipient",
     "whole_answer",
 ]
 
@@ -238,6 +239,22 @@ def whole_answer(
     """The Response of a finished request, or the RequestError its END_REQUEST means."""
     raise_for_protocol_status(end, address)
     return Response(b"".join(stdout), b"".join(stderr), end.app_status, end.protocol_status)
+
+
+Waiter = TypeVar("Waiter")
+
+
+def recipient(
+    event: Event, inboxes: Mapping[int, Waiter], values_waiters: deque[Waiter]
+) -> Waiter | None:
+    """Whose event it is on a multiplexed connection; None for nobody's.
+
+    GET_VALUES answers come in the order of the questions, so each goes to the
+    oldest waiter, even one that gave up, and none gets another's answer.
+    """
+    if isinstance(event, GetValuesResult):
+        return values_waiters.popleft() if values_waiters else None
+    return inboxes.get(getattr(event, "request_id", -1))
 
 
 def receive_from(proto: ClientConnection, data: bytes, address: Address) -> list[Event]:

@@ -23,7 +23,7 @@ from fcgiproto import (
     Role,
     TimeoutException,
 )
-from fcgiproto._adapter import Address, Deadline, receive_from
+from fcgiproto._adapter import Address, Deadline, receive_from, recipient
 from fcgiproto._records import ParamsInput
 
 from ._connection import StreamConnection
@@ -106,8 +106,6 @@ class AsyncMuxConnection:
         self, names: list[str], deadline: Deadline, limit: float | None
     ) -> GetValuesResult:
         self._check()
-        # Answers come in the order of the questions: each goes to the oldest
-        # waiter, even one that gave up, so none gets another's.
         inbox = AsyncInbox()
         self._values_waiters.append(inbox)
         self.proto.get_values(names)
@@ -197,10 +195,7 @@ class AsyncMuxConnection:
                     self._fail(exc)
                     return
                 for event in events:
-                    if isinstance(event, GetValuesResult):
-                        inbox = self._values_waiters.popleft() if self._values_waiters else None
-                    else:
-                        inbox = self._inboxes.get(getattr(event, "request_id", -1))
+                    inbox = recipient(event, self._inboxes, self._values_waiters)
                     if inbox is not None:
                         inbox.put(event)
         except (ReadError, anyio.ClosedResourceError) as exc:

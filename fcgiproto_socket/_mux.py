@@ -26,7 +26,7 @@ from fcgiproto import (
     Role,
     WriteError,
 )
-from fcgiproto._adapter import Address, Deadline, receive_from
+from fcgiproto._adapter import Address, Deadline, receive_from, recipient
 from fcgiproto._records import ParamsInput
 
 from ._transport import READ_SIZE, wait_ready
@@ -119,8 +119,6 @@ class MuxConnection:
     ) -> GetValuesResult:
         with self._lock:
             self._check()
-            # Answers come in the order of the questions: each goes to the
-            # oldest waiter, even one that gave up, so none gets another's.
             inbox = Inbox(self._lock)
             self._values_waiters.append(inbox)
             self.proto.get_values(names)
@@ -216,10 +214,7 @@ class MuxConnection:
                     self._fail_locked(exc)
                     return
                 for event in events:
-                    if isinstance(event, GetValuesResult):
-                        inbox = self._values_waiters.popleft() if self._values_waiters else None
-                    else:
-                        inbox = self._inboxes.get(getattr(event, "request_id", -1))
+                    inbox = recipient(event, self._inboxes, self._values_waiters)
                     if inbox is not None:
                         inbox.events.append(event)
                         inbox.wake.notify()
