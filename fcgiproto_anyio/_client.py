@@ -103,10 +103,12 @@ class AsyncClient:
     ) -> bool | None:
         await self.aclose()
         tasks, self._tasks = self._tasks, None
-        if tasks is None:
-            return None
-        tasks.cancel_scope.cancel()
-        return await tasks.__aexit__(exc_type, exc, tb)
+        if tasks is not None:
+            # Only the client's own tasks end here; an exception from the
+            # block goes on as it was raised, not wrapped in an ExceptionGroup.
+            tasks.cancel_scope.cancel()
+            await tasks.__aexit__(None, None, None)
+        return None
 
     # --- public calls ---
 
@@ -611,16 +613,18 @@ class AsyncStreamResponse(ResponseState):
         try:
             with anyio.CancelScope() as self._sender_scope:
                 if isinstance(stdin, (bytes, bytearray, memoryview)):
-                    chunks: AsyncIterator[bytes] = _once(bytes(stdin))  # can be sent again
+                    await self._send_chunk(exchange, stdin)  # can be sent again
                 else:
                     # An iterable cannot be replayed once pulled from.
                     self._stdin_touched = True
-                    chunks = aiter(stdin) if isinstance(stdin, AsyncIterable) else _from_sync(stdin)
-                async for chunk in chunks:
-                    if self._end is not None:
-                        return  # answered before it read the rest
-                    if chunk:
-                        await exchange.send_stdin(bytes(chunk), self._deadline, self._limits)
+                    if isinstance(stdin, AsyncIterable):
+                        async for chunk in stdin:
+                            if not await self._send_chunk(exchange, chunk):
+                                return
+                    else:
+                        for chunk in stdin:
+                            if not await self._send_chunk(exchange, chunk):
+                                return
                 if self._end is None:
                     await exchange.send_stdin(None, self._deadline, self._limits)
         except Exception as exc:
@@ -630,6 +634,16 @@ class AsyncStreamResponse(ResponseState):
         finally:
             self._sender_scope = None
             done.set()
+
+    async def _send_chunk(
+        self, exchange: _SoloExchange | _MuxExchange, chunk: bytes | bytearray | memoryview
+    ) -> bool:
+        """Send a piece of the body; False once the application has answered."""
+        if self._end is not None:
+            return False  # answered before it read the rest
+        if chunk:
+            await exchange.send_stdin(bytes(chunk), self._deadline, self._limits)
+        return True
 
     async def _pump(self) -> None:
         """Read until something of the response arrives."""
@@ -679,12 +693,3 @@ class _Chunks:
 
     async def aclose(self) -> None:
         """Nothing to release; here for contextlib.aclosing(), as on a generator."""
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-async def _from_sync(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk

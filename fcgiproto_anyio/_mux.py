@@ -89,7 +89,12 @@ class AsyncMuxConnection:
         else:
             rid = self.proto.send_request(params, stdin, role=role)
         inbox = self._inboxes[rid] = AsyncInbox()
-        await self._write(self.proto.data_to_send(), deadline, write_timeout)
+        try:
+            await self._write(self.proto.data_to_send(), deadline, write_timeout)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.finish(rid, inbox)  # its caller never gets the inbox
+            raise
         return rid, inbox
 
     async def send_stdin(

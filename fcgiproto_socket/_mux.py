@@ -25,6 +25,7 @@ from fcgiproto import (
     ReadTimeout,
     Role,
     WriteError,
+    WriteTimeout,
 )
 from fcgiproto._adapter import Address, Deadline, receive_from, recipient
 from fcgiproto._records import ParamsInput
@@ -98,7 +99,11 @@ class MuxConnection:
                 rid = self.proto.send_request(params, stdin, role=role)
             inbox = self._inboxes[rid] = Inbox(self._lock)
             data = self.proto.data_to_send()
-        self._write(data, deadline, write_timeout)
+        try:
+            self._write(data, deadline, write_timeout)
+        except BaseException:
+            self.finish(rid, inbox)  # its caller never gets the inbox to finish with
+            raise
         return rid, inbox
 
     def send_stdin(
@@ -181,7 +186,15 @@ class MuxConnection:
         view = memoryview(data)
         with self._write_lock:
             while view:
-                wait_ready(self._write_poller, self.address, deadline, write_timeout, writing=True)
+                try:
+                    wait_ready(
+                        self._write_poller, self.address, deadline, write_timeout, writing=True
+                    )
+                except WriteTimeout:
+                    if len(view) < len(data):
+                        # Half a record is on the wire: every request here is lost.
+                        self._fail(WriteError(f"the connection to {self.address} broke"))
+                    raise
                 try:
                     sent = self.sock.send(view)
                 except BlockingIOError:
