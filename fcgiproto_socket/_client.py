@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
@@ -74,9 +75,9 @@ class Client:
         self.max_keepalive = max_connections if max_keepalive is None else max_keepalive
         self.keepalive_expiry = keepalive_expiry
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # a connection was freed
         self._reaper_wake = threading.Condition(self._lock)
         self._reaper: threading.Thread | None = None
+        self._queue: deque[threading.Condition] = deque()  # threads waiting, first come first
         self._pool: PoolState[SocketConnection] = PoolState(
             max_connections, self.max_keepalive, keepalive_expiry
         )
@@ -195,7 +196,8 @@ class Client:
         """Close idle connections now, and the others when their requests end."""
         with self._lock:
             idle = self._pool.close()
-            self._cond.notify_all()
+            for waiter in self._queue:
+                waiter.notify()  # to find the client closed
             self._reaper_wake.notify()
             reaper = self._reaper
         if reaper is not None and reaper is not threading.current_thread():
@@ -281,21 +283,40 @@ class Client:
         return self.timeout if timeout is None else Timeout.of(timeout)
 
     def _acquire(self, deadline: Deadline, limits: Timeout) -> tuple[SocketConnection, bool]:
-        """An idle connection (True) or a new one (False), within the pool limit."""
+        """An idle connection (True) or a new one (False), within the pool limit.
+
+        Waiters are served in the order they came: a thread that releases a
+        connection cannot take it straight back past the threads waiting for
+        one, which under contention left some waiting out their pool timeout.
+        """
         wait, _ = deadline.limit(limits.pool)
         give_up = None if wait is None else time.monotonic() + wait
+        ticket = threading.Condition(self._lock)  # this thread's turn, when it comes
+        queued = False
         while True:
             with self._lock:
                 self._check_open()
-                conn, may_open, stale = self._pool.acquire(time.monotonic())
-                if conn is None and not may_open:
+                conn, may_open = None, False
+                stale: list[SocketConnection] = []
+                if not self._queue or self._queue[0] is ticket:
+                    conn, may_open, stale = self._pool.acquire(time.monotonic())
+                if conn is not None or may_open:
+                    if queued:
+                        self._queue.popleft()
+                        self._wake_next()  # there may be more to have
+                else:
+                    if not queued:
+                        self._queue.append(ticket)
+                        queued = True
                     left = None if give_up is None else give_up - time.monotonic()
                     if left is not None and left <= 0:
+                        self._queue.remove(ticket)
+                        self._wake_next()
                         raise PoolTimeout(
                             f"no connection to {self.address} became free within {wait}s "
                             f"({self.max_connections} in use)"
                         )
-                    self._cond.wait(left)
+                    ticket.wait(left)
             for old in stale:
                 old.close()
             if conn is not None:
@@ -305,6 +326,7 @@ class Client:
                 if conn.looks_alive():
                     return conn, True
                 self._discard(conn)
+                queued = False
             elif may_open:
                 break
         try:
@@ -312,7 +334,7 @@ class Client:
         except BaseException:
             with self._lock:
                 self._pool.open_failed()
-                self._cond.notify()
+                self._wake_next()
             raise
         return SocketConnection(sock, self.address, multiplex=False), False
 
@@ -320,7 +342,7 @@ class Client:
         """Return a connection in a known-clean state for reuse."""
         with self._lock:
             to_close = self._pool.release(conn, time.monotonic())
-            self._cond.notify()
+            self._wake_next()
             if not to_close and self._reaper is None:
                 self._reaper = threading.Thread(
                     target=self._reap_idle, name=f"fcgiproto idle {self.address}", daemon=True
@@ -328,6 +350,11 @@ class Client:
                 self._reaper.start()
         for old in to_close:
             old.close()
+
+    def _wake_next(self) -> None:
+        """Let the first thread waiting for a connection look again (lock held)."""
+        if self._queue:
+            self._queue[0].notify()
 
     def _reap_idle(self) -> None:
         """Close idle connections as they expire, without waiting for the next call.
@@ -346,7 +373,7 @@ class Client:
                 if not expired:
                     self._reaper_wake.wait(due - now)
                     continue
-                self._cond.notify_all()
+                self._wake_next()
             for conn in expired:
                 conn.close()
 
@@ -354,7 +381,7 @@ class Client:
         conn.close()
         with self._lock:
             self._pool.discard()
-            self._cond.notify()
+            self._wake_next()
 
 
 class _SoloExchange:
