@@ -82,7 +82,11 @@ class Connection:
                 # Parse the caller's buffer in place: each payload is copied
                 # once, into its event, and the view is let go before returning.
                 with memoryview(data) as view:
-                    self._parse(view, events)
+                    if view.c_contiguous:
+                        with view.cast("B") as octets:  # lengths count bytes, not items
+                            self._parse(octets, events)
+                    else:
+                        self._parse(view.tobytes(), events)
         except RemoteProtocolError as exc:
             self._error = exc
             raise
@@ -263,9 +267,14 @@ class Connection:
     # --- shared helpers ---
 
     def _forget_streams(self, rid: int) -> None:
-        """The request's streams deliver no more: its records go through the full checks."""
+        """The request's streams deliver no more: its records go through the full checks.
+
+        A record of it already half read is skipped to its end, not delivered.
+        """
         for rtype in self._STREAMED:
             self._delivering.discard(_RUN_BASE | rtype << 16 | rid)
+        if self._state == _STREAM and self._rid == rid:
+            self._state, self._left, self._padding = _SKIP, self._left + self._padding, 0
 
     def _check_sendable(self) -> None:
         if self._error is not None:

@@ -480,3 +480,24 @@ def test_params_may_be_bytearray_or_memoryview() -> None:
     client.send_request([(bytearray(b"NAME"), memoryview(b"value"))])
     records = parse_records(client.data_to_send())
     assert decode_pairs(records[1][2], "params") == [(b"NAME", b"value")]
+
+
+def test_a_buffer_of_wider_items_is_read_as_its_bytes() -> None:
+    import array
+
+    conn = started()
+    wire = raw_record(STDOUT, 1, b"abcd") + end(1)
+    assert len(wire) % 2 == 0
+    items = array.array("H")
+    items.frombytes(wire)
+    assert conn.receive_data(memoryview(items)) == [
+        StdoutData(1, b"abcd"),
+        EndRequest(1, 0, COMPLETE),
+    ]
+
+
+def test_a_strided_view_is_read_as_the_bytes_it_shows() -> None:
+    conn = started()
+    wire = raw_record(STDOUT, 1, b"abcd")
+    doubled = bytes(b for byte in wire for b in (byte, 0))
+    assert conn.receive_data(memoryview(doubled)[::2]) == [StdoutData(1, b"abcd")]
