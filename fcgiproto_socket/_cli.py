@@ -203,8 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     ping = commands.add_parser(
         "ping",
         help="health check, as php-fpm's ping.path expects",
-        description="Send GET with SCRIPT_NAME and SCRIPT_FILENAME set to --path, as\n"
-        "cgi-fcgi health checks of php-fpm do. Healthy: the request completes\n"
+        description="Send GET with SCRIPT_NAME, SCRIPT_FILENAME and REQUEST_URI set to\n"
+        "--path, as cgi-fcgi health checks of php-fpm do. Healthy: the request completes\n"
         "within the timeout with a 2xx status (and, with --expect, a body\n"
         "containing that text). Otherwise one line says what was wrong.\n" + ADDRESSES,
         epilog=EXIT_STATUSES,
@@ -349,7 +349,15 @@ def _ping_command(args: argparse.Namespace) -> int:
     path = args.path
     if not path.startswith("/"):
         raise _Usage(f"--path must start with /: {path!r}")
-    params = {"SCRIPT_NAME": path, "SCRIPT_FILENAME": path, "REQUEST_METHOD": "GET"}
+    # What cgi-fcgi sends php-fpm, plus the two an application on another
+    # stack needs to see a request at all (Go's net/http/fcgi does).
+    params = {
+        "SCRIPT_NAME": path,
+        "SCRIPT_FILENAME": path,
+        "REQUEST_METHOD": "GET",
+        "REQUEST_URI": path,
+        "SERVER_PROTOCOL": "HTTP/1.1",
+    }
     started = time.monotonic()
     with Client(args.address, max_connections=1, timeout=args.timeout) as client:
         response = client.request(params)

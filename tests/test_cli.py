@@ -255,7 +255,13 @@ def test_ping_sends_what_cgi_fcgi_health_checks_send(
     with Server(remember, str(tmp_path / "ping.sock")) as server:
         assert main(["ping", str(server.address), "--path", "/fpm-ping", "--expect", "pong"]) == 0
     assert seen == [
-        {"SCRIPT_NAME": "/fpm-ping", "SCRIPT_FILENAME": "/fpm-ping", "REQUEST_METHOD": "GET"}
+        {
+            "SCRIPT_NAME": "/fpm-ping",
+            "SCRIPT_FILENAME": "/fpm-ping",
+            "REQUEST_METHOD": "GET",
+            "REQUEST_URI": "/fpm-ping",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+        }
     ]
     assert "200 OK for /fpm-ping" in one_line(capsys.readouterr().out)
 
@@ -380,3 +386,20 @@ def test_request_and_values_against_php_fpm(
     assert capsysbinary.readouterr().out == data
     assert main(["values", php_fpm.unix_path]) == 0
     assert capsysbinary.readouterr().out == b"FCGI_MPXS_CONNS=0\n"
+
+
+# --- against Go's net/http/fcgi ---
+
+
+def test_request_values_and_ping_against_go(
+    go_server: peers.GoServer, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    assert main(["request", go_server.unix_path, "/srv/hello", "--uri", "/hello"]) == 0
+    assert capsysbinary.readouterr().out == peers.HELLO_BODY
+    argv = ["request", go_server.tcp_address, "/srv/echo", "--uri", "/echo", "-X", "POST"]
+    assert main([*argv, "-d", "posted to Go"]) == 0
+    assert capsysbinary.readouterr().out == b"posted to Go"
+    assert main(["values", go_server.tcp_address]) == 0
+    assert capsysbinary.readouterr().out == b"FCGI_MPXS_CONNS=1\n"
+    assert main(["ping", go_server.unix_path, "--path", "/hello", "--expect", "Hello"]) == 0
+    assert main(["ping", go_server.unix_path, "--path", "/hello", "--expect", "nothing"]) == 1
