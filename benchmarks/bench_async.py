@@ -18,8 +18,6 @@ import cProfile
 import os
 import platform
 import pstats
-import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import anyio
 import peers
+from _shared import WRK, children_cpu, read_pid, us, verdict, wrk
 
 from fcgiproto_anyio import AsyncClient
 from fcgiproto_socket import Client
@@ -69,21 +68,6 @@ def proc_cpu(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_bytes()
     fields = stat[stat.rindex(b")") + 2 :].split()  # fields[0] is field 3 (state)
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def read_pid(path: Path, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError, ValueError):
-            return int(path.read_text().strip())
-        if time.monotonic() > deadline:
-            raise peers.PeerError(f"no pid in {path}")
-        time.sleep(0.01)
 
 
 # --- the peers ---
@@ -141,7 +125,6 @@ class Settings:
 
 
 SETTINGS = Settings()
-WRK = shutil.which("wrk") or "wrk"
 
 
 def check(stdout: bytes) -> None:
@@ -253,18 +236,6 @@ def running(nginx: Nginx) -> Iterator[int]:
         nginx.stop()
 
 
-def wrk(url: str, threads: int, connections: int, seconds: int) -> tuple[int, float]:
-    """Run wrk; (requests, requests/s). Fails on errors or non-2xx answers."""
-    argv = [WRK, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", url]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=True)
-    out = done.stdout
-    count = re.search(r"(\d+) requests in", out)
-    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    if count is None or rate is None or "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"wrk failed:\n{out}{done.stderr}")
-    return int(count.group(1)), float(rate.group(1))
-
-
 def nginx_case(go: GoServer, nginx: Nginx, connections: int) -> Callable[[], Run]:
     threads = min(connections, 2)  # 2 cores
 
@@ -283,10 +254,6 @@ def nginx_case(go: GoServer, nginx: Nginx, connections: int) -> Callable[[], Run
 
 
 # --- the table ---
-
-
-def us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.0f} us"
 
 
 @dataclass
@@ -335,11 +302,6 @@ def print_cases(cases: list[Case]) -> dict[str, Summary]:
                 f" {f'({s.cpu_high * 1e6:,.0f})':>8} {us(s.server):>10}  {note}".rstrip()
             )
     return summaries
-
-
-def verdict(value: float, goal: float, at_most: bool = False) -> str:
-    ok = value <= goal if at_most else value >= goal
-    return "met" if ok else "MISSED"
 
 
 def print_ratios(s: dict[str, Summary]) -> None:

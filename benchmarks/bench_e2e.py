@@ -18,8 +18,6 @@ import json
 import os
 import platform
 import pstats
-import re
-import resource
 import shutil
 import socket
 import struct
@@ -37,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import peers
+from _shared import WRK, children_cpu, read_pid, us, verdict, wrk
 
 from fcgiproto_socket import Client
 
@@ -85,21 +84,6 @@ def tree_cpu(pid: int) -> float:
         if int(fields[1]) == pid:
             total += (int(fields[11]) + int(fields[12])) / TICKS
     return total
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def read_pid(path: Path, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError, ValueError):
-            return int(path.read_text().strip())
-        if time.monotonic() > deadline:
-            raise peers.PeerError(f"no pid in {path}")
-        time.sleep(0.01)
 
 
 # --- the peers ---
@@ -282,18 +266,6 @@ def running(nginx: peers.Nginx) -> Iterator[int]:
         nginx.stop()
 
 
-def wrk(url: str, threads: int, connections: int, seconds: int) -> tuple[int, float]:
-    """Run wrk; (requests, requests/s). Fails on errors or non-2xx answers."""
-    argv = [WRK, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", url]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=True)
-    out = done.stdout
-    count = re.search(r"(\d+) requests in", out)
-    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    if count is None or rate is None or "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"wrk failed:\n{out}{done.stderr}")
-    return int(count.group(1)), float(rate.group(1))
-
-
 def through_nginx(fpm: PhpFpm, threads: int, connections: int) -> Callable[[Target], Run]:
     def run(target: Target) -> Run:
         assert target.nginx is not None
@@ -474,11 +446,6 @@ class Settings:
 
 
 SETTINGS = Settings()
-WRK = shutil.which("wrk") or "wrk"
-
-
-def us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.0f} us"
 
 
 @dataclass
@@ -521,11 +488,6 @@ def print_cases(title: str, cases: list[Case], target: str) -> dict[str, Summary
             f" {f'({s.cpu_high * 1e6:,.0f})':>8} {us(s.server):>15}  {note}".rstrip()
         )
     return summaries
-
-
-def verdict(value: float, goal: float, at_most: bool = False) -> str:
-    ok = value <= goal if at_most else value >= goal
-    return "met" if ok else "MISSED"
 
 
 def print_ratios(target: str, seq: dict[str, Summary], conc: dict[str, Summary]) -> None:
