@@ -16,14 +16,11 @@ import asyncio
 import contextlib
 import functools
 import gc
-import hashlib
-import os
 import random
 import socket
 import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -43,11 +40,11 @@ from fcgiproto import (
     TimeoutException,
 )
 from fcgiproto_anyio import AsyncClient, AsyncStreamResponse, Response, Timeout
+from tests import targets as peer_targets
+from tests.targets import KiB, MiB, echo_check, fd_count, md5, open_sockets, payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.peer]
 
-KiB = 1024
-MiB = 1024 * KiB
 
 #: Limits for calls that must simply succeed: far above anything a healthy
 #: peer needs, low enough that a hang fails the test instead of the suite.
@@ -87,39 +84,8 @@ def bounded(seconds: float = BOUND) -> Callable[[Callable[P, Awaitable[T]]], Cal
 # --- peers and helpers ---
 
 
-@dataclass
-class Target:
-    """One peer on one transport, with the PARAMS its handlers need."""
-
-    name: str
-    kind: str  # "php" or "go"
-    server: Any  # peers.PhpFpm or peers.GoServer
-    address: str
-
-    @property
-    def shown(self) -> str:
-        """The address as the library spells it in messages."""
-        return f"unix:{self.address}" if self.address.startswith("/") else self.address
-
-    def params(
-        self,
-        handler: str,
-        method: str = "GET",
-        query: str = "",
-        *,
-        content_length: int | None = None,
-        extra: dict[str, str] | None = None,
-    ) -> dict[str, str]:
-        if self.kind == "php":
-            return self.server.params(  # type: ignore[no-any-return]
-                f"{handler}.php", method, query, content_length=content_length, extra=extra
-            )
-        return peers.go_params(
-            f"/{handler}", method, query, content_length=content_length, extra=extra
-        )
-
-    def echo(self, body: bytes) -> dict[str, str]:
-        return self.params("echo", "POST", content_length=len(body))
+class Target(peer_targets.Target):
+    """A peer on a transport, and an AsyncClient for it."""
 
     def client(self, **kwargs: Any) -> AsyncClient:
         kwargs.setdefault("timeout", SAFE)
@@ -127,12 +93,7 @@ class Target:
 
 
 def _target(request: pytest.FixtureRequest, name: str) -> Target:
-    kind, transport = name.split("-")
-    server = request.getfixturevalue("php_fpm" if kind == "php" else "go_server")
-    # An earlier test may have restarted it; make sure it is up.
-    server.ensure_running()
-    address = server.unix_path if transport == "unix" else server.tcp_address
-    return Target(name, kind, server, address)
+    return peer_targets.make_target(request, name, Target)
 
 
 @pytest.fixture
@@ -170,21 +131,6 @@ async def on_each(targets: list[Target], check: Callable[[Target], Awaitable[Non
         )
 
 
-def open_sockets() -> set[str]:
-    """The sockets this process has open, as "socket:[inode]"."""
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            if link.startswith("socket:"):
-                found.add(link)
-    return found
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool:
     """Whether condition() holds, now or within that many seconds."""
     with anyio.move_on_after(within):
@@ -194,26 +140,10 @@ async def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool
     return condition()
 
 
-def payload(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed * 1_000_003 + n).randbytes(n)
-
-
 def unique_payload(i: int, n: int) -> bytes:
     """n bytes (at least 16) no other request of a test carries: its index, then noise."""
     head = b"#%014d#" % i
     return head + payload(max(0, n - len(head)), seed=i)
-
-
-def md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def echo_check(response: Response, body: bytes) -> None:
-    assert response.status == 200
-    assert response.header("X-Body-Length") == str(len(body))
-    assert response.header("X-Body-Md5") == md5(body)
-    assert len(response.body) == len(body)
-    assert response.body == body
 
 
 async def hello_works(client: AsyncClient, target: Target, **kwargs: Any) -> None:

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
-import random
 import signal
 import socket
 import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +34,20 @@ from fcgiproto import (
     TimeoutException,
 )
 from fcgiproto_socket import Client, Response, Timeout
+from tests.targets import (
+    KiB,
+    MiB,
+    Target,
+    echo_check,
+    fd_count,
+    make_target,
+    md5,
+    open_sockets,
+    payload,
+)
 
 pytestmark = pytest.mark.peer
 
-KiB = 1024
-MiB = 1024 * KiB
 
 #: Limits for calls that must simply succeed: far above anything a healthy
 #: peer needs, low enough that a hang fails the test instead of the suite.
@@ -57,45 +63,8 @@ ALL = PHP + GO
 # --- peers and helpers ---
 
 
-@dataclass
-class Target:
-    """One peer on one transport, with the PARAMS its handlers need."""
-
-    name: str
-    kind: str  # "php" or "go"
-    server: Any  # peers.PhpFpm or peers.GoServer
-    address: str
-
-    @property
-    def shown(self) -> str:
-        """The address as the library spells it in messages."""
-        return f"unix:{self.address}" if self.address.startswith("/") else self.address
-
-    def params(
-        self,
-        handler: str,
-        method: str = "GET",
-        query: str = "",
-        *,
-        content_length: int | None = None,
-        extra: dict[str, str] | None = None,
-    ) -> dict[str, str]:
-        if self.kind == "php":
-            return self.server.params(  # type: ignore[no-any-return]
-                f"{handler}.php", method, query, content_length=content_length, extra=extra
-            )
-        return peers.go_params(
-            f"/{handler}", method, query, content_length=content_length, extra=extra
-        )
-
-
 def _target(request: pytest.FixtureRequest, name: str) -> Target:
-    kind, transport = name.split("-")
-    server = request.getfixturevalue("php_fpm" if kind == "php" else "go_server")
-    # An earlier test may have restarted it; make sure it is up.
-    server.ensure_running()
-    address = server.unix_path if transport == "unix" else server.tcp_address
-    return Target(name, kind, server, address)
+    return make_target(request, name, Target)
 
 
 @pytest.fixture
@@ -123,21 +92,6 @@ def make_client() -> Iterator[Callable[..., Client]]:
         client.close()
 
 
-def open_sockets() -> set[str]:
-    """The sockets this process has open, as "socket:[inode]"."""
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            if link.startswith("socket:"):
-                found.add(link)
-    return found
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @contextlib.contextmanager
 def paused(pid: int) -> Iterator[None]:
     """The process stopped (every thread of it) for the duration; continued after."""
@@ -158,14 +112,6 @@ def paused(pid: int) -> Iterator[None]:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
-
-
-def payload(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed * 1_000_003 + n).randbytes(n)
-
-
-def md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
 
 
 def run_threads(target_fn: Callable[[int], None], n: int) -> list[BaseException]:
@@ -189,14 +135,6 @@ def run_threads(target_fn: Callable[[int], None], n: int) -> list[BaseException]
     alive = [thread for thread in threads if thread.is_alive()]
     assert not alive, f"{len(alive)} of {n} threads still running after {JOIN_BOUND}s: deadlock?"
     return errors
-
-
-def echo_check(response: Response, body: bytes) -> None:
-    assert response.status == 200
-    assert response.header("X-Body-Length") == str(len(body))
-    assert response.header("X-Body-Md5") == md5(body)
-    assert len(response.body) == len(body)
-    assert response.body == body
 
 
 # --- a plain GET ---
