@@ -13,15 +13,17 @@ from fcgiproto import (
     Event,
     GetValuesResult,
     LocalProtocolError,
+    ParamsInput,
     PoolTimeout,
     ReadError,
     ReadTimeout,
     Role,
     WriteError,
 )
-from fcgiproto._adapter import (
+from fcgiproto.support import (
     AddressInput,
     Deadline,
+    PoolState,
     Response,
     ResponseState,
     Timeout,
@@ -31,8 +33,6 @@ from fcgiproto._adapter import (
     probe_wait,
     whole_answer,
 )
-from fcgiproto._pool import PoolState
-from fcgiproto._records import ParamsInput
 
 from ._connection import StreamConnection, connect, deadline_on_anyio_clock
 from ._mux import AsyncInbox, AsyncMuxConnection

@@ -26,7 +26,7 @@ from fcgiproto import (
     WriteError,
     WriteTimeout,
 )
-from fcgiproto._adapter import Address, Deadline, receive_from
+from fcgiproto.support import Address, Deadline, receive_from
 
 __all__ = ["READ_SIZE", "StreamConnection", "connect", "deadline_on_anyio_clock"]
 

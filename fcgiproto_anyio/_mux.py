@@ -18,13 +18,13 @@ from fcgiproto import (
     FastCGIError,
     GetValuesResult,
     LocalProtocolError,
+    ParamsInput,
     ReadError,
     ReadTimeout,
     Role,
     TimeoutException,
 )
-from fcgiproto._adapter import Address, Deadline, receive_from, recipient
-from fcgiproto._records import ParamsInput
+from fcgiproto.support import Address, Deadline, receive_from, recipient
 
 from ._connection import StreamConnection
 

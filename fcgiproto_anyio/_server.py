@@ -33,6 +33,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from fcgiproto import (
+    DEFAULT_MAX_PARAMS_SIZE,
     AbortRequest,
     BeginRequest,
     Event,
@@ -45,18 +46,19 @@ from fcgiproto import (
     StdinData,
     StdinEnd,
 )
-from fcgiproto._adapter import Address, AddressInput, parse_address
-from fcgiproto._application import (
+from fcgiproto.support import (
     ALL_ROLES,
     ERROR_STATUS,
     INTERNAL_ERROR,
     OUTPUT_TYPES,
+    Address,
+    AddressInput,
     RequestBase,
     RequestState,
     check_output,
     log_bytes,
+    parse_address,
 )
-from fcgiproto._server import DEFAULT_MAX_PARAMS_SIZE
 
 __all__ = ["App", "Request", "serve"]
 

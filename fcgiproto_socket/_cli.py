@@ -19,8 +19,8 @@ from fcgiproto import (
     LocalProtocolError,
     TimeoutException,
 )
-from fcgiproto._adapter import Address
 from fcgiproto.cgi import build_params
+from fcgiproto.support import Address
 
 from . import _demo
 from ._client import MANAGEMENT_VARIABLES, Client

@@ -12,6 +12,7 @@ from fcgiproto import (
     Event,
     GetValuesResult,
     LocalProtocolError,
+    ParamsInput,
     PoolTimeout,
     ReadError,
     ReadTimeout,
@@ -19,9 +20,11 @@ from fcgiproto import (
     TransportError,
     WriteError,
 )
-from fcgiproto._adapter import (
+from fcgiproto.cgi import ResponseHead
+from fcgiproto.support import (
     AddressInput,
     Deadline,
+    PoolState,
     Response,
     ResponseState,
     Timeout,
@@ -31,9 +34,6 @@ from fcgiproto._adapter import (
     probe_wait,
     whole_answer,
 )
-from fcgiproto._pool import PoolState
-from fcgiproto._records import ParamsInput
-from fcgiproto.cgi import ResponseHead
 
 from ._mux import Inbox, MuxConnection
 from ._transport import SocketConnection, connect

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from urllib.parse import parse_qs
 
 from fcgiproto import Role
-from fcgiproto._adapter import Address
+from fcgiproto.support import Address
 
 from ._client import Client
 from ._server import Request

@@ -21,14 +21,14 @@ from fcgiproto import (
     FastCGIError,
     GetValuesResult,
     LocalProtocolError,
+    ParamsInput,
     ReadError,
     ReadTimeout,
     Role,
     WriteError,
     WriteTimeout,
 )
-from fcgiproto._adapter import Address, Deadline, receive_from, recipient
-from fcgiproto._records import ParamsInput
+from fcgiproto.support import Address, Deadline, receive_from, recipient
 
 from ._transport import READ_SIZE, wait_ready
 

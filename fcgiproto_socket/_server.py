@@ -40,16 +40,18 @@ from fcgiproto import (
     StdinData,
     StdinEnd,
 )
-from fcgiproto._adapter import Address, AddressInput, parse_address
-from fcgiproto._application import (
+from fcgiproto.support import (
     ALL_ROLES,
     ERROR_STATUS,
     INTERNAL_ERROR,
     OUTPUT_TYPES,
+    Address,
+    AddressInput,
     RequestBase,
     RequestState,
     check_output,
     log_bytes,
+    parse_address,
 )
 
 __all__ = ["Handler", "Request", "Server", "serve"]

@@ -21,7 +21,7 @@ from fcgiproto import (
     WriteError,
     WriteTimeout,
 )
-from fcgiproto._adapter import Address, Deadline, receive_from
+from fcgiproto.support import Address, Deadline, receive_from
 
 __all__ = ["READ_SIZE", "SocketConnection", "connect", "wait_ready"]
 

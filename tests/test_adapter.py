@@ -15,7 +15,7 @@ from fcgiproto import (
     TimeoutException,
     UnknownRole,
 )
-from fcgiproto._adapter import Address, Response, Timeout, parse_address, raise_for_protocol_status
+from fcgiproto.support import Address, Response, Timeout, parse_address, raise_for_protocol_status
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from fcgiproto import (
     StderrData,
     StdoutData,
 )
-from fcgiproto._adapter import Address
+from fcgiproto.support import Address
 from fcgiproto_anyio._server import App, Request, serve
 
 pytestmark = pytest.mark.anyio

@@ -15,7 +15,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from fcgiproto._pool import PoolState
+from fcgiproto.support import PoolState
 
 
 class PoolMachine(RuleBasedStateMachine):

@@ -28,7 +28,7 @@ from fcgiproto import (
     StdoutData,
     UnknownRole,
 )
-from fcgiproto._adapter import Address
+from fcgiproto.support import Address
 from fcgiproto_socket import Client, Request, Server, serve
 
 HEAD = b"Content-Type: text/plain\r\n\r\n"

@@ -1,135 +1,42 @@
-"""What both adapters share that needs no I/O: addresses, timeouts, responses.
-
-Private: the adapters re-export the public names (Timeout, Response).
-"""
+"""Answers as clients gather them: whole responses and responses in progress."""
 
 from __future__ import annotations
 
-import os
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
-from ._client import ClientConnection
-from ._errors import (
+from fcgiproto import (
     CantMultiplex,
+    ClientConnection,
+    EndRequest,
+    Event,
+    GetValuesResult,
     LocalProtocolError,
     Overloaded,
+    ProtocolStatus,
     ReadError,
     RemoteProtocolError,
     RequestError,
+    StderrData,
+    StdoutData,
     UnknownRole,
 )
-from ._events import EndRequest, Event, GetValuesResult, StderrData, StdoutData
-from ._records import ProtocolStatus
-from .cgi import ResponseHead, ResponseParser, authorizer_variables
+from fcgiproto.cgi import ResponseHead, ResponseParser, authorizer_variables
+
+from ._address import Address
 
 __all__ = [
-    "Address",
-    "AddressInput",
-    "Deadline",
     "Response",
     "ResponseState",
-    "Timeout",
-    "TimeoutInput",
     "gather_answer",
-    "parse_address",
-    "probe_wait",
     "raise_for_protocol_status",
     "receive_from",
     "recipient",
     "whole_answer",
 ]
-
-AddressInput: TypeAlias = "str | os.PathLike[str] | tuple[str, int]"
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where an application listens: a Unix socket path, or a TCP host and port."""
-
-    path: str | None = None
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_address(address: AddressInput | Address, *, listening: bool = False) -> Address:
-    """Read "host:port", "[::1]:9000", "unix:/path.sock", "/path.sock" or (host, port).
-
-    Port 0 (any free port) is only an address to listen on.
-    """
-    if isinstance(address, Address):
-        return address
-    if isinstance(address, tuple):
-        return Address(host=address[0], port=_port(address[1], address, listening))
-    text = os.fspath(address)
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if not path:
-            raise ValueError(f"no socket path in address {text!r}")
-        return Address(path=path)
-    if text.startswith("/") or text.startswith("./"):
-        return Address(path=text)
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise ValueError(f"address {text!r} is not [host]:port")
-        return Address(host=host, port=_port(rest[1:], text, listening))
-    host, colon, port_text = text.rpartition(":")
-    if not colon or not host:
-        raise ValueError(
-            f"address {text!r} is not host:port, [host]:port, unix:/path or an absolute path"
-        )
-    return Address(host=host, port=_port(port_text, text, listening))
-
-
-def _port(port: str | int, address: object, listening: bool) -> int:
-    try:
-        number = int(port)
-    except (TypeError, ValueError):
-        raise ValueError(f"bad port in address {address!r}") from None
-    if not (0 if listening else 1) <= number < 65536:
-        raise ValueError(f"port {number} out of range in address {address!r}")
-    return number
-
-
-TimeoutInput: TypeAlias = "Timeout | float | None"
-
-
-@dataclass(frozen=True)
-class Timeout:
-    """Limits in seconds; None means no limit.
-
-    connect: to open a connection. read: between two reads of the response.
-    write: for the peer to take more of the request. pool: waiting for a free
-    connection. total: the request's whole life, from asking the pool to the
-    last byte, so a peer trickling one byte a second still times out.
-    """
-
-    connect: float | None = 5.0
-    read: float | None = 30.0
-    write: float | None = 30.0
-    pool: float | None = 10.0
-    total: float | None = None
-
-    @classmethod
-    def of(cls, value: TimeoutInput) -> Timeout:
-        """A Timeout as given; a plain number sets every limit, total included."""
-        if isinstance(value, Timeout):
-            return value
-        if value is None:
-            return cls(None, None, None, None, None)
-        if isinstance(value, (int, float)) and value > 0:
-            number = float(value)
-            return cls(number, number, number, number, number)
-        raise ValueError(f"timeout must be a Timeout, a positive number or None, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -177,42 +84,6 @@ class Response:
     def variables(self) -> dict[str, str]:
         """For the authorizer role: the Variable-* headers, prefix stripped."""
         return authorizer_variables(self.headers)
-
-
-class Deadline:
-    """The `total` limit of one request, on the adapter's clock."""
-
-    __slots__ = ("at", "clock", "total")
-
-    def __init__(self, total: float | None, clock: Callable[[], float]) -> None:
-        self.total = total
-        self.clock = clock
-        self.at = None if total is None else clock() + total
-
-    def limit(self, step: float | None) -> tuple[float | None, bool]:
-        """The wait allowed for a step with its own limit; True when the total is the tighter."""
-        if self.at is None:
-            return step, False
-        left = max(0.0, self.at - self.clock())
-        if step is None or left < step:
-            return left, True
-        return step, False
-
-
-#: How long the first request waits for the answer to "do you multiplex?".
-PROBE_WAIT = 2.0
-
-
-def probe_wait(limits: Timeout, deadline: Deadline) -> float:
-    """How long to wait for the answer to "do you multiplex?" before the first request.
-
-    An application that ignores GET_VALUES must not hold up the request: after
-    this it is taken not to multiplex. At most half of what is left of the
-    request's deadline, so the request itself still has time.
-    """
-    wait = PROBE_WAIT if limits.read is None else min(limits.read, PROBE_WAIT)
-    left, _ = deadline.limit(None)
-    return wait if left is None else min(wait, left / 2)
 
 
 def gather_answer(

@@ -6,8 +6,7 @@ own way of writing to STDERR.
 
 from __future__ import annotations
 
-from ._events import Event, FilterData, FilterDataEnd, Params, StdinData, StdinEnd
-from ._records import Role
+from fcgiproto import Event, FilterData, FilterDataEnd, Params, Role, StdinData, StdinEnd
 
 __all__ = [
     "ALL_ROLES",

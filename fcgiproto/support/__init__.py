@@ -1,0 +1,57 @@
+"""I/O-free support for adapters: addresses, timeouts, pool bookkeeping, answers.
+
+The protocol modules of ``fcgiproto`` never import this package. The adapters
+(``fcgiproto_socket``, ``fcgiproto_anyio``, and any written outside the
+project) build on these names; nothing here opens a socket, starts a thread or
+reads a clock of its own.
+"""
+
+from ._address import Address, AddressInput, parse_address
+from ._application import (
+    ALL_ROLES,
+    ERROR_STATUS,
+    INTERNAL_ERROR,
+    OUTPUT_TYPES,
+    RequestBase,
+    RequestState,
+    check_output,
+    log_bytes,
+)
+from ._pool import PoolState
+from ._response import (
+    Response,
+    ResponseState,
+    gather_answer,
+    raise_for_protocol_status,
+    receive_from,
+    recipient,
+    whole_answer,
+)
+from ._timeout import PROBE_WAIT, Deadline, Timeout, TimeoutInput, probe_wait
+
+__all__ = [
+    "ALL_ROLES",
+    "ERROR_STATUS",
+    "INTERNAL_ERROR",
+    "OUTPUT_TYPES",
+    "PROBE_WAIT",
+    "Address",
+    "AddressInput",
+    "Deadline",
+    "PoolState",
+    "RequestBase",
+    "RequestState",
+    "Response",
+    "ResponseState",
+    "Timeout",
+    "TimeoutInput",
+    "check_output",
+    "gather_answer",
+    "log_bytes",
+    "parse_address",
+    "probe_wait",
+    "raise_for_protocol_status",
+    "receive_from",
+    "recipient",
+    "whole_answer",
+]
