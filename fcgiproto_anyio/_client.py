@@ -1,15 +1,20 @@
-"""The async client on anyio (asyncio and trio): pooled keep-alive connections, multiplexing."""
+"""The client: pooled keep-alive connections to one application, multiplexing when it can.
+
+Written once, async, for both clients: fcgiproto_socket/_client.py, the
+blocking Client, is generated from this file by scripts/generate_sync.py, and CI
+fails when the copy is stale. What differs between the two faces (locks,
+events, the clock, background tasks or threads, the transport) comes from
+_primitives and the backend; the control flow here is the same for both.
+"""
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 
-import anyio
-import anyio.abc
-
 from fcgiproto import (
+    EndRequest,
     Event,
     GetValuesResult,
     LocalProtocolError,
@@ -18,6 +23,7 @@ from fcgiproto import (
     ReadError,
     ReadTimeout,
     Role,
+    TransportError,
     WriteError,
 )
 from fcgiproto.support import (
@@ -34,31 +40,43 @@ from fcgiproto.support import (
     whole_answer,
 )
 
-from ._connection import StreamConnection, connect, deadline_on_anyio_clock
+from ._backend import AnyioBackend
+from ._connection import AsyncConnection
+from ._interface import AsyncNetworkBackend
 from ._mux import AsyncInbox, AsyncMuxConnection
+from ._primitives import (
+    AsyncBackground,
+    AsyncFlag,
+    AsyncLock,
+    Body,
+    BodyPieces,
+    NextChunk,
+    Refill,
+    StateLock,
+    current_time,
+    shield,
+)
 
-__all__ = ["AsyncClient", "AsyncStreamResponse"]
+__all__ = ["MANAGEMENT_VARIABLES", "AsyncClient", "AsyncStreamResponse"]
 
 MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
 DEFAULT_TIMEOUT = Timeout()
-#: A body up to this size goes out with the request; a larger one, or an
-#: iterable, is sent by a task of its own while the response is read, since
-#: an application may answer before it has read all of it.
-INLINE_BODY = 64 * 1024
-
-Stdin = bytes | bytearray | memoryview | Iterable[bytes] | AsyncIterable[bytes]
 
 
 class AsyncClient:
-    """Talks to one FastCGI application from asyncio or trio; use it with ``async with``.
+    """Talks to one FastCGI application, keeping connections alive between requests.
 
-    The same pool and limits as the blocking Client: max_connections caps the
-    connections that carry one request at a time (keep it no larger than
-    php-fpm's pm.max_children), max_keepalive the idle ones, and
-    keepalive_expiry closes connections idle that long. When the application
-    multiplexes (asked with GET_VALUES when multiplex is None), request()
-    calls share one connection, routed by a reader task; stream() calls keep
-    a connection of their own, for TCP's flow control.
+    max_connections caps the connections that carry one request at a time
+    (keep it no larger than php-fpm's pm.max_children: each idle kept-alive
+    connection pins a worker); max_keepalive caps the idle ones;
+    keepalive_expiry closes connections idle longer than that many seconds.
+
+    multiplex=None asks the application (GET_VALUES) before the first request
+    whether it multiplexes; if it does, concurrent request() calls share one
+    connection. True or False decides without asking. stream() always has a
+    connection of its own, for the transport's flow control.
+
+    backend= is the transport (see NetworkBackend): sockets by default.
     """
 
     def __init__(
@@ -70,29 +88,32 @@ class AsyncClient:
         keepalive_expiry: float = 5.0,
         multiplex: bool | None = None,
         timeout: TimeoutInput = DEFAULT_TIMEOUT,
+        backend: AsyncNetworkBackend | None = None,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self.address = parse_address(address)
         self.timeout = Timeout.of(timeout)
         self.max_connections = max_connections
         self.max_keepalive = max_connections if max_keepalive is None else max_keepalive
         self.keepalive_expiry = keepalive_expiry
         self.multiplex = multiplex
-        self._pool: PoolState[StreamConnection] = PoolState(
+        self.backend: AsyncNetworkBackend = AnyioBackend() if backend is None else backend
+        self._pool: PoolState[AsyncConnection] = PoolState(
             max_connections, self.max_keepalive, keepalive_expiry
         )
-        self._freed = anyio.Condition()  # a pooled connection was released or closed
-        self._tasks: anyio.abc.TaskGroup | None = None
-        self._reaper_wake = anyio.Event()
-        self._reaper_has_deadline = False
-        # fast_acquire: an uncontended lock costs no trip through the event loop.
-        self._probe_lock = anyio.Lock(fast_acquire=True)
-        self._mux_lock = anyio.Lock(fast_acquire=True)
+        self._lock = StateLock()  # the pool's bookkeeping and its queue
+        self._queue: deque[AsyncFlag] = deque()  # callers waiting, first come first served
+        self._background = AsyncBackground()
+        self._reaper_running = False
+        self._reaper_wake = AsyncFlag()
+        self._probe_lock = AsyncLock()
+        self._mux_lock = AsyncLock()
         self._mux: AsyncMuxConnection | None = None
+        self._retired: list[AsyncMuxConnection] = []  # replaced, closed once their requests end
 
     async def __aenter__(self) -> AsyncClient:
-        self._tasks = anyio.create_task_group()
-        await self._tasks.__aenter__()
-        self._tasks.start_soon(self._reap_idle, name=f"fcgiproto idle {self.address}")
+        await self._background.__aenter__()
         return self
 
     async def __aexit__(
@@ -100,33 +121,26 @@ class AsyncClient:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> None:
         await self.aclose()
-        tasks, self._tasks = self._tasks, None
-        if tasks is not None:
-            # Only the client's own tasks end here; an exception from the
-            # block goes on as it was raised, not wrapped in an ExceptionGroup.
-            tasks.cancel_scope.cancel()
-            await tasks.__aexit__(None, None, None)
-        return None
+        await self._background.__aexit__(exc_type, exc, tb)
 
     # --- public calls ---
 
     async def request(
         self,
         params: ParamsInput,
-        stdin: Stdin = b"",
+        stdin: Body = b"",
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
     ) -> Response:
-        """Send a request and read its whole response."""
+        """Send a request and read its whole response.
+
+        On an application that multiplexes, concurrent requests share one connection.
+        """
         limits = self._limits(timeout)
-        if (
-            self.multiplex is False
-            and isinstance(stdin, (bytes, bytearray, memoryview))
-            and len(stdin) <= INLINE_BODY
-        ):
+        if self.multiplex is False and isinstance(stdin, (bytes, bytearray, memoryview)):
             return await self._request_whole(params, bytes(stdin), role, limits)
         async with AsyncStreamResponse(self, params, stdin, role, limits, shared=True) as r:
             stdout = b"".join([chunk async for chunk in r.aiter_stdout()])
@@ -136,24 +150,22 @@ class AsyncClient:
     async def _request_whole(
         self, params: ParamsInput, body: bytes, role: Role, limits: Timeout
     ) -> Response:
-        """request() on a connection of its own with a small body: the hot path.
+        """request() on a connection of its own, with the body at hand: the hot path.
 
-        What AsyncStreamResponse does, without its iterators and scopes.
+        What AsyncStreamResponse does, without its iterators and queues.
         """
-        deadline = deadline_on_anyio_clock(limits.total)
+        deadline = Deadline(limits.total, current_time)
         for attempt in (1, 2):
             conn, reused = await self._acquire(deadline, limits)
             stdout: list[bytes] = []
             stderr: list[bytes] = []
-            end = None
+            end: EndRequest | None = None
             try:
                 conn.proto.send_request(params, body, role=role)
-                await conn.send(conn.proto.data_to_send(), deadline, limits.write)
-                expecting = True
+                conn.queue()
                 while end is None:
-                    events = await conn.receive(deadline, limits.read, expecting)
+                    events = await conn.exchange(deadline, limits.read, limits.write)
                     end = gather_answer(events, stdout, stderr)
-                    expecting = False
             except (ReadError, WriteError):
                 await self._discard(conn)
                 # The retry rule of AsyncStreamResponse._start: an idle
@@ -164,22 +176,26 @@ class AsyncClient:
             except BaseException:
                 await self._discard(conn)
                 raise
-            await _SoloExchange(self, conn, reused).finish(True)
+            await _SoloExchange(self, conn, reused).finish(True, deadline, limits)
             return whole_answer(stdout, stderr, end, conn.address)
         raise AssertionError("unreachable")
 
     def stream(
         self,
         params: ParamsInput,
-        stdin: Stdin = b"",
+        stdin: Body = b"",
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
     ) -> AsyncStreamResponse:
-        """A request read as it arrives, its body sent meanwhile; ``async with`` it.
+        """A request whose body is sent and whose response is read in constant memory.
 
-        Status and headers are there on entry. Leaving early (or being
-        cancelled) closes its connection, which is its own.
+        Use it as a context manager: status and headers are there on entry,
+        and leaving early closes the connection. A stream has a connection of
+        its own even when the application multiplexes: FastCGI has no flow
+        control per request, so on a shared connection a slow reader would
+        either hold up the other requests or have its response buffered
+        whole. Its own connection gives it the transport's.
         """
         return AsyncStreamResponse(
             self, params, stdin, role, self._limits(timeout), shared=False, read_head=True
@@ -190,37 +206,42 @@ class AsyncClient:
     ) -> dict[str, str]:
         """Ask the application for management variables (FCGI_MPXS_CONNS, ...)."""
         limits = self._limits(timeout)
-        deadline = deadline_on_anyio_clock(limits.total)
+        deadline = Deadline(limits.total, current_time)
         if self.multiplex:
-            mux = await self._shared_connection(deadline, limits)
-            result = await mux.get_values(list(names), deadline, limits.read)
-            return dict(result.values)
+            exchange = await self._mux_exchange(deadline, limits)
+            try:
+                result = await exchange.mux.get_values(list(names), deadline, limits.read)
+                return dict(result.values)
+            finally:
+                await exchange.finish(True, deadline, limits)
         return await self._solo_get_values(list(names), deadline, limits, limits.read)
 
     async def aclose(self) -> None:
-        """Close idle connections now; the others close as their requests end."""
-        with anyio.CancelScope(shield=True):
-            idle = self._pool.close()
-            self._reaper_wake.set()
+        """Close idle connections now, and the others when their requests end."""
+        with shield():
+            with self._lock:
+                idle = self._pool.close()
+                for waiter in self._queue:
+                    waiter.set()  # to find the client closed
+                self._reaper_wake.set()
             for conn in idle:
                 await conn.aclose()
-            mux, self._mux = self._mux, None
-            if mux is not None:
+            async with self._mux_lock:
+                muxes = [*self._retired, *([self._mux] if self._mux else [])]
+                self._mux, self._retired = None, []
+            for mux in muxes:
                 await mux.aclose()
-            async with self._freed:
-                self._freed.notify_all()
+            await self._background.join()
 
     # --- choosing a connection ---
 
     def _limits(self, timeout: TimeoutInput | None) -> Timeout:
         return self.timeout if timeout is None else Timeout.of(timeout)
 
-    def _check_open(self) -> anyio.abc.TaskGroup:
+    def _check_open(self) -> None:
         if self._pool.closed:
             raise LocalProtocolError(f"the client for {self.address} is closed")
-        if self._tasks is None:
-            raise LocalProtocolError("use the client as `async with AsyncClient(...) as client:`")
-        return self._tasks
+        self._background.check()
 
     async def _exchange(
         self, deadline: Deadline, limits: Timeout, shared: bool
@@ -229,13 +250,14 @@ class AsyncClient:
         if shared and self.multiplex is None:
             await self._decide_multiplex(deadline, limits)
         if shared and self.multiplex:
-            reused = self._mux is not None and self._mux.usable and not self._mux.expired()
-            return _MuxExchange(await self._shared_connection(deadline, limits), reused)
+            return await self._mux_exchange(deadline, limits)
         conn, reused = await self._acquire(deadline, limits)
         return _SoloExchange(self, conn, reused)
 
     async def _decide_multiplex(self, deadline: Deadline, limits: Timeout) -> None:
+        """Ask the application once whether it multiplexes (FCGI_MPXS_CONNS)."""
         async with self._probe_lock:
+            self._check_open()
             if self.multiplex is not None:
                 return
             wait = probe_wait(limits, deadline)
@@ -247,24 +269,42 @@ class AsyncClient:
                 values = {}
             self.multiplex = values.get("FCGI_MPXS_CONNS") == "1"
             if self.multiplex:
-                for conn in self._pool.take_idle():
-                    await conn.aclose()
+                # Requests will share one connection from now on; streams
+                # open their own when they come.
+                with self._lock:
+                    idle = self._pool.take_idle()
+                with shield():
+                    for conn in idle:
+                        await conn.aclose()
 
-    async def _shared_connection(self, deadline: Deadline, limits: Timeout) -> AsyncMuxConnection:
+    async def _mux_exchange(self, deadline: Deadline, limits: Timeout) -> _MuxExchange:
         async with self._mux_lock:
-            tasks = self._check_open()
+            self._check_open()
             mux = self._mux
             if mux is not None and mux.usable and not mux.expired():
-                return mux
+                return _MuxExchange(self, mux, reused=True)
             if mux is not None:
+                self._retired.append(mux)
+            self._mux = None
+            stream = await self.backend.connect(self.address, deadline.limit(limits.connect)[0])
+            conn = AsyncConnection(stream, self.address, multiplex=True)
+            self._mux = mux = AsyncMuxConnection(conn, self.keepalive_expiry)
+            self._background.start(mux.read_loop, name=f"fcgiproto reader {self.address}")
+        await self._reap_retired()
+        return _MuxExchange(self, mux, reused=False)
+
+    async def _mux_done(self, mux: AsyncMuxConnection) -> None:
+        if mux is not self._mux:
+            await self._reap_retired()
+
+    async def _reap_retired(self) -> None:
+        """Close the replaced shared connections whose requests have all ended."""
+        async with self._mux_lock:
+            done = [mux for mux in self._retired if mux.idle]
+            self._retired = [mux for mux in self._retired if not mux.idle]
+        with shield():
+            for mux in done:
                 await mux.aclose()
-            sock = await connect(self.address, deadline.limit(limits.connect)[0])
-            mux = AsyncMuxConnection(
-                StreamConnection(sock, self.address, multiplex=True), self.keepalive_expiry
-            )
-            self._mux = mux
-            tasks.start_soon(mux.read_loop, name=f"fcgiproto reader {self.address}")
-            return mux
 
     async def _solo_get_values(
         self, names: list[str], deadline: Deadline, limits: Timeout, wait: float | None
@@ -272,9 +312,9 @@ class AsyncClient:
         conn, _ = await self._acquire(deadline, limits)
         try:
             conn.proto.get_values(names)
-            await conn.send(conn.proto.data_to_send(), deadline, limits.write)
+            conn.queue()
             while True:
-                for event in await conn.receive(deadline, wait):
+                for event in await conn.exchange(deadline, wait, limits.write):
                     if isinstance(event, GetValuesResult):
                         await self._release(conn)
                         return dict(event.values)
@@ -284,85 +324,134 @@ class AsyncClient:
 
     # --- the pool of connections that carry one request at a time ---
 
-    async def _acquire(self, deadline: Deadline, limits: Timeout) -> tuple[StreamConnection, bool]:
+    async def _acquire(self, deadline: Deadline, limits: Timeout) -> tuple[AsyncConnection, bool]:
+        """An idle connection (True) or a new one (False), within the pool limit.
+
+        Waiters are served in the order they came: a caller that releases a
+        connection cannot take it straight back past those waiting for one,
+        which under contention left some waiting out their pool timeout.
+        """
         wait, _ = deadline.limit(limits.pool)
-        give_up = None if wait is None else anyio.current_time() + wait
+        give_up = None if wait is None else current_time() + wait
+        ticket: AsyncFlag | None = None  # this caller's turn, once it queues
         while True:
-            self._check_open()
-            conn, may_open, stale = self._pool.acquire(anyio.current_time())
-            for old in stale:
-                await old.aclose()
+            with self._lock:
+                self._check_open()
+                conn, may_open = None, False
+                stale: list[AsyncConnection] = []
+                if ticket is not None:
+                    ticket.clear()
+                if not self._queue or self._queue[0] is ticket:
+                    conn, may_open, stale = self._pool.acquire(current_time())
+                if conn is not None or may_open:
+                    if ticket is not None:
+                        self._queue.popleft()
+                        self._wake_next()  # there may be more to have
+                elif ticket is None:
+                    ticket = AsyncFlag()
+                    self._queue.append(ticket)
+            if stale:
+                with shield():
+                    for old in stale:
+                        await old.aclose()
             if conn is not None:
-                if conn.looks_alive():
+                # Checked even when released moments ago: an application that
+                # wrote to it since (garbage, a second END_REQUEST) would
+                # otherwise answer the next request with the last one's leftovers.
+                if conn.stream.looks_alive():
                     return conn, True
                 await self._discard(conn)
+                ticket = None
                 continue
             if may_open:
                 break
-            left = None if give_up is None else give_up - anyio.current_time()
-            if left is not None and left <= 0:
+            assert ticket is not None
+            left = None if give_up is None else give_up - current_time()
+            if (left is not None and left <= 0) or not await self._wait_turn(ticket, left):
+                with self._lock:
+                    if ticket in self._queue:
+                        self._queue.remove(ticket)
+                    self._wake_next()
                 raise PoolTimeout(
                     f"no connection to {self.address} became free within {wait}s "
                     f"({self.max_connections} in use)"
                 )
-            with anyio.move_on_after(left):
-                async with self._freed:
-                    await self._freed.wait()
         try:
-            sock = await connect(self.address, deadline.limit(limits.connect)[0])
+            stream = await self.backend.connect(self.address, deadline.limit(limits.connect)[0])
         except BaseException:
-            self._pool.open_failed()
-            await self._notify_freed()
+            with self._lock:
+                self._pool.open_failed()
+                self._wake_next()
             raise
-        return StreamConnection(sock, self.address, multiplex=False), False
+        return AsyncConnection(stream, self.address, multiplex=False), False
 
-    async def _release(self, conn: StreamConnection) -> None:
+    async def _wait_turn(self, ticket: AsyncFlag, left: float | None) -> bool:
+        """Wait for a release to wake this caller; False when the pool timeout ran out."""
+        try:
+            return await ticket.wait(left)
+        except BaseException:
+            with self._lock:  # cancelled: let the next in line look instead
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                self._wake_next()
+            raise
+
+    async def _release(self, conn: AsyncConnection) -> None:
         """Return a connection in a known-clean state for reuse."""
-        with anyio.CancelScope(shield=True):
-            for old in self._pool.release(conn, anyio.current_time()):
-                await old.aclose()
-            await self._notify_freed()
-            if not self._reaper_has_deadline:
-                self._reaper_wake.set()
+        with self._lock:
+            to_close = self._pool.release(conn, current_time())
+            self._wake_next()
+            start_reaper = not to_close and not self._reaper_running
+            self._reaper_running = self._reaper_running or start_reaper
+        if start_reaper:
+            self._background.start(self._reap_idle, name=f"fcgiproto idle {self.address}")
+        if to_close:
+            with shield():
+                for old in to_close:
+                    await old.aclose()
 
-    async def _discard(self, conn: StreamConnection) -> None:
-        with anyio.CancelScope(shield=True):
+    async def _discard(self, conn: AsyncConnection) -> None:
+        with shield():
             await conn.aclose()
-            self._pool.discard()
-            await self._notify_freed()
+            with self._lock:
+                self._pool.discard()
+                self._wake_next()
 
-    async def _notify_freed(self) -> None:
-        # Always: a task that found the pool full may not be counted as
-        # waiting yet, and would then sleep out its whole pool timeout.
-        async with self._freed:
-            self._freed.notify()
+    def _wake_next(self) -> None:
+        """Let the first caller waiting for a connection look again (lock held)."""
+        if self._queue:
+            self._queue[0].set()
 
     async def _reap_idle(self) -> None:
-        """The reaper task: close idle connections as they expire (each pins a php-fpm worker).
+        """Close idle connections as they expire, without waiting for the next call.
 
-        It sleeps until the oldest idle connection is due, or, with none idle,
-        until a release wakes it: once per expiry period at most, not per request.
+        An idle kept-alive connection pins a php-fpm worker; one the client will
+        not reuse must give it back. Runs while there are idle connections.
         """
-        woken = False
-        while not self._pool.closed:
-            due = self._pool.next_expiry()
-            if due is None and woken:
-                # Woken by a release whose connection is in use again already:
-                # look again one expiry period later rather than at every release.
-                due = anyio.current_time() + self.keepalive_expiry
-            self._reaper_wake = anyio.Event()
-            self._reaper_has_deadline = due is not None
-            with anyio.move_on_after(None if due is None else due - anyio.current_time()):
-                await self._reaper_wake.wait()
-            woken = self._reaper_wake.is_set()
-            for conn in self._pool.expire(anyio.current_time()):
-                await conn.aclose()
+        while True:
+            with self._lock:
+                due = self._pool.next_expiry()
+                if self._pool.closed or due is None:
+                    self._reaper_running = False
+                    return
+                now = current_time()
+                expired = self._pool.expire(now)
+                if expired:
+                    self._wake_next()
+                else:
+                    self._reaper_wake.clear()
+            if expired:
+                with shield():
+                    for conn in expired:
+                        await conn.aclose()
+            else:
+                await self._reaper_wake.wait(due - now)
 
 
 class _SoloExchange:
-    """A request on a pooled connection of its own."""
+    """A request on a pooled connection of its own; it writes while it reads."""
 
-    def __init__(self, client: AsyncClient, conn: StreamConnection, reused: bool) -> None:
+    def __init__(self, client: AsyncClient, conn: AsyncConnection, reused: bool) -> None:
         self.client = client
         self.conn = conn
         self.reused = reused
@@ -372,43 +461,52 @@ class _SoloExchange:
     async def begin(
         self,
         params: ParamsInput,
-        body: bytes | None,
+        stdin: bytes | None,
         role: Role,
         deadline: Deadline,
         limits: Timeout,
     ) -> None:
         proto = self.conn.proto
-        if body is None:
+        if stdin is None:
             self.rid = proto.begin_request(role)
             proto.send_params(self.rid, params)
             proto.end_params(self.rid)
         else:
-            self.rid = proto.send_request(params, body, role=role)
-        await self.conn.send(proto.data_to_send(), deadline, limits.write)
+            self.rid = proto.send_request(params, stdin, role=role)
+        self.conn.queue()
 
     async def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
-        proto = self.conn.proto
         if chunk is None:
-            proto.end_stdin(self.rid)
+            self.conn.proto.end_stdin(self.rid)
         else:
-            proto.send_stdin(self.rid, chunk)
-        await self.conn.send(proto.data_to_send(), deadline, limits.write)
+            self.conn.proto.send_stdin(self.rid, chunk)
+        self.conn.queue()
 
-    async def events(self, deadline: Deadline, limits: Timeout) -> list[Event]:
-        return await self.conn.receive(deadline, limits.read)
+    async def events(self, deadline: Deadline, limits: Timeout, refill: Refill) -> list[Event]:
+        return await self.conn.exchange(deadline, limits.read, limits.write, refill)
 
-    async def finish(self, ended: bool) -> None:
+    async def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
         conn = self.conn
-        if ended and not conn.torn and conn.proto.can_send_request:
-            await self.client._release(conn)
-        else:
-            await self.client._discard(conn)
+        if ended and conn.proto.can_send_request:
+            try:
+                # The application may answer before it has all of the body
+                # (php-fpm does once it has CONTENT_LENGTH bytes): the rest,
+                # often only the empty STDIN record, goes out before reuse.
+                with shield():
+                    await conn.flush(deadline, limits.write)
+            except TransportError:
+                pass
+            else:
+                await self.client._release(conn)
+                return
+        await self.client._discard(conn)
 
 
 class _MuxExchange:
     """A request sharing a multiplexed connection with others."""
 
-    def __init__(self, mux: AsyncMuxConnection, reused: bool) -> None:
+    def __init__(self, client: AsyncClient, mux: AsyncMuxConnection, reused: bool) -> None:
+        self.client = client
         self.mux = mux
         self.reused = reused
         self.address = mux.address
@@ -418,34 +516,38 @@ class _MuxExchange:
     async def begin(
         self,
         params: ParamsInput,
-        body: bytes | None,
+        stdin: bytes | None,
         role: Role,
         deadline: Deadline,
         limits: Timeout,
     ) -> None:
-        self.rid, self.inbox = await self.mux.begin(params, body, role, deadline, limits.write)
+        self.rid, self.inbox = await self.mux.begin(params, stdin, role, deadline, limits.write)
 
     async def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
         await self.mux.send_stdin(self.rid, chunk, deadline, limits.write)
 
-    async def events(self, deadline: Deadline, limits: Timeout) -> list[Event]:
+    async def events(self, deadline: Deadline, limits: Timeout, refill: Refill) -> list[Event]:
+        # The reader gathers the response meanwhile: send the whole body first.
+        while await refill():
+            pass
         assert self.inbox is not None
         return await self.mux.events(self.inbox, deadline, limits.read)
 
-    async def finish(self, ended: bool) -> None:
-        if self.inbox is not None:
-            with anyio.CancelScope(shield=True):
+    async def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
+        with shield():
+            if self.inbox is not None:
                 await self.mux.finish(self.rid, self.inbox)
+            await self.client._mux_done(self.mux)
 
 
 class AsyncStreamResponse(ResponseState):
-    """One request in progress; for ``async with``. Status and headers are there on entry."""
+    """One request in progress; a context manager. Status and headers are there on entry."""
 
     def __init__(
         self,
         client: AsyncClient,
         params: ParamsInput,
-        stdin: Stdin,
+        stdin: Body,
         role: Role,
         limits: Timeout,
         *,
@@ -453,20 +555,15 @@ class AsyncStreamResponse(ResponseState):
         read_head: bool = False,
     ) -> None:
         self._client = client
+        self._shared = shared
         self._params = params
         self._stdin = stdin
         self._role = role
         self._limits = limits
-        self._shared = shared
         self._read_head = read_head
-        self._deadline = deadline_on_anyio_clock(limits.total)
+        self._deadline = Deadline(limits.total, current_time)
         self._exchange: _SoloExchange | _MuxExchange | None = None
-        self._inline = True
-        self._sender: anyio.abc.TaskGroup | None = None
-        self._sender_scope: anyio.CancelScope | None = None
-        self._sender_done = anyio.Event()
-        self._read_scope: anyio.CancelScope | None = None
-        self._send_error: BaseException | None = None
+        self._pieces: BodyPieces | None = None
         self._stdin_touched = False
         super().__init__()
         self._replay: deque[bytes] = deque()  # stdout read for the head, for aiter_stdout
@@ -476,20 +573,12 @@ class AsyncStreamResponse(ResponseState):
     # --- context manager ---
 
     async def __aenter__(self) -> AsyncStreamResponse:
-        stdin = self._stdin
-        self._inline = (
-            isinstance(stdin, (bytes, bytearray, memoryview)) and len(stdin) <= INLINE_BODY
-        )
-        if not self._inline:
-            # The body goes out from a task of its own while the response is read.
-            self._sender = anyio.create_task_group()
-            await self._sender.__aenter__()
         try:
             await self._start()
             if self._read_head:
                 await self._parse_head()
-        except BaseException as exc:
-            await self._close(exc)
+        except BaseException:
+            await self.aclose()
             raise
         return self
 
@@ -499,29 +588,22 @@ class AsyncStreamResponse(ResponseState):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._close(exc)
+        await self.aclose()
 
     async def aclose(self) -> None:
-        await self._close(None)
-
-    async def _close(self, exc: BaseException | None) -> None:
-        sender, self._sender = self._sender, None
-        try:
-            if sender is not None:
-                sender.cancel_scope.cancel()
-                # Re-raises a cancellation pending on the caller: the
-                # connection is settled below all the same.
-                await sender.__aexit__(None, None, None)
-        finally:
-            exchange, self._exchange = self._exchange, None
+        """Give the connection back when the exchange ended cleanly, else close (or abort) it."""
+        exchange, self._exchange = self._exchange, None
+        pieces, self._pieces = self._pieces, None
+        with shield():
             if exchange is not None:
-                with anyio.CancelScope(shield=True):
-                    await exchange.finish(self._end is not None)
+                await exchange.finish(self._end is not None, self._deadline, self._limits)
+            if pieces is not None:
+                await pieces.aclose()
 
     # --- the response ---
 
-    # The iterators are plain objects, not async generators: one left by
-    # `break` needs no finalizing, which trio would otherwise warn about.
+    # The iterators are plain objects, not generators: one left by `break`
+    # needs no finalizing, which trio would otherwise warn about.
 
     def aiter_body(self) -> AsyncIterator[bytes]:
         """The response body after the CGI head, as it arrives."""
@@ -533,13 +615,17 @@ class AsyncStreamResponse(ResponseState):
     def aiter_stdout(self) -> AsyncIterator[bytes]:
         """The raw stdout stream, CGI head included, as it arrives."""
         if self._body_started:
-            raise LocalProtocolError("the body is being read already: use aiter_body()")
+            raise LocalProtocolError("the body is being read already: use the body iterator")
         self._raw_started = True
         return _Chunks(self._next_raw)
 
     def aiter_stderr(self) -> AsyncIterator[bytes]:
         """The stderr stream as it arrives; stdout is kept in memory meanwhile."""
         return _Chunks(self._next_stderr)
+
+    async def aread(self) -> bytes:
+        """The rest of the body."""
+        return b"".join([chunk async for chunk in self.aiter_body()])
 
     async def _next_body(self) -> bytes | None:
         while not self._body:
@@ -563,107 +649,71 @@ class AsyncStreamResponse(ResponseState):
         self._stderr_sent = len(self.stderr)
         return chunk
 
-    async def aread(self) -> bytes:
-        """The rest of the body."""
-        return b"".join([chunk async for chunk in self.aiter_body()])
-
     # --- the exchange ---
 
     async def _start(self) -> None:
-        client, stdin, inline = self._client, self._stdin, self._inline
+        client, stdin = self._client, self._stdin
+        body: bytes | None = None
+        if isinstance(stdin, (bytes, bytearray, memoryview)):
+            body = bytes(stdin)
+        else:
+            source = stdin
         for attempt in (1, 2):
             exchange = await client._exchange(self._deadline, self._limits, self._shared)
             self._exchange = exchange
             try:
-                await exchange.begin(
-                    self._params,
-                    bytes(stdin) if inline else None,  # type: ignore[arg-type]
-                    self._role,
-                    self._deadline,
-                    self._limits,
-                )
-                if not inline:
-                    assert self._sender is not None
-                    self._sender_done = anyio.Event()
-                    self._sender.start_soon(self._send_body, exchange, self._sender_done)
+                await exchange.begin(self._params, body, self._role, self._deadline, self._limits)
+                if body is None:
+                    self._pieces = BodyPieces(source)
                 await self._pump()
                 return
             except (ReadError, WriteError):
-                # An idle connection the application closed under us: retry
-                # once, fresh, if nothing of the response arrived and the
-                # body can be sent again.
+                # An idle connection the application closed under us (php-fpm
+                # after pm.max_requests, or a restart): retry once, fresh, if
+                # nothing of the response arrived and the body can be sent again.
                 if not exchange.reused or attempt == 2 or self._stdin_touched or self._got_output:
                     raise
                 self._exchange = None
-                with anyio.CancelScope(shield=True):
-                    if self._sender_scope is not None:
-                        # One sender at a time: the retry's must not share the body.
-                        self._sender_scope.cancel()
-                        await self._sender_done.wait()
-                    self._send_error = None
-                    await exchange.finish(False)
+                self._pieces = None  # not started: the retry starts it
+                with shield():
+                    await exchange.finish(False, self._deadline, self._limits)
 
-    async def _send_body(self, exchange: _SoloExchange | _MuxExchange, done: anyio.Event) -> None:
-        """The sender task: the body, while the response is read.
-
-        Its failure, its own or the body iterable's, is raised by the reading
-        side, whose wait it cuts short.
-        """
-        stdin = self._stdin
-        try:
-            with anyio.CancelScope() as self._sender_scope:
-                if isinstance(stdin, (bytes, bytearray, memoryview)):
-                    await self._send_chunk(exchange, stdin)  # can be sent again
-                else:
-                    # An iterable cannot be replayed once pulled from.
-                    self._stdin_touched = True
-                    if isinstance(stdin, AsyncIterable):
-                        async for chunk in stdin:
-                            if not await self._send_chunk(exchange, chunk):
-                                return
-                    else:
-                        for chunk in stdin:
-                            if not await self._send_chunk(exchange, chunk):
-                                return
-                if self._end is None:
-                    await exchange.send_stdin(None, self._deadline, self._limits)
-        except Exception as exc:
-            self._send_error = exc
-            if self._read_scope is not None:
-                self._read_scope.cancel()
-        finally:
-            self._sender_scope = None
-            done.set()
-
-    async def _send_chunk(
-        self, exchange: _SoloExchange | _MuxExchange, chunk: bytes | bytearray | memoryview
-    ) -> bool:
-        """Send a piece of the body; False once the application has answered."""
+    async def _refill(self) -> bool:
+        """Hand the exchange the next piece of a streamed body; False when there is none."""
+        exchange, pieces = self._exchange, self._pieces
+        if pieces is None or exchange is None:
+            return False
         if self._end is not None:
-            return False  # answered before it read the rest
-        if chunk:
-            await exchange.send_stdin(bytes(chunk), self._deadline, self._limits)
+            # The application answered without reading the rest of the body.
+            self._pieces = None
+            await pieces.aclose()
+            return False
+        while (chunk := await pieces.next()) is not None:
+            if chunk:
+                self._stdin_touched = True
+                await exchange.send_stdin(chunk, self._deadline, self._limits)
+                return True
+        self._pieces = None
+        await exchange.send_stdin(None, self._deadline, self._limits)
         return True
 
     async def _pump(self) -> None:
-        """Read until something of the response arrives."""
+        """Exchange bytes until something of the response arrives."""
         exchange = self._exchange
         if exchange is None:
             raise LocalProtocolError("the response is closed")
-        if self._send_error is not None:
-            raise self._send_error
-        with anyio.CancelScope() as self._read_scope:
-            events = await exchange.events(self._deadline, self._limits)
-        self._read_scope = None
-        if self._send_error is not None:
-            raise self._send_error
+        events = await exchange.events(self._deadline, self._limits, self._refill)
         self._take(events, exchange.rid, exchange.address)
 
     async def _next_stdout(self) -> bytes | None:
         while not self._stdout:
             if self._end is not None:
                 return None
-            await self._pump()
+            try:
+                await self._pump()
+            except BaseException:
+                await self.aclose()
+                raise
         return self._stdout.popleft()
 
     async def _parse_head(self) -> None:
@@ -675,11 +725,11 @@ class AsyncStreamResponse(ResponseState):
 
 
 class _Chunks:
-    """An async iterator over what `next_chunk` gives until it gives None."""
+    """An iterator over what `next_chunk` gives until it gives None."""
 
     __slots__ = ("_next_chunk",)
 
-    def __init__(self, next_chunk: Callable[[], Awaitable[bytes | None]]) -> None:
+    def __init__(self, next_chunk: NextChunk) -> None:
         self._next_chunk = next_chunk
 
     def __aiter__(self) -> _Chunks:
@@ -692,4 +742,4 @@ class _Chunks:
         return chunk
 
     async def aclose(self) -> None:
-        """Nothing to release; here for contextlib.aclosing(), as on a generator."""
+        """Nothing to release; here for closing() helpers, as on a generator."""

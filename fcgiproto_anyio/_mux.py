@@ -1,17 +1,17 @@
-"""One connection shared by many tasks, for applications that multiplex (FCGI_MPXS_CONNS=1).
+"""One connection shared by many requests, for applications that multiplex (FCGI_MPXS_CONNS=1).
 
-A reader task feeds the protocol state and routes each event to its request's
-inbox. Writes go out whole under a lock and shielded from cancellation, since
-a record cut in half would corrupt the connection for every request on it; a
-cancelled request is aborted instead, and its id held until END_REQUEST.
+A reader (task or thread) feeds the protocol state and routes each event to
+the inbox of its request, waking only that request. Writes go out whole under
+a lock and shielded from cancellation, since a record cut in half would
+corrupt the connection for every request on it; a cancelled request is
+aborted instead, and its id held until its END_REQUEST.
+
+Written once for both clients: the blocking copy is generated from this file.
 """
 
 from __future__ import annotations
 
 from collections import deque
-
-import anyio
-import anyio.abc
 
 from fcgiproto import (
     Event,
@@ -23,24 +23,28 @@ from fcgiproto import (
     ReadTimeout,
     Role,
     TimeoutException,
+    WriteError,
 )
-from fcgiproto.support import Address, Deadline, receive_from, recipient
+from fcgiproto.support import Deadline, receive_from, recipient
 
-from ._connection import StreamConnection
+from ._connection import READ_SIZE, AsyncConnection, timeout_error
+from ._primitives import AsyncFlag, AsyncLock, StateLock, current_time, shield
 
-__all__ = ["AsyncInbox", "AsyncMuxConnection"]
+__all__ = ["ABORT_WRITE_LIMIT", "AsyncInbox", "AsyncMuxConnection"]
 
-#: How long an abort or a request may take to write before the whole
-#: connection is given up; writes cannot be cut short, so they need a bound.
+#: How long an abort may take to write before the whole connection is given
+#: up; writes cannot be cut short, so they need a bound.
 ABORT_WRITE_LIMIT = 5.0
 
 
 class AsyncInbox:
+    """Where the reader leaves one request's events, and how it wakes the request."""
+
     __slots__ = ("events", "wake")
 
     def __init__(self) -> None:
         self.events: deque[Event] = deque()
-        self.wake = anyio.Event()
+        self.wake = AsyncFlag()
 
     def put(self, event: Event) -> None:
         self.events.append(event)
@@ -48,28 +52,34 @@ class AsyncInbox:
 
 
 class AsyncMuxConnection:
-    def __init__(self, conn: StreamConnection, keepalive_expiry: float) -> None:
+    def __init__(self, conn: AsyncConnection, keepalive_expiry: float) -> None:
         self.conn = conn
-        self.address: Address = conn.address
+        self.address = conn.address
         self.proto = conn.proto
-        self._write_lock = anyio.Lock(fast_acquire=True)
+        self._lock = StateLock()
+        self._write_lock = AsyncLock()
         self._inboxes: dict[int, AsyncInbox] = {}
         self._values_waiters: deque[AsyncInbox] = deque()
         self._failure: FastCGIError | None = None
         self._closing = False
+        self._torn = False  # a write broke off inside a record
         self._expiry = keepalive_expiry
-        self._idle_since = anyio.current_time()
+        self._idle_since = current_time()
 
     @property
     def usable(self) -> bool:
-        return self._failure is None and not self._closing and self.proto.can_send_request
+        with self._lock:
+            return self._failure is None and not self._closing and self.proto.can_send_request
 
     @property
     def idle(self) -> bool:
-        return not self._inboxes
+        with self._lock:
+            return not self._inboxes
 
     def expired(self) -> bool:
-        return not self._inboxes and anyio.current_time() - self._idle_since >= self._expiry
+        """Whether it has carried no request for its keep-alive expiry."""
+        with self._lock:
+            return not self._inboxes and current_time() - self._idle_since >= self._expiry
 
     # --- a request's calls ---
 
@@ -81,18 +91,21 @@ class AsyncMuxConnection:
         deadline: Deadline,
         write_timeout: float | None,
     ) -> tuple[int, AsyncInbox]:
-        self._check()
-        if stdin is None:
-            rid = self.proto.begin_request(role)
-            self.proto.send_params(rid, params)
-            self.proto.end_params(rid)
-        else:
-            rid = self.proto.send_request(params, stdin, role=role)
-        inbox = self._inboxes[rid] = AsyncInbox()
+        """Send a request (and its whole body, unless stdin is None); its id and inbox."""
+        with self._lock:
+            self._check()
+            if stdin is None:
+                rid = self.proto.begin_request(role)
+                self.proto.send_params(rid, params)
+                self.proto.end_params(rid)
+            else:
+                rid = self.proto.send_request(params, stdin, role=role)
+            inbox = self._inboxes[rid] = AsyncInbox()
+            data = self.proto.data_to_send()
         try:
-            await self._write(self.proto.data_to_send(), deadline, write_timeout)
+            await self._write(data, deadline, write_timeout)
         except BaseException:
-            with anyio.CancelScope(shield=True):
+            with shield():
                 await self.finish(rid, inbox)  # its caller never gets the inbox
             raise
         return rid, inbox
@@ -100,21 +113,26 @@ class AsyncMuxConnection:
     async def send_stdin(
         self, rid: int, chunk: bytes | None, deadline: Deadline, write_timeout: float | None
     ) -> None:
-        self._check()
-        if chunk is None:
-            self.proto.end_stdin(rid)
-        else:
-            self.proto.send_stdin(rid, chunk)
-        await self._write(self.proto.data_to_send(), deadline, write_timeout)
+        """Send a piece of the body, or its end when chunk is None."""
+        with self._lock:
+            self._check()
+            if chunk is None:
+                self.proto.end_stdin(rid)
+            else:
+                self.proto.send_stdin(rid, chunk)
+            data = self.proto.data_to_send()
+        await self._write(data, deadline, write_timeout)
 
     async def get_values(
         self, names: list[str], deadline: Deadline, limit: float | None
     ) -> GetValuesResult:
-        self._check()
-        inbox = AsyncInbox()
-        self._values_waiters.append(inbox)
-        self.proto.get_values(names)
-        await self._write(self.proto.data_to_send(), deadline, limit)
+        with self._lock:
+            self._check()
+            inbox = AsyncInbox()
+            self._values_waiters.append(inbox)
+            self.proto.get_values(names)
+            data = self.proto.data_to_send()
+        await self._write(data, deadline, limit)
         while True:
             for event in await self.events(inbox, deadline, limit):
                 if isinstance(event, GetValuesResult):
@@ -123,46 +141,52 @@ class AsyncMuxConnection:
     async def events(
         self, inbox: AsyncInbox, deadline: Deadline, read_timeout: float | None
     ) -> list[Event]:
+        """Wait for events in a request's inbox."""
         while not inbox.events:
-            self._check()
-            wait, by_total = deadline.limit(read_timeout)
-            with anyio.move_on_after(wait):
-                await inbox.wake.wait()
+            # Cleared before looking: a put() from here on sets it again.
+            inbox.wake.clear()
             if inbox.events:
                 break
-            self._check()
-            if by_total:
-                raise ReadTimeout(
-                    f"request to {self.address} exceeded its total timeout of {deadline.total}s"
-                )
-            raise ReadTimeout(f"{self.address} did not answer within {read_timeout}s")
-        events = list(inbox.events)
-        inbox.events.clear()
-        inbox.wake = anyio.Event()
+            with self._lock:
+                self._check()
+            wait, by_total = deadline.limit(read_timeout)
+            if (wait is None or wait > 0) and await inbox.wake.wait(wait):
+                continue
+            if inbox.events:
+                break
+            with self._lock:
+                self._check()
+            raise timeout_error(ReadTimeout, self.address, deadline, read_timeout, by_total)
+        events = []
+        while inbox.events:
+            events.append(inbox.events.popleft())
         return events
 
     async def finish(self, rid: int, inbox: AsyncInbox) -> None:
-        """The caller is done with the request: abort it when still in flight."""
-        if self._inboxes.get(rid) is not inbox:
-            return  # it ended, and the id already belongs to a newer request
-        del self._inboxes[rid]
-        if not self._inboxes:
-            self._idle_since = anyio.current_time()
-        if rid not in self.proto.active_requests or self._failure is not None:
-            return
-        self.proto.abort_request(rid)
+        """The caller is done with the request: abort it when still in flight.
+
+        The id then stays taken until the application's END_REQUEST, and is
+        retired after it, so a late reply is dropped.
+        """
+        with self._lock:
+            if self._inboxes.get(rid) is not inbox:
+                return  # it ended, and the id already belongs to a newer request
+            del self._inboxes[rid]
+            if not self._inboxes:
+                self._idle_since = current_time()
+            if rid not in self.proto.active_requests or self._failure is not None:
+                return
+            self.proto.abort_request(rid)
+            data = self.proto.data_to_send()
         try:
-            await self._write(
-                self.proto.data_to_send(),
-                Deadline(None, anyio.current_time),
-                ABORT_WRITE_LIMIT,
-            )
+            await self._write(data, Deadline(None, current_time), ABORT_WRITE_LIMIT)
         except FastCGIError:
             await self.aclose()
 
     # --- internals ---
 
     def _check(self) -> None:
+        """Raise the connection's failure, if it failed (state lock held)."""
         if self._failure is not None:
             raise type(self._failure)(str(self._failure))
         if self._closing:
@@ -171,45 +195,67 @@ class AsyncMuxConnection:
     async def _write(self, data: bytes, deadline: Deadline, write_timeout: float | None) -> None:
         # Shielded: a record cut in half would corrupt every request on the
         # connection. The write's own limit still bounds it.
-        with anyio.CancelScope(shield=True):
+        view = memoryview(data)
+        with shield():
             async with self._write_lock:
-                if self.conn.torn:
-                    raise self._fail(ReadError(f"the connection to {self.address} broke"))
-                try:
-                    await self.conn.send(data, deadline, write_timeout)
-                except (TimeoutException, FastCGIError) as exc:
-                    if self.conn.torn:
-                        self._fail(ReadError(f"the connection to {self.address} broke: {exc}"))
-                    raise
+                if self._torn:
+                    raise self._fail(WriteError(f"the connection to {self.address} broke"))
+                while view:
+                    wait, by_total = deadline.limit(write_timeout)
+                    try:
+                        sent = await self.conn.stream.write_some(view, wait)
+                    except (TimeoutException, FastCGIError) as exc:
+                        if len(view) < len(data):
+                            # Half a record is on the wire: every request here is lost.
+                            self._torn = True
+                            self._fail(WriteError(f"the connection to {self.address} broke"))
+                        elif not isinstance(exc, TimeoutException):
+                            self._fail(exc)
+                        if isinstance(exc, TimeoutException):
+                            raise timeout_error(
+                                type(exc), self.address, deadline, write_timeout, by_total
+                            ) from None
+                        raise
+                    view = view[sent:]
 
     async def read_loop(self) -> None:
-        """The reader task: route events to their requests until the connection ends."""
-        forever = Deadline(None, anyio.current_time)
+        """The reader: route events to their requests until the connection ends."""
+        stream = self.conn.stream
         try:
             while True:
                 try:
-                    data = await self.conn.read_some(forever, self._expiry)
+                    data = await stream.read(READ_SIZE, self._expiry)
                 except ReadTimeout:
                     if self.expired():
                         self._fail(ReadError(f"the idle connection to {self.address} expired"))
                         return
                     continue
-                try:
-                    events = receive_from(self.proto, data, self.address)
                 except FastCGIError as exc:
                     self._fail(exc)
                     return
-                for event in events:
-                    inbox = recipient(event, self._inboxes, self._values_waiters)
-                    if inbox is not None:
-                        inbox.put(event)
-        except (ReadError, anyio.ClosedResourceError) as exc:
-            self._fail(exc if isinstance(exc, ReadError) else ReadError(f"{self.address}: closed"))
+                with self._lock:
+                    if self._closing:
+                        return
+                    try:
+                        events = receive_from(self.proto, data, self.address)
+                    except FastCGIError as exc:
+                        self._fail_locked(exc)
+                        return
+                    for event in events:
+                        inbox = recipient(event, self._inboxes, self._values_waiters)
+                        if inbox is not None:
+                            inbox.put(event)
         finally:
-            self._closing = True
-            await self.conn.aclose()
+            with self._lock:
+                self._closing = True
+            with shield():
+                await self.conn.aclose()
 
     def _fail(self, failure: FastCGIError) -> FastCGIError:
+        with self._lock:
+            return self._fail_locked(failure)
+
+    def _fail_locked(self, failure: FastCGIError) -> FastCGIError:
         if self._failure is None:
             self._failure = failure
         for inbox in [*self._inboxes.values(), *self._values_waiters]:
@@ -217,6 +263,8 @@ class AsyncMuxConnection:
         return failure
 
     async def aclose(self) -> None:
-        self._closing = True
-        self._fail(ReadError(f"the connection to {self.address} was closed"))
+        """Close the connection; its requests fail, and the reader ends."""
+        with self._lock:
+            self._closing = True
+            self._fail_locked(ReadError(f"the connection to {self.address} was closed"))
         await self.conn.aclose()

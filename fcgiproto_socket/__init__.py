@@ -3,7 +3,10 @@
 from fcgiproto import ParamsInput
 from fcgiproto.support import Address, AddressInput, Response, Timeout, TimeoutInput
 
+from ._backend import SocketBackend, SocketStream
 from ._client import Client, StreamResponse
+from ._interface import NetworkBackend, NetworkStream
+from ._memory import MemoryBackend, MemoryStream
 from ._server import Handler, Request, Server, serve
 
 __all__ = [
@@ -11,10 +14,16 @@ __all__ = [
     "AddressInput",
     "Client",
     "Handler",
+    "MemoryBackend",
+    "MemoryStream",
+    "NetworkBackend",
+    "NetworkStream",
     "ParamsInput",
     "Request",
     "Response",
     "Server",
+    "SocketBackend",
+    "SocketStream",
     "StreamResponse",
     "Timeout",
     "TimeoutInput",

@@ -1,14 +1,21 @@
-"""The blocking client: a thread-safe pool of keep-alive connections to one application."""
+# Generated from fcgiproto_anyio/_client.py by scripts/generate_sync.py: do not edit.
+"""The client: pooled keep-alive connections to one application, multiplexing when it can.
+
+Written once, async, for both clients: fcgiproto_socket/_client.py, the
+blocking Client, is generated from this file by scripts/generate_sync.py, and CI
+fails when the copy is stale. What differs between the two faces (locks,
+events, the clock, background tasks or threads, the transport) comes from
+_primitives and the backend; the control flow here is the same for both.
+"""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 from fcgiproto import (
+    EndRequest,
     Event,
     GetValuesResult,
     LocalProtocolError,
@@ -20,7 +27,6 @@ from fcgiproto import (
     TransportError,
     WriteError,
 )
-from fcgiproto.cgi import ResponseHead
 from fcgiproto.support import (
     AddressInput,
     Deadline,
@@ -35,10 +41,24 @@ from fcgiproto.support import (
     whole_answer,
 )
 
+from ._backend import SocketBackend
+from ._connection import Connection
+from ._interface import NetworkBackend
 from ._mux import Inbox, MuxConnection
-from ._transport import SocketConnection, connect
+from ._primitives import (
+    Background,
+    Body,
+    BodyPieces,
+    Flag,
+    Lock,
+    NextChunk,
+    Refill,
+    StateLock,
+    current_time,
+    shield,
+)
 
-__all__ = ["Client", "StreamResponse"]
+__all__ = ["MANAGEMENT_VARIABLES", "Client", "StreamResponse"]
 
 MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
 DEFAULT_TIMEOUT = Timeout()
@@ -47,14 +67,17 @@ DEFAULT_TIMEOUT = Timeout()
 class Client:
     """Talks to one FastCGI application, keeping connections alive between requests.
 
-    max_connections caps the connections open at once (keep it no larger than
-    php-fpm's pm.max_children: each idle kept-alive connection pins a worker);
-    max_keepalive caps the idle ones; keepalive_expiry closes connections idle
-    longer than that many seconds. Safe to share between threads.
+    max_connections caps the connections that carry one request at a time
+    (keep it no larger than php-fpm's pm.max_children: each idle kept-alive
+    connection pins a worker); max_keepalive caps the idle ones;
+    keepalive_expiry closes connections idle longer than that many seconds.
 
     multiplex=None asks the application (GET_VALUES) before the first request
-    whether it multiplexes; if it does, concurrent requests share one
-    connection. True or False decides without asking.
+    whether it multiplexes; if it does, concurrent request() calls share one
+    connection. True or False decides without asking. stream() always has a
+    connection of its own, for the transport's flow control.
+
+    backend= is the transport (see NetworkBackend): sockets by default.
     """
 
     def __init__(
@@ -66,6 +89,7 @@ class Client:
         keepalive_expiry: float = 5.0,
         multiplex: bool | None = None,
         timeout: TimeoutInput = DEFAULT_TIMEOUT,
+        backend: NetworkBackend | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -74,25 +98,40 @@ class Client:
         self.max_connections = max_connections
         self.max_keepalive = max_connections if max_keepalive is None else max_keepalive
         self.keepalive_expiry = keepalive_expiry
-        self._lock = threading.Lock()
-        self._reaper_wake = threading.Condition(self._lock)
-        self._reaper: threading.Thread | None = None
-        self._queue: deque[threading.Condition] = deque()  # threads waiting, first come first
-        self._pool: PoolState[SocketConnection] = PoolState(
+        self.multiplex = multiplex
+        self.backend: NetworkBackend = SocketBackend() if backend is None else backend
+        self._pool: PoolState[Connection] = PoolState(
             max_connections, self.max_keepalive, keepalive_expiry
         )
-        self.multiplex = multiplex
-        self._probe_lock = threading.Lock()
-        self._mux_lock = threading.Lock()
+        self._lock = StateLock()  # the pool's bookkeeping and its queue
+        self._queue: deque[Flag] = deque()  # callers waiting, first come first served
+        self._background = Background()
+        self._reaper_running = False
+        self._reaper_wake = Flag()
+        self._probe_lock = Lock()
+        self._mux_lock = Lock()
         self._mux: MuxConnection | None = None
         self._retired: list[MuxConnection] = []  # replaced, closed once their requests end
+
+    def __enter__(self) -> Client:
+        self._background.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        self._background.__exit__(exc_type, exc, tb)
 
     # --- public calls ---
 
     def request(
         self,
         params: ParamsInput,
-        stdin: bytes | Iterable[bytes] = b"",
+        stdin: Body = b"",
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
@@ -101,29 +140,27 @@ class Client:
 
         On an application that multiplexes, concurrent requests share one connection.
         """
-        limits = self._timeout(timeout)
-        if isinstance(stdin, (bytes, bytearray, memoryview)) and self.multiplex is False:
+        limits = self._limits(timeout)
+        if self.multiplex is False and isinstance(stdin, (bytes, bytearray, memoryview)):
             return self._request_whole(params, bytes(stdin), role, limits)
-        with StreamResponse(self, params, stdin, role, limits, shared=True) as response:
-            stdout = b"".join(response.iter_stdout())
-        assert response.protocol_status is not None and response.app_status is not None
-        return Response(
-            stdout, bytes(response.stderr), response.app_status, response.protocol_status
-        )
+        with StreamResponse(self, params, stdin, role, limits, shared=True) as r:
+            stdout = b"".join([chunk for chunk in r.iter_stdout()])
+        assert r.app_status is not None and r.protocol_status is not None
+        return Response(stdout, bytes(r.stderr), r.app_status, r.protocol_status)
 
     def _request_whole(
         self, params: ParamsInput, body: bytes, role: Role, limits: Timeout
     ) -> Response:
         """request() on a connection of its own, with the body at hand: the hot path.
 
-        What StreamResponse does, without its generators and queues.
+        What AsyncStreamResponse does, without its iterators and queues.
         """
-        deadline = Deadline(limits.total, time.monotonic)
+        deadline = Deadline(limits.total, current_time)
         for attempt in (1, 2):
             conn, reused = self._acquire(deadline, limits)
             stdout: list[bytes] = []
             stderr: list[bytes] = []
-            end = None
+            end: EndRequest | None = None
             try:
                 conn.proto.send_request(params, body, role=role)
                 conn.queue()
@@ -132,8 +169,8 @@ class Client:
                     end = gather_answer(events, stdout, stderr)
             except (ReadError, WriteError):
                 self._discard(conn)
-                # The retry rule of StreamResponse._start: an idle connection
-                # the application closed under us, and no byte of an answer.
+                # The retry rule of AsyncStreamResponse._start: an idle
+                # connection the application closed, and no byte of an answer.
                 if reused and attempt == 1 and not (stdout or stderr):
                     continue
                 raise
@@ -147,84 +184,70 @@ class Client:
     def stream(
         self,
         params: ParamsInput,
-        stdin: bytes | Iterable[bytes] = b"",
+        stdin: Body = b"",
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
     ) -> StreamResponse:
         """A request whose body is sent and whose response is read in constant memory.
 
-        Use it as a context manager; leaving it early closes the connection.
-        A stream has a connection of its own even when the application
-        multiplexes: FastCGI has no flow control per request, so on a shared
-        connection a slow reader would either hold up the other requests or
-        have its response buffered whole. Its own connection gives it TCP's.
+        Use it as a context manager: status and headers are there on entry,
+        and leaving early closes the connection. A stream has a connection of
+        its own even when the application multiplexes: FastCGI has no flow
+        control per request, so on a shared connection a slow reader would
+        either hold up the other requests or have its response buffered
+        whole. Its own connection gives it the transport's.
         """
-        return StreamResponse(self, params, stdin, role, self._timeout(timeout), shared=False)
+        return StreamResponse(
+            self, params, stdin, role, self._limits(timeout), shared=False, read_head=True
+        )
 
     def get_values(
         self, names: Iterable[str] = MANAGEMENT_VARIABLES, *, timeout: TimeoutInput | None = None
     ) -> dict[str, str]:
         """Ask the application for management variables (FCGI_MPXS_CONNS, ...)."""
-        limits = self._timeout(timeout)
-        deadline = Deadline(limits.total, time.monotonic)
+        limits = self._limits(timeout)
+        deadline = Deadline(limits.total, current_time)
         if self.multiplex:
             exchange = self._mux_exchange(deadline, limits)
             try:
-                return dict(exchange.mux.get_values(list(names), deadline, limits.read).values)
+                result = exchange.mux.get_values(list(names), deadline, limits.read)
+                return dict(result.values)
             finally:
                 exchange.finish(True, deadline, limits)
         return self._solo_get_values(list(names), deadline, limits, limits.read)
 
-    def _solo_get_values(
-        self, names: list[str], deadline: Deadline, limits: Timeout, wait: float | None
-    ) -> dict[str, str]:
-        conn, _ = self._acquire(deadline, limits)
-        try:
-            conn.proto.get_values(names)
-            conn.queue()
-            while True:
-                for event in conn.exchange(deadline, wait, limits.write):
-                    if isinstance(event, GetValuesResult):
-                        self._release(conn)
-                        return dict(event.values)
-        except BaseException:
-            self._discard(conn)
-            raise
-
     def close(self) -> None:
         """Close idle connections now, and the others when their requests end."""
-        with self._lock:
-            idle = self._pool.close()
-            for waiter in self._queue:
-                waiter.notify()  # to find the client closed
-            self._reaper_wake.notify()
-            reaper = self._reaper
-        if reaper is not None and reaper is not threading.current_thread():
-            reaper.join()
-        for conn in idle:
-            conn.close()
-        with self._mux_lock:
-            muxes = [*self._retired, *([self._mux] if self._mux else [])]
-            self._mux, self._retired = None, []
-        for mux in muxes:
-            mux.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        with shield():
+            with self._lock:
+                idle = self._pool.close()
+                for waiter in self._queue:
+                    waiter.set()  # to find the client closed
+                self._reaper_wake.set()
+            for conn in idle:
+                conn.close()
+            with self._mux_lock:
+                muxes = [*self._retired, *([self._mux] if self._mux else [])]
+                self._mux, self._retired = None, []
+            for mux in muxes:
+                mux.close()
+            self._background.join()
 
     # --- choosing a connection ---
+
+    def _limits(self, timeout: TimeoutInput | None) -> Timeout:
+        return self.timeout if timeout is None else Timeout.of(timeout)
 
     def _check_open(self) -> None:
         if self._pool.closed:
             raise LocalProtocolError(f"the client for {self.address} is closed")
+        self._background.check()
 
     def _exchange(
         self, deadline: Deadline, limits: Timeout, shared: bool
     ) -> _SoloExchange | _MuxExchange:
+        self._check_open()
         if shared and self.multiplex is None:
             self._decide_multiplex(deadline, limits)
         if shared and self.multiplex:
@@ -251,20 +274,23 @@ class Client:
                 # open their own when they come.
                 with self._lock:
                     idle = self._pool.take_idle()
-                for conn in idle:
-                    conn.close()
+                with shield():
+                    for conn in idle:
+                        conn.close()
 
     def _mux_exchange(self, deadline: Deadline, limits: Timeout) -> _MuxExchange:
         with self._mux_lock:
             self._check_open()
             mux = self._mux
-            if mux is not None and mux.usable and not mux.expired(self.keepalive_expiry):
+            if mux is not None and mux.usable and not mux.expired():
                 return _MuxExchange(self, mux, reused=True)
             if mux is not None:
                 self._retired.append(mux)
             self._mux = None
-            sock = connect(self.address, deadline.limit(limits.connect)[0])
-            self._mux = mux = MuxConnection(sock, self.address, self.keepalive_expiry)
+            stream = self.backend.connect(self.address, deadline.limit(limits.connect)[0])
+            conn = Connection(stream, self.address, multiplex=True)
+            self._mux = mux = MuxConnection(conn, self.keepalive_expiry)
+            self._background.start(mux.read_loop, name=f"fcgiproto reader {self.address}")
         self._reap_retired()
         return _MuxExchange(self, mux, reused=False)
 
@@ -273,88 +299,129 @@ class Client:
             self._reap_retired()
 
     def _reap_retired(self) -> None:
+        """Close the replaced shared connections whose requests have all ended."""
         with self._mux_lock:
             done = [mux for mux in self._retired if mux.idle]
             self._retired = [mux for mux in self._retired if not mux.idle]
-        for mux in done:
-            mux.close()
+        with shield():
+            for mux in done:
+                mux.close()
 
-    def _timeout(self, timeout: TimeoutInput | None) -> Timeout:
-        return self.timeout if timeout is None else Timeout.of(timeout)
+    def _solo_get_values(
+        self, names: list[str], deadline: Deadline, limits: Timeout, wait: float | None
+    ) -> dict[str, str]:
+        conn, _ = self._acquire(deadline, limits)
+        try:
+            conn.proto.get_values(names)
+            conn.queue()
+            while True:
+                for event in conn.exchange(deadline, wait, limits.write):
+                    if isinstance(event, GetValuesResult):
+                        self._release(conn)
+                        return dict(event.values)
+        except BaseException:
+            self._discard(conn)
+            raise
 
-    def _acquire(self, deadline: Deadline, limits: Timeout) -> tuple[SocketConnection, bool]:
+    # --- the pool of connections that carry one request at a time ---
+
+    def _acquire(self, deadline: Deadline, limits: Timeout) -> tuple[Connection, bool]:
         """An idle connection (True) or a new one (False), within the pool limit.
 
-        Waiters are served in the order they came: a thread that releases a
-        connection cannot take it straight back past the threads waiting for
-        one, which under contention left some waiting out their pool timeout.
+        Waiters are served in the order they came: a caller that releases a
+        connection cannot take it straight back past those waiting for one,
+        which under contention left some waiting out their pool timeout.
         """
         wait, _ = deadline.limit(limits.pool)
-        give_up = None if wait is None else time.monotonic() + wait
-        ticket = threading.Condition(self._lock)  # this thread's turn, when it comes
-        queued = False
+        give_up = None if wait is None else current_time() + wait
+        ticket: Flag | None = None  # this caller's turn, once it queues
         while True:
             with self._lock:
                 self._check_open()
                 conn, may_open = None, False
-                stale: list[SocketConnection] = []
+                stale: list[Connection] = []
+                if ticket is not None:
+                    ticket.clear()
                 if not self._queue or self._queue[0] is ticket:
-                    conn, may_open, stale = self._pool.acquire(time.monotonic())
+                    conn, may_open, stale = self._pool.acquire(current_time())
                 if conn is not None or may_open:
-                    if queued:
+                    if ticket is not None:
                         self._queue.popleft()
                         self._wake_next()  # there may be more to have
-                else:
-                    if not queued:
-                        self._queue.append(ticket)
-                        queued = True
-                    left = None if give_up is None else give_up - time.monotonic()
-                    if left is not None and left <= 0:
-                        self._queue.remove(ticket)
-                        self._wake_next()
-                        raise PoolTimeout(
-                            f"no connection to {self.address} became free within {wait}s "
-                            f"({self.max_connections} in use)"
-                        )
-                    ticket.wait(left)
-            for old in stale:
-                old.close()
+                elif ticket is None:
+                    ticket = Flag()
+                    self._queue.append(ticket)
+            if stale:
+                with shield():
+                    for old in stale:
+                        old.close()
             if conn is not None:
                 # Checked even when released moments ago: an application that
                 # wrote to it since (garbage, a second END_REQUEST) would
                 # otherwise answer the next request with the last one's leftovers.
-                if conn.looks_alive():
+                if conn.stream.looks_alive():
                     return conn, True
                 self._discard(conn)
-                queued = False
-            elif may_open:
+                ticket = None
+                continue
+            if may_open:
                 break
+            assert ticket is not None
+            left = None if give_up is None else give_up - current_time()
+            if (left is not None and left <= 0) or not self._wait_turn(ticket, left):
+                with self._lock:
+                    if ticket in self._queue:
+                        self._queue.remove(ticket)
+                    self._wake_next()
+                raise PoolTimeout(
+                    f"no connection to {self.address} became free within {wait}s "
+                    f"({self.max_connections} in use)"
+                )
         try:
-            sock = connect(self.address, deadline.limit(limits.connect)[0])
+            stream = self.backend.connect(self.address, deadline.limit(limits.connect)[0])
         except BaseException:
             with self._lock:
                 self._pool.open_failed()
                 self._wake_next()
             raise
-        return SocketConnection(sock, self.address, multiplex=False), False
+        return Connection(stream, self.address, multiplex=False), False
 
-    def _release(self, conn: SocketConnection) -> None:
+    def _wait_turn(self, ticket: Flag, left: float | None) -> bool:
+        """Wait for a release to wake this caller; False when the pool timeout ran out."""
+        try:
+            return ticket.wait(left)
+        except BaseException:
+            with self._lock:  # cancelled: let the next in line look instead
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                self._wake_next()
+            raise
+
+    def _release(self, conn: Connection) -> None:
         """Return a connection in a known-clean state for reuse."""
         with self._lock:
-            to_close = self._pool.release(conn, time.monotonic())
+            to_close = self._pool.release(conn, current_time())
             self._wake_next()
-            if not to_close and self._reaper is None:
-                self._reaper = threading.Thread(
-                    target=self._reap_idle, name=f"fcgiproto idle {self.address}", daemon=True
-                )
-                self._reaper.start()
-        for old in to_close:
-            old.close()
+            start_reaper = not to_close and not self._reaper_running
+            self._reaper_running = self._reaper_running or start_reaper
+        if start_reaper:
+            self._background.start(self._reap_idle, name=f"fcgiproto idle {self.address}")
+        if to_close:
+            with shield():
+                for old in to_close:
+                    old.close()
+
+    def _discard(self, conn: Connection) -> None:
+        with shield():
+            conn.close()
+            with self._lock:
+                self._pool.discard()
+                self._wake_next()
 
     def _wake_next(self) -> None:
-        """Let the first thread waiting for a connection look again (lock held)."""
+        """Let the first caller waiting for a connection look again (lock held)."""
         if self._queue:
-            self._queue[0].notify()
+            self._queue[0].set()
 
     def _reap_idle(self) -> None:
         """Close idle connections as they expire, without waiting for the next call.
@@ -366,28 +433,26 @@ class Client:
             with self._lock:
                 due = self._pool.next_expiry()
                 if self._pool.closed or due is None:
-                    self._reaper = None
+                    self._reaper_running = False
                     return
-                now = time.monotonic()
+                now = current_time()
                 expired = self._pool.expire(now)
-                if not expired:
-                    self._reaper_wake.wait(due - now)
-                    continue
-                self._wake_next()
-            for conn in expired:
-                conn.close()
-
-    def _discard(self, conn: SocketConnection) -> None:
-        conn.close()
-        with self._lock:
-            self._pool.discard()
-            self._wake_next()
+                if expired:
+                    self._wake_next()
+                else:
+                    self._reaper_wake.clear()
+            if expired:
+                with shield():
+                    for conn in expired:
+                        conn.close()
+            else:
+                self._reaper_wake.wait(due - now)
 
 
 class _SoloExchange:
-    """A request on a pooled connection of its own; the pump writes while it reads."""
+    """A request on a pooled connection of its own; it writes while it reads."""
 
-    def __init__(self, client: Client, conn: SocketConnection, reused: bool) -> None:
+    def __init__(self, client: Client, conn: Connection, reused: bool) -> None:
         self.client = client
         self.conn = conn
         self.reused = reused
@@ -418,9 +483,7 @@ class _SoloExchange:
             self.conn.proto.send_stdin(self.rid, chunk)
         self.conn.queue()
 
-    def events(
-        self, deadline: Deadline, limits: Timeout, refill: Callable[[], bool]
-    ) -> list[Event]:
+    def events(self, deadline: Deadline, limits: Timeout, refill: Refill) -> list[Event]:
         return self.conn.exchange(deadline, limits.read, limits.write, refill)
 
     def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
@@ -430,7 +493,8 @@ class _SoloExchange:
                 # The application may answer before it has all of the body
                 # (php-fpm does once it has CONTENT_LENGTH bytes): the rest,
                 # often only the empty STDIN record, goes out before reuse.
-                conn.flush(deadline, limits.write)
+                with shield():
+                    conn.flush(deadline, limits.write)
             except TransportError:
                 pass
             else:
@@ -463,32 +527,33 @@ class _MuxExchange:
     def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
         self.mux.send_stdin(self.rid, chunk, deadline, limits.write)
 
-    def events(
-        self, deadline: Deadline, limits: Timeout, refill: Callable[[], bool]
-    ) -> list[Event]:
-        # The reader thread gathers the response meanwhile.
+    def events(self, deadline: Deadline, limits: Timeout, refill: Refill) -> list[Event]:
+        # The reader gathers the response meanwhile: send the whole body first.
         while refill():
             pass
         assert self.inbox is not None
         return self.mux.events(self.inbox, deadline, limits.read)
 
     def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
-        if self.inbox is not None:
-            self.mux.finish(self.rid, self.inbox)
-        self.client._mux_done(self.mux)
+        with shield():
+            if self.inbox is not None:
+                self.mux.finish(self.rid, self.inbox)
+            self.client._mux_done(self.mux)
 
 
 class StreamResponse(ResponseState):
-    """One request in progress: status and headers on first use, then the body as it arrives."""
+    """One request in progress; a context manager. Status and headers are there on entry."""
 
     def __init__(
         self,
         client: Client,
         params: ParamsInput,
-        stdin: bytes | Iterable[bytes],
+        stdin: Body,
         role: Role,
         limits: Timeout,
+        *,
         shared: bool,
+        read_head: bool = False,
     ) -> None:
         self._client = client
         self._shared = shared
@@ -496,17 +561,23 @@ class StreamResponse(ResponseState):
         self._stdin = stdin
         self._role = role
         self._limits = limits
-        self._deadline = Deadline(limits.total, time.monotonic)
+        self._read_head = read_head
+        self._deadline = Deadline(limits.total, current_time)
         self._exchange: _SoloExchange | _MuxExchange | None = None
-        self._stdin_iter: Iterator[bytes] | None = None
+        self._pieces: BodyPieces | None = None
         self._stdin_touched = False
         super().__init__()
+        self._replay: deque[bytes] = deque()  # stdout read for the head, for aiter_stdout
+        self._stderr_sent = 0
+        self._body_started = self._raw_started = False
 
     # --- context manager ---
 
     def __enter__(self) -> StreamResponse:
         try:
             self._start()
+            if self._read_head:
+                self._parse_head()
         except BaseException:
             self.close()
             raise
@@ -523,68 +594,78 @@ class StreamResponse(ResponseState):
     def close(self) -> None:
         """Give the connection back when the exchange ended cleanly, else close (or abort) it."""
         exchange, self._exchange = self._exchange, None
-        if exchange is not None:
-            exchange.finish(self._end is not None, self._deadline, self._limits)
+        pieces, self._pieces = self._pieces, None
+        with shield():
+            if exchange is not None:
+                exchange.finish(self._end is not None, self._deadline, self._limits)
+            if pieces is not None:
+                pieces.close()
 
     # --- the response ---
 
-    @property
-    def head(self) -> ResponseHead:
-        """The CGI head of the response, read from stdout on first use."""
-        while self._head is None:
-            self._feed_head(self._next_stdout())
-        return self._head
+    # The iterators are plain objects, not generators: one left by `break`
+    # needs no finalizing, which trio would otherwise warn about.
 
     def iter_body(self) -> Iterator[bytes]:
         """The response body after the CGI head, as it arrives."""
-        self.head  # noqa: B018 - reads the head first
-        while self._body:
-            yield self._body.popleft()
-        while (chunk := self._next_stdout()) is not None:
-            yield from self._body_of(chunk)
+        if self._parser is None or self._raw_started:
+            raise LocalProtocolError("the body follows the head that stream() reads")
+        self._body_started = True
+        return _Chunks(self._next_body)
 
     def iter_stdout(self) -> Iterator[bytes]:
         """The raw stdout stream, CGI head included, as it arrives."""
-        if self._parser is not None:
-            raise LocalProtocolError("the head was already read: use iter_body()")
-        while (chunk := self._next_stdout()) is not None:
-            yield chunk
+        if self._body_started:
+            raise LocalProtocolError("the body is being read already: use the body iterator")
+        self._raw_started = True
+        return _Chunks(self._next_raw)
 
     def iter_stderr(self) -> Iterator[bytes]:
         """The stderr stream as it arrives; stdout is kept in memory meanwhile."""
-        sent = 0
-        while True:
-            if len(self.stderr) > sent:
-                chunk = bytes(self.stderr[sent:])
-                sent = len(self.stderr)
-                yield chunk
-            elif self._end is not None:
-                return
-            else:
-                self._pump()
+        return _Chunks(self._next_stderr)
 
     def read(self) -> bytes:
         """The rest of the body."""
-        return b"".join(self.iter_body())
+        return b"".join([chunk for chunk in self.iter_body()])
+
+    def _next_body(self) -> bytes | None:
+        while not self._body:
+            chunk = self._next_stdout()
+            if chunk is None:
+                return None
+            self._body.extend(self._body_of(chunk))
+        return self._body.popleft()
+
+    def _next_raw(self) -> bytes | None:
+        if self._replay:
+            return self._replay.popleft()
+        return self._next_stdout()
+
+    def _next_stderr(self) -> bytes | None:
+        while len(self.stderr) <= self._stderr_sent:
+            if self._end is not None:
+                return None
+            self._pump()
+        chunk = bytes(self.stderr[self._stderr_sent :])
+        self._stderr_sent = len(self.stderr)
+        return chunk
 
     # --- the exchange ---
 
     def _start(self) -> None:
-        client = self._client
-        stdin = self._stdin
+        client, stdin = self._client, self._stdin
         body: bytes | None = None
-        chunks: Iterable[bytes] = ()
         if isinstance(stdin, (bytes, bytearray, memoryview)):
             body = bytes(stdin)
         else:
-            chunks = stdin
+            source = stdin
         for attempt in (1, 2):
             exchange = client._exchange(self._deadline, self._limits, self._shared)
             self._exchange = exchange
             try:
                 exchange.begin(self._params, body, self._role, self._deadline, self._limits)
                 if body is None:
-                    self._stdin_iter = iter(chunks)
+                    self._pieces = BodyPieces(source)
                 self._pump()
                 return
             except (ReadError, WriteError):
@@ -594,24 +675,26 @@ class StreamResponse(ResponseState):
                 if not exchange.reused or attempt == 2 or self._stdin_touched or self._got_output:
                     raise
                 self._exchange = None
-                exchange.finish(False, self._deadline, self._limits)
-                self._stdin_iter = None
+                self._pieces = None  # not started: the retry starts it
+                with shield():
+                    exchange.finish(False, self._deadline, self._limits)
 
     def _refill(self) -> bool:
         """Hand the exchange the next piece of a streamed body; False when there is none."""
-        exchange, stdin = self._exchange, self._stdin_iter
-        if stdin is None or exchange is None:
+        exchange, pieces = self._exchange, self._pieces
+        if pieces is None or exchange is None:
             return False
         if self._end is not None:
             # The application answered without reading the rest of the body.
-            self._stdin_iter = None
+            self._pieces = None
+            pieces.close()
             return False
-        for chunk in stdin:
+        while (chunk := pieces.next()) is not None:
             if chunk:
                 self._stdin_touched = True
-                exchange.send_stdin(bytes(chunk), self._deadline, self._limits)
+                exchange.send_stdin(chunk, self._deadline, self._limits)
                 return True
-        self._stdin_iter = None
+        self._pieces = None
         exchange.send_stdin(None, self._deadline, self._limits)
         return True
 
@@ -633,3 +716,31 @@ class StreamResponse(ResponseState):
                 self.close()
                 raise
         return self._stdout.popleft()
+
+    def _parse_head(self) -> None:
+        while self._head is None:
+            chunk = self._next_stdout()
+            if chunk is not None:
+                self._replay.append(chunk)
+            self._feed_head(chunk)
+
+
+class _Chunks:
+    """An iterator over what `next_chunk` gives until it gives None."""
+
+    __slots__ = ("_next_chunk",)
+
+    def __init__(self, next_chunk: NextChunk) -> None:
+        self._next_chunk = next_chunk
+
+    def __iter__(self) -> _Chunks:
+        return self
+
+    def __next__(self) -> bytes:
+        chunk = self._next_chunk()
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        """Nothing to release; here for closing() helpers, as on a generator."""

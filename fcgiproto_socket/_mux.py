@@ -1,22 +1,20 @@
-"""One connection shared by many threads, for applications that multiplex (FCGI_MPXS_CONNS=1).
+# Generated from fcgiproto_anyio/_mux.py by scripts/generate_sync.py: do not edit.
+"""One connection shared by many requests, for applications that multiplex (FCGI_MPXS_CONNS=1).
 
-A reader thread owns the receiving side: it feeds the protocol state and
-routes each event to the inbox of its request, waking only that request's
-thread. Senders write whole records under a write lock, so records of
-different requests interleave but never mix.
+A reader (task or thread) feeds the protocol state and routes each event to
+the inbox of its request, waking only that request. Writes go out whole under
+a lock and shielded from cancellation, since a record cut in half would
+corrupt the connection for every request on it; a cancelled request is
+aborted instead, and its id held until its END_REQUEST.
+
+Written once for both clients: the blocking copy is generated from this file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import select
-import socket
-import threading
-import time
 from collections import deque
 
 from fcgiproto import (
-    ClientConnection,
     Event,
     FastCGIError,
     GetValuesResult,
@@ -25,43 +23,49 @@ from fcgiproto import (
     ReadError,
     ReadTimeout,
     Role,
+    TimeoutException,
     WriteError,
-    WriteTimeout,
 )
-from fcgiproto.support import Address, Deadline, receive_from, recipient
+from fcgiproto.support import Deadline, receive_from, recipient
 
-from ._transport import READ_SIZE, wait_ready
+from ._connection import READ_SIZE, Connection, timeout_error
+from ._primitives import Flag, Lock, StateLock, current_time, shield
 
-__all__ = ["Inbox", "MuxConnection"]
+__all__ = ["ABORT_WRITE_LIMIT", "Inbox", "MuxConnection"]
+
+#: How long an abort may take to write before the whole connection is given
+#: up; writes cannot be cut short, so they need a bound.
+ABORT_WRITE_LIMIT = 5.0
 
 
 class Inbox:
+    """Where the reader leaves one request's events, and how it wakes the request."""
+
     __slots__ = ("events", "wake")
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self) -> None:
         self.events: deque[Event] = deque()
-        self.wake = threading.Condition(lock)
+        self.wake = Flag()
+
+    def put(self, event: Event) -> None:
+        self.events.append(event)
+        self.wake.set()
 
 
 class MuxConnection:
-    def __init__(self, sock: socket.socket, address: Address, keepalive_expiry: float) -> None:
-        self.sock = sock
-        self.address = address
-        self.proto = ClientConnection(multiplex=True)
-        self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._write_poller = select.poll()
-        self._write_poller.register(sock, select.POLLOUT)
+    def __init__(self, conn: Connection, keepalive_expiry: float) -> None:
+        self.conn = conn
+        self.address = conn.address
+        self.proto = conn.proto
+        self._lock = StateLock()
+        self._write_lock = Lock()
         self._inboxes: dict[int, Inbox] = {}
         self._values_waiters: deque[Inbox] = deque()
         self._failure: FastCGIError | None = None
         self._closing = False
-        self._idle_since = time.monotonic()
+        self._torn = False  # a write broke off inside a record
         self._expiry = keepalive_expiry
-        self._reader = threading.Thread(
-            target=self._read_loop, name=f"fcgiproto reader {address}", daemon=True
-        )
-        self._reader.start()
+        self._idle_since = current_time()
 
     @property
     def usable(self) -> bool:
@@ -73,10 +77,10 @@ class MuxConnection:
         with self._lock:
             return not self._inboxes
 
-    def expired(self, expiry: float) -> bool:
-        """Whether it has carried no request for `expiry` seconds."""
+    def expired(self) -> bool:
+        """Whether it has carried no request for its keep-alive expiry."""
         with self._lock:
-            return not self._inboxes and time.monotonic() - self._idle_since >= expiry
+            return not self._inboxes and current_time() - self._idle_since >= self._expiry
 
     # --- a request's calls ---
 
@@ -97,12 +101,13 @@ class MuxConnection:
                 self.proto.end_params(rid)
             else:
                 rid = self.proto.send_request(params, stdin, role=role)
-            inbox = self._inboxes[rid] = Inbox(self._lock)
+            inbox = self._inboxes[rid] = Inbox()
             data = self.proto.data_to_send()
         try:
             self._write(data, deadline, write_timeout)
         except BaseException:
-            self.finish(rid, inbox)  # its caller never gets the inbox to finish with
+            with shield():
+                self.finish(rid, inbox)  # its caller never gets the inbox
             raise
         return rid, inbox
 
@@ -124,7 +129,7 @@ class MuxConnection:
     ) -> GetValuesResult:
         with self._lock:
             self._check()
-            inbox = Inbox(self._lock)
+            inbox = Inbox()
             self._values_waiters.append(inbox)
             self.proto.get_values(names)
             data = self.proto.data_to_send()
@@ -136,22 +141,25 @@ class MuxConnection:
 
     def events(self, inbox: Inbox, deadline: Deadline, read_timeout: float | None) -> list[Event]:
         """Wait for events in a request's inbox."""
-        with self._lock:
-            while not inbox.events:
+        while not inbox.events:
+            # Cleared before looking: a put() from here on sets it again.
+            inbox.wake.clear()
+            if inbox.events:
+                break
+            with self._lock:
                 self._check()
-                wait, total = deadline.limit(read_timeout)
-                if (wait is not None and wait <= 0) or not inbox.wake.wait(wait):
-                    if inbox.events:
-                        break
-                    if total:
-                        raise ReadTimeout(
-                            f"request to {self.address} exceeded its total timeout "
-                            f"of {deadline.total}s"
-                        )
-                    raise ReadTimeout(f"{self.address} did not answer within {read_timeout}s")
-            events = list(inbox.events)
-            inbox.events.clear()
-            return events
+            wait, by_total = deadline.limit(read_timeout)
+            if (wait is None or wait > 0) and inbox.wake.wait(wait):
+                continue
+            if inbox.events:
+                break
+            with self._lock:
+                self._check()
+            raise timeout_error(ReadTimeout, self.address, deadline, read_timeout, by_total)
+        events = []
+        while inbox.events:
+            events.append(inbox.events.popleft())
+        return events
 
     def finish(self, rid: int, inbox: Inbox) -> None:
         """The caller is done with the request: abort it when still in flight.
@@ -164,100 +172,97 @@ class MuxConnection:
                 return  # it ended, and the id already belongs to a newer request
             del self._inboxes[rid]
             if not self._inboxes:
-                self._idle_since = time.monotonic()
+                self._idle_since = current_time()
             if rid not in self.proto.active_requests or self._failure is not None:
                 return
             self.proto.abort_request(rid)
             data = self.proto.data_to_send()
         try:
-            self._write(data, Deadline(None, time.monotonic), 5.0)
+            self._write(data, Deadline(None, current_time), ABORT_WRITE_LIMIT)
         except FastCGIError:
             self.close()
 
     # --- internals ---
 
     def _check(self) -> None:
+        """Raise the connection's failure, if it failed (state lock held)."""
         if self._failure is not None:
             raise type(self._failure)(str(self._failure))
         if self._closing:
             raise LocalProtocolError(f"the connection to {self.address} is closed")
 
     def _write(self, data: bytes, deadline: Deadline, write_timeout: float | None) -> None:
+        # Shielded: a record cut in half would corrupt every request on the
+        # connection. The write's own limit still bounds it.
         view = memoryview(data)
-        with self._write_lock:
+        with shield(), self._write_lock:
+            if self._torn:
+                raise self._fail(WriteError(f"the connection to {self.address} broke"))
             while view:
+                wait, by_total = deadline.limit(write_timeout)
                 try:
-                    wait_ready(
-                        self._write_poller, self.address, deadline, write_timeout, writing=True
-                    )
-                except WriteTimeout:
+                    sent = self.conn.stream.write_some(view, wait)
+                except (TimeoutException, FastCGIError) as exc:
                     if len(view) < len(data):
                         # Half a record is on the wire: every request here is lost.
+                        self._torn = True
                         self._fail(WriteError(f"the connection to {self.address} broke"))
+                    elif not isinstance(exc, TimeoutException):
+                        self._fail(exc)
+                    if isinstance(exc, TimeoutException):
+                        raise timeout_error(
+                            type(exc), self.address, deadline, write_timeout, by_total
+                        ) from None
                     raise
-                try:
-                    sent = self.sock.send(view)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    failure = WriteError(f"writing to {self.address} failed: {exc.strerror or exc}")
-                    self._fail(failure)
-                    raise failure from exc
                 view = view[sent:]
 
-    def _read_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN | select.POLLPRI)
-        while True:
-            try:
-                if not poller.poll(self._expiry * 1000) and self._close_if_expired():
-                    return
-                data = self.sock.recv(READ_SIZE)
-            except BlockingIOError:
-                continue
-            except (OSError, ValueError) as exc:
-                self._fail(ReadError(f"reading from {self.address} failed: {exc}"))
-                return
-            with self._lock:
-                if self._closing:
-                    return
+    def read_loop(self) -> None:
+        """The reader: route events to their requests until the connection ends."""
+        stream = self.conn.stream
+        try:
+            while True:
                 try:
-                    events = receive_from(self.proto, data, self.address)
+                    data = stream.read(READ_SIZE, self._expiry)
+                except ReadTimeout:
+                    if self.expired():
+                        self._fail(ReadError(f"the idle connection to {self.address} expired"))
+                        return
+                    continue
                 except FastCGIError as exc:
-                    self._fail_locked(exc)
+                    self._fail(exc)
                     return
-                for event in events:
-                    inbox = recipient(event, self._inboxes, self._values_waiters)
-                    if inbox is not None:
-                        inbox.events.append(event)
-                        inbox.wake.notify()
+                with self._lock:
+                    if self._closing:
+                        return
+                    try:
+                        events = receive_from(self.proto, data, self.address)
+                    except FastCGIError as exc:
+                        self._fail_locked(exc)
+                        return
+                    for event in events:
+                        inbox = recipient(event, self._inboxes, self._values_waiters)
+                        if inbox is not None:
+                            inbox.put(event)
+        finally:
+            with self._lock:
+                self._closing = True
+            with shield():
+                self.conn.close()
 
-    def _close_if_expired(self) -> bool:
-        """Close the connection if it has been idle past its expiry (from the reader)."""
+    def _fail(self, failure: FastCGIError) -> FastCGIError:
         with self._lock:
-            if self._inboxes or time.monotonic() - self._idle_since < self._expiry:
-                return False
-            self._closing = True
-            self._fail_locked(ReadError(f"the idle connection to {self.address} expired"))
-        self.sock.close()
-        return True
+            return self._fail_locked(failure)
 
-    def _fail(self, failure: FastCGIError) -> None:
-        with self._lock:
-            self._fail_locked(failure)
-
-    def _fail_locked(self, failure: FastCGIError) -> None:
+    def _fail_locked(self, failure: FastCGIError) -> FastCGIError:
         if self._failure is None:
             self._failure = failure
         for inbox in [*self._inboxes.values(), *self._values_waiters]:
-            inbox.wake.notify_all()
+            inbox.wake.set()
+        return failure
 
     def close(self) -> None:
+        """Close the connection; its requests fail, and the reader ends."""
         with self._lock:
             self._closing = True
             self._fail_locked(ReadError(f"the connection to {self.address} was closed"))
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        if threading.current_thread() is not self._reader:
-            self._reader.join(10)
-        self.sock.close()
+        self.conn.close()

@@ -17,6 +17,7 @@ from ._application import (
     check_output,
     log_bytes,
 )
+from ._memory import ApplicationPeer, MemoryPeer, PeerAnswer
 from ._pool import PoolState
 from ._response import (
     Response,
@@ -37,7 +38,10 @@ __all__ = [
     "PROBE_WAIT",
     "Address",
     "AddressInput",
+    "ApplicationPeer",
     "Deadline",
+    "MemoryPeer",
+    "PeerAnswer",
     "PoolState",
     "RequestBase",
     "RequestState",

@@ -1,0 +1,185 @@
+"""The anyio backend: sockets driven directly, waiting through anyio (asyncio or trio).
+
+The socket is non-blocking and is waited on with anyio.wait_readable /
+wait_writable only when it would block: a request and its answer then cost a
+few system calls and little Python, where a stream object's protocol layers
+cost several times the client's own work per request.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+from collections.abc import Awaitable, Callable
+
+import anyio
+import anyio.lowlevel
+
+from fcgiproto import (
+    ConnectError,
+    ConnectTimeout,
+    ReadError,
+    ReadTimeout,
+    WriteError,
+    WriteTimeout,
+)
+from fcgiproto.support import Address
+
+__all__ = ["AnyioBackend", "AnyioStream"]
+
+_Wait = Callable[[socket.socket], Awaitable[None]]
+
+
+class AnyioBackend:
+    """TCP and Unix sockets on the running event loop."""
+
+    async def connect(self, address: Address, timeout: float | None) -> AnyioStream:
+        with anyio.move_on_after(timeout) as scope:
+            try:
+                if address.path is not None:
+                    return AnyioStream(await _connect_one(socket.AF_UNIX, address.path), address)
+                infos = await anyio.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+                last: OSError = OSError(f"no address for {address.host}")
+                for family, _, _, _, sockaddr in infos:
+                    try:
+                        sock = await _connect_one(family, sockaddr)
+                    except OSError as exc:
+                        last = exc
+                        continue
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    return AnyioStream(sock, address)
+                raise last
+            except OSError as exc:
+                raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
+        assert scope.cancelled_caught
+        raise ConnectTimeout(f"connecting to {address} took longer than {timeout}s")
+
+
+async def _connect_one(family: int, sockaddr: object) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        code = sock.connect_ex(sockaddr)  # type: ignore[arg-type]
+        if code in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            await anyio.wait_writable(sock)
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, os.strerror(code))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class AnyioStream:
+    """One non-blocking socket; its errors leave as the fcgiproto tree."""
+
+    def __init__(self, sock: socket.socket, address: Address) -> None:
+        self._sock = sock
+        self._address = address
+        self._closed = False
+
+    async def read(self, max_bytes: int, timeout: float | None) -> bytes:
+        while True:
+            try:
+                data = self._sock.recv(max_bytes)
+            except BlockingIOError:
+                await self._wait(anyio.wait_readable, timeout, ReadTimeout)
+                continue
+            except OSError as exc:
+                raise self._read_error(exc) from exc
+            # Data was there at once: still let other tasks run, and
+            # cancellation in, as every async call should.
+            await anyio.lowlevel.checkpoint()
+            return data
+
+    async def write_some(self, data: memoryview, timeout: float | None) -> int:
+        while True:
+            try:
+                return self._sock.send(data)
+            except BlockingIOError:
+                await self._wait(anyio.wait_writable, timeout, WriteTimeout)
+            except OSError as exc:
+                raise self._write_error(exc) from exc
+
+    async def write_or_read(
+        self, data: memoryview, max_bytes: int, timeout: float | None
+    ) -> tuple[int, bytes | None]:
+        while True:
+            try:
+                return self._sock.send(data), None
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise self._write_error(exc) from exc
+            if await self._readable_first(timeout):
+                try:
+                    return 0, self._sock.recv(max_bytes)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise self._read_error(exc) from exc
+
+    async def _readable_first(self, timeout: float | None) -> bool:
+        """Wait until the socket can be read or written; True when it can be read."""
+        ready: list[bool] = []
+        with anyio.move_on_after(timeout) as limit:
+            async with anyio.create_task_group() as tasks:
+
+                async def watch(wait: _Wait, readable: bool) -> None:
+                    await self._wait(wait, None, WriteTimeout)
+                    ready.append(readable)
+                    tasks.cancel_scope.cancel()
+
+                tasks.start_soon(watch, anyio.wait_readable, True)
+                tasks.start_soon(watch, anyio.wait_writable, False)
+        if limit.cancelled_caught and not ready:
+            raise WriteTimeout(f"{self._address} did not take more within {timeout}s")
+        return ready[0]
+
+    def looks_alive(self) -> bool:
+        try:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Wake any task waiting on the socket before it goes away.
+        anyio.notify_closing(self._sock)
+        self._sock.close()
+
+    async def _wait(
+        self,
+        wait: _Wait,
+        timeout: float | None,
+        error: type[ReadTimeout] | type[WriteTimeout],
+    ) -> None:
+        if self._closed:
+            raise self._closed_error(error)
+        with anyio.move_on_after(timeout) as scope:
+            try:
+                await wait(self._sock)
+            except (anyio.ClosedResourceError, OSError):
+                raise self._closed_error(error) from None
+        if scope.cancelled_caught:
+            doing = "send anything" if error is ReadTimeout else "take more"
+            raise error(f"{self._address} did not {doing} within {timeout}s")
+
+    def _closed_error(
+        self, error: type[ReadTimeout] | type[WriteTimeout]
+    ) -> ReadError | WriteError:
+        message = f"the connection to {self._address} was closed"
+        return ReadError(message) if error is ReadTimeout else WriteError(message)
+
+    def _read_error(self, exc: OSError) -> ReadError:
+        return ReadError(f"reading from {self._address} failed: {exc.strerror or exc}")
+
+    def _write_error(self, exc: OSError) -> WriteError:
+        return WriteError(f"writing to {self._address} failed: {exc.strerror or exc}")

@@ -1,0 +1,194 @@
+"""What the async face of the client needs that the blocking face does differently.
+
+The client's control flow is written once, async, in this package; the
+blocking client is generated from it (scripts/generate_sync.py). Each name here has
+a namesake in fcgiproto_socket/_primitives.py with the same behaviour on
+threads: locks, events with a timeout, a shield against cancellation, the
+clock, and the tasks a client runs in the background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+)
+from types import TracebackType
+from typing import Any, TypeAlias
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from fcgiproto import LocalProtocolError
+
+__all__ = [
+    "AsyncBackground",
+    "AsyncFlag",
+    "AsyncLock",
+    "Body",
+    "BodyPieces",
+    "NextChunk",
+    "Refill",
+    "StateLock",
+    "checkpoint",
+    "current_time",
+    "shield",
+]
+
+current_time = anyio.current_time
+#: Asked for more of the request body to send; False when there is none.
+Refill: TypeAlias = "Callable[[], Awaitable[bool]]"
+#: Gives the next piece of a stream; None at its end.
+NextChunk: TypeAlias = "Callable[[], Awaitable[bytes | None]]"
+checkpoint = anyio.lowlevel.checkpoint
+
+
+def shield() -> anyio.CancelScope:
+    """A block that cancellation cannot cut short (writes, closing, bookkeeping)."""
+    return anyio.CancelScope(shield=True)
+
+
+class StateLock:
+    """Guards state that a reader and a sender change together.
+
+    Tasks of one event loop never run at once, so between two awaits nothing
+    else can change the state: on this face the lock does nothing.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+class AsyncLock:
+    """A lock held across waits (connecting, writing a record)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        # fast_acquire: an uncontended lock costs no trip through the event loop.
+        self._lock = anyio.Lock(fast_acquire=True)
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+class AsyncFlag:
+    """A flag to wait for, with a limit; it can be cleared and set again."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def clear(self) -> None:
+        if self._event.is_set():
+            self._event = anyio.Event()
+
+    async def wait(self, timeout: float | None) -> bool:
+        """Whether the flag was set within `timeout` seconds (None: no limit)."""
+        if self._event.is_set():
+            return True
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        return self._event.is_set()
+
+
+class AsyncBackground:
+    """The tasks a client runs beside its callers: the reaper, connection readers.
+
+    They run in a task group that ``async with`` the client opens, so the
+    caller's block owns them and nothing outlives it.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: anyio.abc.TaskGroup | None = None
+
+    def check(self) -> None:
+        if self._tasks is None:
+            raise LocalProtocolError("use the client as `async with AsyncClient(...) as client:`")
+
+    def start(self, run: Callable[[], Coroutine[Any, Any, object]], name: str) -> None:
+        self.check()
+        assert self._tasks is not None
+        self._tasks.start_soon(run, name=name)
+
+    async def __aenter__(self) -> None:
+        tasks = anyio.create_task_group()
+        await tasks.__aenter__()
+        self._tasks = tasks
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tasks, self._tasks = self._tasks, None
+        if tasks is not None:
+            # Only the client's own tasks end here; an exception from the
+            # block goes on as it was raised, not wrapped in an ExceptionGroup.
+            tasks.cancel_scope.cancel()
+            await tasks.__aexit__(None, None, None)
+
+    async def join(self) -> None:
+        """Wait for the tasks that are ending; on this face the task group does it."""
+
+
+Body: TypeAlias = "bytes | bytearray | memoryview | Iterable[bytes] | AsyncIterable[bytes]"
+
+
+class BodyPieces:
+    """The pieces of a request body given as an iterable, sync or async, as bytes.
+
+    A plain object rather than an async generator: one left unfinished (the
+    application answered before reading the whole body) needs no finalizing.
+    """
+
+    __slots__ = ("_async", "_sync")
+
+    def __init__(self, stdin: Iterable[bytes] | AsyncIterable[bytes]) -> None:
+        self._async: AsyncIterator[bytes] | None = None
+        self._sync: Iterator[bytes] | None = None
+        if isinstance(stdin, AsyncIterable):
+            self._async = stdin.__aiter__()
+        else:
+            self._sync = iter(stdin)
+
+    async def next(self) -> bytes | None:
+        """The next piece; None once there are no more."""
+        if self._async is not None:
+            try:
+                return bytes(await self._async.__anext__())
+            except StopAsyncIteration:
+                return None
+        assert self._sync is not None
+        chunk = next(self._sync, None)
+        return None if chunk is None else bytes(chunk)
+
+    async def aclose(self) -> None:
+        """Close a generator left unfinished, so it needs no finalizing later."""
+        close = getattr(self._async, "aclose", None)
+        if close is not None:
+            await close()
+        elif (close_sync := getattr(self._sync, "close", None)) is not None:
+            close_sync()

@@ -1,0 +1,111 @@
+# Generated from fcgiproto_anyio/_connection.py by scripts/generate_sync.py: do not edit.
+"""One connection of the client: a backend stream, its protocol state, what is left to write.
+
+Written once for both clients: the blocking copy is generated from this file.
+"""
+
+from __future__ import annotations
+
+from fcgiproto import ClientConnection, Event, ReadTimeout, TimeoutException, WriteTimeout
+from fcgiproto.support import Address, Deadline, receive_from
+
+from ._interface import NetworkStream
+from ._primitives import Refill
+
+__all__ = ["READ_SIZE", "Connection", "timeout_error"]
+
+#: A read takes what the transport has, up to this: several 64 KiB records at once.
+READ_SIZE = 256 * 1024
+
+
+def timeout_error(
+    error: type[TimeoutException],
+    address: Address,
+    deadline: Deadline,
+    step: float | None,
+    by_total: bool,
+) -> TimeoutException:
+    """The timeout a request hit: its total, or the limit of the step it was in."""
+    if by_total:
+        return error(f"request to {address} exceeded its total timeout of {deadline.total}s")
+    doing = "take more of the request" if error is WriteTimeout else "send anything"
+    return error(f"{address} did not {doing} within {step}s")
+
+
+class Connection:
+    """A stream, the protocol state of the requests on it, and the output not yet written."""
+
+    __slots__ = ("_pending", "address", "proto", "stream")
+
+    def __init__(self, stream: NetworkStream, address: Address, multiplex: bool) -> None:
+        self.stream = stream
+        self.address = address
+        self.proto = ClientConnection(multiplex=multiplex)
+        self._pending = memoryview(b"")
+
+    def queue(self) -> None:
+        """Take what the protocol state has for the wire."""
+        data = self.proto.data_to_send()
+        if data:
+            self._pending = (
+                memoryview(bytes(self._pending) + data) if self._pending else memoryview(data)
+            )
+
+    @property
+    def clean(self) -> bool:
+        """Nothing half-written: the next request's records would start on a boundary."""
+        return not self._pending
+
+    def flush(self, deadline: Deadline, write_timeout: float | None) -> None:
+        """Write everything pending, reading nothing."""
+        while self._pending:
+            wait, by_total = deadline.limit(write_timeout)
+            try:
+                sent = self.stream.write_some(self._pending, wait)
+            except WriteTimeout:
+                raise timeout_error(
+                    WriteTimeout, self.address, deadline, write_timeout, by_total
+                ) from None
+            self._pending = self._pending[sent:]
+
+    def exchange(
+        self,
+        deadline: Deadline,
+        read_timeout: float | None,
+        write_timeout: float | None,
+        refill: Refill | None = None,
+    ) -> list[Event]:
+        """Write what is pending while waiting for input; the events of the next read.
+
+        `refill` is asked for more output whenever the pending output is gone;
+        it returns False once it has nothing more to give.
+        """
+        stream = self.stream
+        while True:
+            if not self._pending and refill is not None and refill():
+                self.queue()
+            if self._pending:
+                wait, by_total = deadline.limit(write_timeout)
+                try:
+                    sent, data = stream.write_or_read(self._pending, READ_SIZE, wait)
+                except WriteTimeout:
+                    raise timeout_error(
+                        WriteTimeout, self.address, deadline, write_timeout, by_total
+                    ) from None
+                self._pending = self._pending[sent:]
+                if data is None:
+                    continue
+            else:
+                wait, by_total = deadline.limit(read_timeout)
+                try:
+                    data = stream.read(READ_SIZE, wait)
+                except ReadTimeout:
+                    raise timeout_error(
+                        ReadTimeout, self.address, deadline, read_timeout, by_total
+                    ) from None
+            events = receive_from(self.proto, data, self.address)
+            if events:
+                return events
+
+    def close(self) -> None:
+        self.stream.close()
