@@ -18,3 +18,15 @@ def test_readme_has_examples() -> None:
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_example_runs(block: str) -> None:
     exec(compile(block, str(README), "exec"), {"__name__": "readme_example"})
+
+
+def test_readme_examples_pass_mypy_strict(tmp_path: Path) -> None:
+    """A user who copies an example gets code that mypy --strict accepts."""
+    mypy = pytest.importorskip("mypy.api")
+    files = []
+    for index, block in enumerate(BLOCKS):
+        path = tmp_path / f"readme_block{index}.py"
+        path.write_text(block, encoding="utf-8")
+        files.append(str(path))
+    out, err, status = mypy.run(["--strict", "--no-incremental", *files])
+    assert status == 0, out + err

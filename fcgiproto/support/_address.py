@@ -8,7 +8,7 @@ from typing import TypeAlias
 
 __all__ = ["Address", "AddressInput", "parse_address"]
 
-AddressInput: TypeAlias = "str | os.PathLike[str] | tuple[str, int]"
+AddressInput: TypeAlias = "Address | str | os.PathLike[str] | tuple[str, int]"
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_address(address: AddressInput | Address, *, listening: bool = False) -> Address:
+def parse_address(address: AddressInput, *, listening: bool = False) -> Address:
     """Read "host:port", "[::1]:9000", "unix:/path.sock", "/path.sock" or (host, port).
 
     Port 0 (any free port) is only an address to listen on.
