@@ -74,11 +74,7 @@ class Response:
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """The first header of that name, compared without case."""
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return default
+        return first_header(self.headers, name, default)
 
     @property
     def variables(self) -> dict[str, str]:
@@ -159,6 +155,17 @@ def raise_for_protocol_status(end: EndRequest, address: Address) -> None:
         raise error(f"{address} ended request {end.request_id} with {end.protocol_status.name}")
 
 
+def first_header(
+    headers: list[tuple[str, str]], name: str, default: str | None = None
+) -> str | None:
+    """The first header of that name, compared without case."""
+    wanted = name.lower()
+    for key, value in headers:
+        if key.lower() == wanted:
+            return value
+    return default
+
+
 class ResponseState:
     """The answer to a request in progress, as both adapters keep it: events in, no I/O.
 
@@ -194,6 +201,10 @@ class ResponseState:
     @property
     def headers(self) -> list[tuple[str, str]]:
         return self.head.headers
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The first header of that name, compared without case."""
+        return first_header(self.head.headers, name, default)
 
     @property
     def _got_output(self) -> bool:
