@@ -90,17 +90,19 @@ def test_blocking_client_does_not_retry_a_body_it_has_consumed() -> None:
     backend = MemoryBackend(DiesWhenReused)
     with Client(ADDRESS, backend=backend, multiplex=False) as client:
         client.request({})
-        with pytest.raises((fcgiproto.ReadError, fcgiproto.WriteError), match="in-memory.sock"):
+        with pytest.raises((fcgiproto.ReadError, fcgiproto.WriteError), match=r"in-memory\.sock"):
             client.request({}, stdin=iter([b"once", b"only"]))
         assert client.request({"NAME": "again"}).body == b"again"
 
 
 def test_blocking_stream_reads_the_head_on_entry_and_replays_raw_stdout() -> None:
     backend = MemoryBackend(lambda: ApplicationPeer(echo))
-    with Client(ADDRESS, backend=backend) as client:
-        with client.stream({"NAME": "x"}, stdin=iter([b"1", b"2"])) as s:
-            assert s.status == 200 and s.header("content-type") == "text/plain"
-            assert b"".join(s.iter_stdout()) == OK + b"x12"
+    with (
+        Client(ADDRESS, backend=backend) as client,
+        client.stream({"NAME": "x"}, stdin=iter([b"1", b"2"])) as s,
+    ):
+        assert s.status == 200 and s.header("content-type") == "text/plain"
+        assert b"".join(s.iter_stdout()) == OK + b"x12"
 
 
 def test_blocking_client_sees_a_multiplexing_application() -> None:
@@ -141,7 +143,7 @@ def test_a_silent_application_meets_the_read_timeout_with_the_address_named() ->
         backend = AsyncMemoryBackend(Silent)
         async with AsyncClient(ADDRESS, backend=backend, multiplex=False) as client:
             started = trio.current_time()
-            with pytest.raises(fcgiproto.ReadTimeout, match="in-memory.sock did not send"):
+            with pytest.raises(fcgiproto.ReadTimeout, match=r"in-memory\.sock did not send"):
                 await client.request({}, timeout=Timeout(read=3.0))
             assert trio.current_time() - started == pytest.approx(3.0)
             assert backend.streams[0].closed  # never back to the pool unanswered
@@ -154,7 +156,7 @@ def test_the_total_deadline_bounds_the_whole_request() -> None:
         backend = AsyncMemoryBackend(Silent)
         async with AsyncClient(ADDRESS, backend=backend, multiplex=False) as client:
             started = trio.current_time()
-            with pytest.raises(fcgiproto.ReadTimeout, match="total timeout of 1.5s"):
+            with pytest.raises(fcgiproto.ReadTimeout, match=r"total timeout of 1\.5s"):
                 await client.request({}, timeout=Timeout(read=10.0, total=1.5))
             assert trio.current_time() - started == pytest.approx(1.5)
 
