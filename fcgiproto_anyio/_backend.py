@@ -80,40 +80,55 @@ class AnyioStream:
         self._sock = sock
         self._address = address
         self._closed = False
+        # Just wrote a request: its answer cannot be there yet, so a read
+        # waits first instead of trying a recv that would fail.
+        self._wrote = False
 
     async def read(self, max_bytes: int, timeout: float | None) -> bytes:
+        waited = self._wrote
+        if waited:
+            self._wrote = False
+            await self._wait(anyio.wait_readable, timeout, ReadTimeout)
         while True:
             try:
                 data = self._sock.recv(max_bytes)
             except BlockingIOError:
                 await self._wait(anyio.wait_readable, timeout, ReadTimeout)
+                waited = True
                 continue
             except OSError as exc:
                 raise self._read_error(exc) from exc
-            # Data was there at once: still let other tasks run, and
-            # cancellation in, as every async call should.
-            await anyio.lowlevel.checkpoint()
+            if not waited:
+                # Data was there at once: still let other tasks run, and
+                # cancellation in, as every async call should.
+                await anyio.lowlevel.checkpoint()
             return data
 
     async def write_some(self, data: memoryview, timeout: float | None) -> int:
         while True:
             try:
-                return self._sock.send(data)
+                sent = self._sock.send(data)
             except BlockingIOError:
                 await self._wait(anyio.wait_writable, timeout, WriteTimeout)
+                continue
             except OSError as exc:
                 raise self._write_error(exc) from exc
+            self._wrote = True
+            return sent
 
     async def write_or_read(
         self, data: memoryview, max_bytes: int, timeout: float | None
     ) -> tuple[int, bytes | None]:
         while True:
             try:
-                return self._sock.send(data), None
+                sent = self._sock.send(data)
             except BlockingIOError:
                 pass
             except OSError as exc:
                 raise self._write_error(exc) from exc
+            else:
+                self._wrote = True
+                return sent, None
             if await self._readable_first(timeout):
                 try:
                     return 0, self._sock.recv(max_bytes)

@@ -74,10 +74,16 @@ class SocketStream:
         self._lock = threading.Lock()
         self._in_use = 0
         self._closed = False
+        # Just wrote a request: its answer cannot be there yet, so a read
+        # polls first instead of trying a recv that would fail.
+        self._wrote = False
 
     def read(self, max_bytes: int, timeout: float | None) -> bytes:
         self._enter(ReadError)
         try:
+            if self._wrote:
+                self._wrote = False
+                self._wait(self._read_poller, timeout, ReadTimeout)
             while True:
                 try:
                     return self._sock.recv(max_bytes)
@@ -93,11 +99,14 @@ class SocketStream:
         try:
             while True:
                 try:
-                    return self._sock.send(data)
+                    sent = self._sock.send(data)
                 except BlockingIOError:
                     self._wait(self._write_poller, timeout, WriteTimeout)
+                    continue
                 except OSError as exc:
                     raise self._write_error(exc) from exc
+                self._wrote = True
+                return sent
         finally:
             self._leave()
 
@@ -108,11 +117,14 @@ class SocketStream:
         try:
             while True:
                 try:
-                    return self._sock.send(data), None
+                    sent = self._sock.send(data)
                 except BlockingIOError:
                     pass
                 except OSError as exc:
                     raise self._write_error(exc) from exc
+                else:
+                    self._wrote = True
+                    return sent, None
                 if self._wait(self._both_poller, timeout, WriteTimeout) & _READABLE:
                     try:
                         return 0, self._sock.recv(max_bytes)
