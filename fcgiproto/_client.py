@@ -274,7 +274,7 @@ class ClientConnection(Connection):
             state = RETIRED if request_id in self._retired else IDLE
         else:
             state = request.state
-        step = CLIENT.transitions.get((state, move))
+        step = CLIENT.steps.get(state << 3 | move)
         if step is None:
             raise LocalProtocolError(f"request {request_id} {CLIENT.refusal(state, True)}")
         assert request is not None  # only a request in flight has moves of our caller
@@ -320,7 +320,7 @@ class ClientConnection(Connection):
     def _stream_allowed(self, rtype: int, rid: int, clen: int, events: list[Event]) -> bool:
         request = self._requests.get(rid)
         state = (RETIRED if rid in self._retired else IDLE) if request is None else request.state
-        step = CLIENT.transitions.get((state, RECEIVE))
+        step = CLIENT.steps.get(state << 3 | RECEIVE)
         if step is None:
             raise RemoteProtocolError(
                 f"{stream_name(rtype)} record ({clen} bytes) for request {rid}, "
@@ -371,7 +371,7 @@ class ClientConnection(Connection):
         request = self._requests.get(rid)
         state = (RETIRED if rid in self._retired else IDLE) if request is None else request.state
         move = END if request is None or request.sent.all_closed() else END_EARLY
-        step = CLIENT.transitions.get((state, move))
+        step = CLIENT.steps.get(state << 3 | move)
         if step is None:
             raise RemoteProtocolError(
                 f"END_REQUEST record ({len(content)} bytes) for request {rid}, "

@@ -92,7 +92,7 @@ GO, DROP, STRAND = 0, 1, 2
 class Lifecycle:
     """One side's request table: (state, input) -> (target state, action)."""
 
-    __slots__ = ("delivering_states", "local", "remote", "transitions")
+    __slots__ = ("delivering_states", "local", "remote", "steps", "transitions")
 
     def __init__(
         self,
@@ -101,6 +101,10 @@ class Lifecycle:
         remote: dict[int, str],
     ) -> None:
         self.transitions = transitions
+        #: The same table keyed by `state << 3 | input`: an int hashes faster than a
+        #: tuple, and these lookups run several times per request.
+        assert all(0 <= move < 8 for _, move in transitions)
+        self.steps = {state << 3 | move: step for (state, move), step in transitions.items()}
         #: Why our caller's move from a state is refused: "request N <complaint>".
         self.local = local
         #: Why the peer's move from a state is refused: "... for request N, <complaint>".
