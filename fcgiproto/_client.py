@@ -33,7 +33,22 @@ from ._records import (
     record,
     to_bytes,
 )
-from ._state import Layout, Streams, stream_name
+from ._state import (
+    ABORT,
+    BEGUN,
+    CLIENT,
+    DROP,
+    END,
+    END_EARLY,
+    IDLE,
+    RECEIVE,
+    RETIRED,
+    SEND,
+    STRAND,
+    Layout,
+    Streams,
+    stream_name,
+)
 
 __all__ = ["ClientConnection"]
 
@@ -54,14 +69,16 @@ _PROTOCOL_STATUSES = tuple(ProtocolStatus)
 
 
 class _Request:
-    __slots__ = ("aborted", "keep_conn", "received", "role", "sent")
+    """A request in flight: BEGUN or ABORTED in the request table."""
+
+    __slots__ = ("keep_conn", "received", "role", "sent", "state")
 
     def __init__(self, role: Role, keep_conn: bool) -> None:
+        self.state = BEGUN  # where (IDLE, BEGIN) leads
         self.role = role
         self.keep_conn = keep_conn
         self.sent = Streams(_SEND_STREAMS[role])
         self.received = Streams(_RECEIVE_STREAMS)
-        self.aborted = False
 
 
 class ClientConnection(Connection):
@@ -78,6 +95,7 @@ class ClientConnection(Connection):
     }
     _WHOLE: ClassVar = frozenset({_END_REQUEST, _GET_VALUES_RESULT, _UNKNOWN_TYPE})
     _PEER: ClassVar = "application"
+    _LIFECYCLE: ClassVar = CLIENT
 
     def __init__(self, multiplex: bool = False) -> None:
         super().__init__()
@@ -125,52 +143,43 @@ class ClientConnection(Connection):
         return None
 
     # --- sending ---
+    #
+    # Each call checks everything (its arguments, the tables) and encodes
+    # what it will queue before it changes anything, so a call that raises
+    # leaves the connection exactly as it was.
 
     def begin_request(self, role: Role = Role.RESPONDER, keep_conn: bool = True) -> int:
         """Start a request; returns its id, the lowest one free."""
-        role = self._check_role(role)
-        refusal = self._refusal()
-        if refusal is not None:
-            raise LocalProtocolError(f"cannot begin a request: {refusal}")
-        if not keep_conn and self._requests:
-            raise LocalProtocolError(
-                "cannot begin a keep_conn=False request while others are in flight: "
-                "the application would close the connection under them"
-            )
-        if self._free_ids:
-            rid = heapq.heappop(self._free_ids)
-        else:
-            rid = self._next_id
-            self._next_id += 1
-        self._requests[rid] = _Request(role, keep_conn)
-        self._closing = not keep_conn
-        self._out.append(record(_BEGIN_REQUEST, rid, _BEGIN_BODY.pack(role, 1 if keep_conn else 0)))
+        role = self._check_begin(role, keep_conn)
+        rid = self._free_ids[0] if self._free_ids else self._next_id
+        begin = record(_BEGIN_REQUEST, rid, _BEGIN_BODY.pack(role, 1 if keep_conn else 0))
+        self._begin(rid, _Request(role, keep_conn))
+        self._out.append(begin)
         return rid
 
     def send_params(self, request_id: int, params: ParamsInput) -> None:
         """Queue name/value pairs (str is sent as UTF-8, bytes as they are)."""
-        self._move(request_id, _PARAMS, False)
-        self._out.extend(encode_pair_records(_PARAMS, request_id, params))
+        request = self._sendable(request_id, _PARAMS, False)
+        records = encode_pair_records(_PARAMS, request_id, params)
+        request.sent.move(_PARAMS, False)
+        self._out.extend(records)
 
     def end_params(self, request_id: int) -> None:
-        self._move(request_id, _PARAMS, True)
-        self._out.append(_empty(_PARAMS, request_id))
+        self._end_stream(request_id, _PARAMS)
 
     def send_stdin(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue request body bytes, of any length; b"" queues nothing."""
         self._send_stream(request_id, _STDIN, data)
 
     def end_stdin(self, request_id: int) -> None:
-        self._move(request_id, _STDIN, True)
-        self._out.append(_empty(_STDIN, request_id))
+        self._end_stream(request_id, _STDIN)
 
     def send_data(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue FCGI_DATA bytes (filter role, after end_stdin)."""
         self._send_stream(request_id, _DATA, data)
 
     def end_data(self, request_id: int) -> None:
-        self._move(request_id, _DATA, True)
-        self._out.append(_empty(_DATA, request_id))
+        self._end_stream(request_id, _DATA)
 
     def send_request(
         self,
@@ -185,19 +194,30 @@ class ClientConnection(Connection):
         For the filter role the DATA stream is sent and ended when `data` is
         given, and left open otherwise.
         """
-        rid = self.begin_request(role, keep_conn)
-        out = self._out
-        out.extend(encode_pair_records(_PARAMS, rid, params))
+        role = self._check_begin(role, keep_conn)
+        rid = self._free_ids[0] if self._free_ids else self._next_id
+        # The request is built, encoded and its streams moved before it is
+        # registered: a refusal on the way leaves the connection untouched.
+        request = _Request(role, keep_conn)
+        sent = request.sent
+        out: list[bytes | memoryview] = [
+            record(_BEGIN_REQUEST, rid, _BEGIN_BODY.pack(role, 1 if keep_conn else 0))
+        ]
+        out += encode_pair_records(_PARAMS, rid, params)
         out.append(_empty(_PARAMS, rid))
         if stdin:
-            out.extend(encode_stream_records(_STDIN, rid, _frozen(stdin)))
+            out += encode_stream_records(_STDIN, rid, _frozen(stdin))
         out.append(_empty(_STDIN, rid))
-        sent = self._requests[rid].sent
         sent.move(_PARAMS, True)
         sent.move(_STDIN, True)
         if data is not None:
-            self.send_data(rid, data)
-            self.end_data(rid)
+            self._check_stream(rid, request, _DATA, False)
+            if data:
+                out += encode_stream_records(_DATA, rid, _frozen(data))
+            out.append(_empty(_DATA, rid))
+            sent.move(_DATA, True)
+        self._begin(rid, request)
+        self._out += out
         return rid
 
     def abort_request(self, request_id: int) -> None:
@@ -207,11 +227,11 @@ class ClientConnection(Connection):
         for the request that arrives meanwhile is dropped too. Aborting twice
         does nothing more.
         """
-        request = self._request(request_id)
-        if request.aborted:
+        request, target, action = self._local_move(request_id, ABORT)
+        if action == DROP:
             return
-        request.aborted = True
-        self._forget_streams(request_id)
+        request.state = target
+        self._settle(request_id, target, request.received)
         self._out.append(record(_ABORT_REQUEST, request_id))
 
     def get_values(self, names: Iterable[str | bytes]) -> None:
@@ -223,32 +243,70 @@ class ClientConnection(Connection):
         self._values_pending += 1
         self._out.append(record(_GET_VALUES, 0, content))
 
-    def _request(self, request_id: int) -> _Request:
-        self._check_sendable()
+    def _check_begin(self, role: Role, keep_conn: bool) -> Role:
+        role = self._check_role(role)
+        refusal = self._refusal()
+        if refusal is not None:
+            raise LocalProtocolError(f"cannot begin a request: {refusal}")
+        if not keep_conn and self._requests:
+            raise LocalProtocolError(
+                "cannot begin a keep_conn=False request while others are in flight: "
+                "the application would close the connection under them"
+            )
+        return role
+
+    def _begin(self, rid: int, request: _Request) -> None:
+        """Register a checked request under `rid`, the lowest free id."""
+        if self._free_ids:
+            heapq.heappop(self._free_ids)
+        else:
+            self._next_id += 1
+        self._requests[rid] = request
+        self._closing = not request.keep_conn
+        self._settle(rid, request.state, request.received)
+
+    def _local_move(self, request_id: int, move: int) -> tuple[_Request, int, int]:
+        """The request, and the target and action of our caller's `move`; raises if refused."""
+        if self._error is not None or self._peer_closed:
+            self._check_sendable()
         request = self._requests.get(request_id)
         if request is None:
-            raise LocalProtocolError(f"request {request_id} is not active")
-        return request
+            state = RETIRED if request_id in self._retired else IDLE
+        else:
+            state = request.state
+        step = CLIENT.steps.get(state << 3 | move)
+        if step is None:
+            raise LocalProtocolError(f"request {request_id} {CLIENT.refusal(state, True)}")
+        assert request is not None  # only a request in flight has moves of our caller
+        return request, step[0], step[1]
 
-    def _move(self, request_id: int, rtype: int, end: bool) -> _Request:
-        request = self._request(request_id)
-        if request.aborted:
-            raise LocalProtocolError(f"request {request_id} was aborted")
-        complaint = request.sent.move(rtype, end)
+    def _check_stream(self, request_id: int, request: _Request, rtype: int, end: bool) -> None:
+        complaint = request.sent.check(rtype, end)
         if complaint is not None:
             action = "end" if end else "data"
             raise LocalProtocolError(
                 f"{stream_name(rtype)} {action} for request {request_id} "
                 f"({request.role.name} role) {complaint}"
             )
+
+    def _sendable(self, request_id: int, rtype: int, end: bool) -> _Request:
+        """The request, once both tables allow sending on its stream `rtype`; changes nothing."""
+        request = self._local_move(request_id, SEND)[0]
+        self._check_stream(request_id, request, rtype, end)
         return request
 
     def _send_stream(
         self, request_id: int, rtype: int, data: bytes | bytearray | memoryview
     ) -> None:
-        self._move(request_id, rtype, False)
+        request = self._sendable(request_id, rtype, False)
         if data:
             self._out.extend(encode_stream_records(rtype, request_id, _frozen(data)))
+        request.sent.move(rtype, False)
+
+    def _end_stream(self, request_id: int, rtype: int) -> None:
+        request = self._sendable(request_id, rtype, True)
+        request.sent.move(rtype, True)
+        self._out.append(_empty(rtype, request_id))
 
     @staticmethod
     def _check_role(role: Role | int) -> Role:
@@ -261,17 +319,23 @@ class ClientConnection(Connection):
 
     def _stream_allowed(self, rtype: int, rid: int, clen: int, events: list[Event]) -> bool:
         request = self._requests.get(rid)
-        if request is None:
-            if rid in self._retired:
-                return False
-            raise self._not_active(rtype, rid, clen)
-        if request.aborted:
+        state = (RETIRED if rid in self._retired else IDLE) if request is None else request.state
+        step = CLIENT.steps.get(state << 3 | RECEIVE)
+        if step is None:
+            raise RemoteProtocolError(
+                f"{stream_name(rtype)} record ({clen} bytes) for request {rid}, "
+                f"{CLIENT.refusal(state, False)}"
+            )
+        if step[1] == DROP:
             return False
+        assert request is not None  # only a request in flight receives
         complaint = request.received.move(rtype, clen == 0)
         if complaint is not None:
             raise RemoteProtocolError(
                 f"{stream_name(rtype)} record ({clen} bytes) for request {rid} {complaint}"
             )
+        if not clen:
+            self._settle(rid, state, request.received)
         return True
 
     def _on_record(self, rtype: int, rid: int, content: bytes, events: list[Event]) -> None:
@@ -305,10 +369,17 @@ class ClientConnection(Connection):
 
     def _end_request(self, rid: int, content: bytes, events: list[Event]) -> None:
         request = self._requests.get(rid)
-        if request is None:
-            if rid in self._retired:
-                return
-            raise self._not_active(_END_REQUEST, rid, len(content))
+        state = (RETIRED if rid in self._retired else IDLE) if request is None else request.state
+        move = END if request is None or request.sent.all_closed() else END_EARLY
+        step = CLIENT.steps.get(state << 3 | move)
+        if step is None:
+            raise RemoteProtocolError(
+                f"END_REQUEST record ({len(content)} bytes) for request {rid}, "
+                f"{CLIENT.refusal(state, False)}"
+            )
+        target, action = step
+        if action == DROP:
+            return
         if len(content) != 8:
             raise RemoteProtocolError(
                 f"END_REQUEST for request {rid} with a {len(content)}-byte body; it must be 8"
@@ -318,28 +389,19 @@ class ClientConnection(Connection):
             raise RemoteProtocolError(
                 f"END_REQUEST for request {rid} with unknown protocol status {status}"
             )
-        protocol_status = _PROTOCOL_STATUSES[status]
         del self._requests[rid]
-        self._forget_streams(rid)
-        if request.aborted:
+        self._settle(rid, target, None)
+        if target == RETIRED:
             # A late reply may still follow (Go's server sends one): never reuse the id.
             self._retired.add(rid)
-        elif not request.sent.all_closed():
-            # The application may still be reading what we sent for this id.
-            self._retired.add(rid)
-            if not self.multiplex:
-                self._unreusable = (
-                    f"request {rid} ended before its input was sent whole; the application "
-                    "may still read it, so the connection cannot carry another request"
-                )
         else:
             heapq.heappush(self._free_ids, rid)
-        events.append(EndRequest(rid, app_status, protocol_status))
-
-    def _not_active(self, rtype: int, rid: int, clen: int) -> RemoteProtocolError:
-        return RemoteProtocolError(
-            f"{stream_name(rtype)} record ({clen} bytes) for request {rid}, which is not active"
-        )
+        if action == STRAND and not self.multiplex:
+            self._unreusable = (
+                f"request {rid} ended before its input was sent whole; the application "
+                "may still read it, so the connection cannot carry another request"
+            )
+        events.append(EndRequest(rid, app_status, _PROTOCOL_STATUSES[status]))
 
     def _on_foreign_record(self, rtype: int, rid: int, clen: int) -> None:
         if rtype in RecordType._value2member_map_:

@@ -16,7 +16,7 @@ from typing import ClassVar
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import Event
 from ._records import FCGI_VERSION
-from ._state import stream_name
+from ._state import OPEN, Lifecycle, Streams, delivers, stream_name
 
 __all__ = ["Connection"]
 
@@ -36,6 +36,20 @@ class Connection:
     _WHOLE: ClassVar[frozenset[int]]
     #: Which side this is, for messages.
     _PEER: ClassVar[str]
+    #: This side's request table.
+    _LIFECYCLE: ClassVar[Lifecycle]
+    # Derived from the two above for _settle(): (streamed record type, its
+    # header prefix less the request id) pairs, the prefixes alone, and the
+    # request states in which received stream records go on.
+    _STREAM_ITEMS: ClassVar[tuple[tuple[int, int], ...]]
+    _STREAM_BASES: ClassVar[tuple[int, ...]]
+    _DELIVERING_STATES: ClassVar[frozenset[int]]
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls._STREAM_ITEMS = tuple((rtype, _RUN_BASE | rtype << 16) for rtype in cls._STREAMED)
+        cls._STREAM_BASES = tuple(base for _, base in cls._STREAM_ITEMS)
+        cls._DELIVERING_STATES = cls._LIFECYCLE.delivering_states
 
     def __init__(self) -> None:
         self._out: list[bytes | memoryview] = []
@@ -48,8 +62,9 @@ class Connection:
         self._padding = 0  # padding bytes after the current record's content
         self._error: RemoteProtocolError | None = None
         self._peer_closed = False
-        # Header prefixes of the streams that are open and delivering: a data
-        # record of one of them needs no further checks.
+        # Header prefixes of the streams whose data records the tables let
+        # through unchanged: such a record needs no further checks. Only
+        # _settle() changes it, from the tables, after every move.
         self._delivering: set[int] = set()
 
     # --- output ---
@@ -157,7 +172,7 @@ class Connection:
                 run = -1
                 version, rtype, rid = prefix >> 24, prefix >> 16 & 0xFF, prefix & 0xFFFF
                 if clen and prefix in self._delivering:
-                    pass  # data of a stream already checked and open
+                    pass  # data the tables let through as it is
                 elif version != FCGI_VERSION:
                     raise self._bad_version(version, rtype, rid, clen)
                 elif rtype not in self._STREAMED:
@@ -165,10 +180,7 @@ class Connection:
                 elif not self._stream_allowed(rtype, rid, clen, events):
                     self._skip(clen + plen)
                     continue
-                elif clen:
-                    self._delivering.add(prefix)
-                else:
-                    self._delivering.discard(prefix)
+                elif not clen:
                     self._skip(plen)
                     continue
                 if rtype in self._STREAMED:
@@ -266,14 +278,32 @@ class Connection:
 
     # --- shared helpers ---
 
-    def _forget_streams(self, rid: int) -> None:
-        """The request's streams deliver no more: its records go through the full checks.
+    def _settle(self, rid: int, state: int, received: Streams | None) -> None:
+        """Derive the fast path for request `rid` from its states in the tables.
 
-        A record of it already half read is skipped to its end, not delivered.
+        Every move of a request that can change what it delivers ends here,
+        so the set of delivering streams is never stale. A record of the
+        request already half read that no longer delivers is skipped to its
+        end, not delivered. `received` is None once the request has ended.
+        This is `delivers()` for each stream, inlined (a test holds the two
+        equal): it runs several times per request.
         """
-        for rtype in self._STREAMED:
-            self._delivering.discard(_RUN_BASE | rtype << 16 | rid)
-        if self._state == _STREAM and self._rid == rid:
+        delivering = self._delivering
+        if received is None or state not in self._DELIVERING_STATES:
+            for base in self._STREAM_BASES:
+                delivering.discard(base | rid)
+        else:
+            get = received.states.get
+            for rtype, base in self._STREAM_ITEMS:
+                if get(rtype) == OPEN:
+                    delivering.add(base | rid)
+                else:
+                    delivering.discard(base | rid)
+        if (
+            self._state == _STREAM
+            and self._rid == rid
+            and (received is None or not delivers(self._LIFECYCLE, state, received, self._rtype))
+        ):
             self._state, self._left, self._padding = _SKIP, self._left + self._padding, 0
 
     def _check_sendable(self) -> None:

@@ -30,7 +30,22 @@ from ._records import (
     encode_stream_records,
     record,
 )
-from ._state import Layout, Streams, stream_name
+from ._state import (
+    ABORT,
+    BEGIN,
+    BEGUN,
+    DROP,
+    END,
+    ENDED,
+    IDLE,
+    RECEIVE,
+    REFUSE,
+    SEND,
+    SERVER,
+    Layout,
+    Streams,
+    stream_name,
+)
 
 __all__ = ["ServerConnection"]
 
@@ -53,14 +68,16 @@ DEFAULT_MAX_PARAMS_SIZE = 1 << 20
 
 
 class _Request:
-    __slots__ = ("aborted", "keep_conn", "params", "received", "role", "stderr_used")
+    """A request in flight: BEGUN or ABORTED in the request table."""
+
+    __slots__ = ("keep_conn", "params", "received", "role", "state", "stderr_used")
 
     def __init__(self, role: Role, keep_conn: bool) -> None:
+        self.state = BEGUN  # where BEGIN leads
         self.role = role
         self.keep_conn = keep_conn
         self.received = Streams(_RECEIVE_STREAMS[role])
         self.params = bytearray()
-        self.aborted = False
         self.stderr_used = False
 
 
@@ -80,6 +97,7 @@ class ServerConnection(Connection):
     }
     _WHOLE: ClassVar = frozenset({_BEGIN_REQUEST, _ABORT_REQUEST, _PARAMS, _GET_VALUES})
     _PEER: ClassVar = "client"
+    _LIFECYCLE: ClassVar = SERVER
 
     def __init__(
         self,
@@ -112,17 +130,20 @@ class ServerConnection(Connection):
         return self._error is not None or self._peer_closed or self._closing
 
     # --- sending ---
+    #
+    # As on the client, each call checks and encodes before it changes
+    # anything, so a call that raises leaves the connection as it was.
 
     def send_stdout(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
-        self._active(request_id)
+        self._local_move(request_id, SEND)
         if data:
             self._out.extend(encode_stream_records(_STDOUT, request_id, _frozen(data)))
 
     def send_stderr(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
-        request = self._active(request_id)
+        request = self._local_move(request_id, SEND)[0]
         if data:
-            request.stderr_used = True
             self._out.extend(encode_stream_records(_STDERR, request_id, _frozen(data)))
+            request.stderr_used = True
 
     def end_request(
         self,
@@ -131,43 +152,56 @@ class ServerConnection(Connection):
         protocol_status: ProtocolStatus = ProtocolStatus.REQUEST_COMPLETE,
     ) -> None:
         """End the request: close STDOUT (and STDERR if used), then END_REQUEST."""
-        request = self._active(request_id)
+        request, target, _ = self._local_move(request_id, END)
         if not 0 <= app_status <= 0xFFFFFFFF:
             raise LocalProtocolError(f"app_status {app_status} does not fit in 32 bits")
+        try:
+            body = _END_BODY.pack(app_status, ProtocolStatus(protocol_status))
+        except struct.error:
+            raise LocalProtocolError(f"app_status {app_status!r} is not an integer") from None
         out = self._out
         out.append(HEADER.pack(FCGI_VERSION, _STDOUT, request_id, 0, 0))
         if request.stderr_used:
             out.append(HEADER.pack(FCGI_VERSION, _STDERR, request_id, 0, 0))
-        self._end(request_id, app_status, ProtocolStatus(protocol_status))
+        out.append(record(_END_REQUEST, request_id, body))
         del self._requests[request_id]
-        self._forget_streams(request_id)
+        self._ended.add(request_id)  # ENDED, the target: its late records are dropped
+        self._settle(request_id, target, None)
         if not request.keep_conn:
             self._closing = True
 
-    def _end(self, rid: int, app_status: int, status: ProtocolStatus) -> None:
-        self._out.append(record(_END_REQUEST, rid, _END_BODY.pack(app_status, status)))
-        self._ended.add(rid)
-
-    def _active(self, request_id: int) -> _Request:
-        self._check_sendable()
+    def _local_move(self, request_id: int, move: int) -> tuple[_Request, int, int]:
+        """The request, and the target and action of our caller's `move`; raises if refused."""
+        if self._error is not None or self._peer_closed:
+            self._check_sendable()
         request = self._requests.get(request_id)
-        if request is None:
-            raise LocalProtocolError(f"request {request_id} is not active")
-        return request
+        state = (ENDED if request_id in self._ended else IDLE) if request is None else request.state
+        step = SERVER.steps.get(state << 3 | move)
+        if step is None:
+            raise LocalProtocolError(f"request {request_id} {SERVER.refusal(state, True)}")
+        assert request is not None  # only a request in flight has moves of our caller
+        return request, step[0], step[1]
 
     # --- receiving ---
 
-    def _known(self, rtype: int, rid: int, clen: int) -> _Request | None:
-        """The request a record belongs to; None when it is to be dropped."""
+    def _received(self, rtype: int, rid: int, clen: int, move: int) -> _Request | None:
+        """Apply the peer's `move` to request `rid`; the request, or None to drop the record."""
         request = self._requests.get(rid)
-        if request is None and rid not in self._ended:
+        state = (ENDED if rid in self._ended else IDLE) if request is None else request.state
+        step = SERVER.steps.get(state << 3 | move)
+        if step is None:
             raise RemoteProtocolError(
-                f"{stream_name(rtype)} record ({clen} bytes) for request {rid}, which has not begun"
+                f"{stream_name(rtype)} record ({clen} bytes) for request {rid}, "
+                f"{SERVER.refusal(state, False)}"
             )
+        if step[1] == DROP:
+            return None
+        assert request is not None  # only a request in flight takes the peer's moves
+        request.state = step[0]
         return request
 
     def _stream_allowed(self, rtype: int, rid: int, clen: int, events: list[Event]) -> bool:
-        request = self._known(rtype, rid, clen)
+        request = self._received(rtype, rid, clen, RECEIVE)
         if request is None:
             return False
         complaint = request.received.move(rtype, clen == 0)
@@ -177,6 +211,7 @@ class ServerConnection(Connection):
                 f"({request.role.name} role) {complaint}"
             )
         if not clen:
+            self._settle(rid, request.state, request.received)
             events.append(_STREAM_END_EVENTS[rtype](rid))
         return True
 
@@ -191,13 +226,14 @@ class ServerConnection(Connection):
         if rtype == _BEGIN_REQUEST:
             self._begin(rid, content, events)
             return
-        request = self._known(rtype, rid, len(content))
+        request = self._received(
+            rtype, rid, len(content), ABORT if rtype == _ABORT_REQUEST else RECEIVE
+        )
         if request is None:
             return
         if rtype == _ABORT_REQUEST:
-            if not request.aborted:
-                request.aborted = True
-                events.append(AbortRequest(rid))
+            self._settle(rid, request.state, request.received)
+            events.append(AbortRequest(rid))
         else:
             self._params(rid, request, content, events)
 
@@ -206,10 +242,7 @@ class ServerConnection(Connection):
             raise RemoteProtocolError(
                 f"BEGIN_REQUEST for request {rid} with a {len(content)}-byte body; it must be 8"
             )
-        if rid in self._requests:
-            raise RemoteProtocolError(f"BEGIN_REQUEST for request {rid}, which is already active")
         role_number, flags = _BEGIN_BODY.unpack(content)
-        self._ended.discard(rid)
         if role_number not in Role._value2member_map_ or Role(role_number) not in self.roles:
             refusal = ProtocolStatus.UNKNOWN_ROLE
         elif self._requests and not self.multiplex:
@@ -217,11 +250,25 @@ class ServerConnection(Connection):
         elif len(self._requests) >= self.max_requests:
             refusal = ProtocolStatus.OVERLOADED
         else:
-            role, keep_conn = Role(role_number), bool(flags & 1)
-            self._requests[rid] = _Request(role, keep_conn)
-            events.append(BeginRequest(rid, role, keep_conn))
+            refusal = None
+        current = self._requests.get(rid)
+        state = (ENDED if rid in self._ended else IDLE) if current is None else current.state
+        if SERVER.steps.get(state << 3 | (REFUSE if refusal else BEGIN)) is None:
+            raise RemoteProtocolError(
+                f"BEGIN_REQUEST for request {rid}, {SERVER.refusal(state, False)}"
+            )
+        if refusal is not None:
+            # Its records may still come: dropped until it begins again.
+            self._ended.add(rid)
+            self._out.append(record(_END_REQUEST, rid, _END_BODY.pack(0, refusal)))
             return
-        self._end(rid, 0, refusal)
+        self._ended.discard(rid)
+        role, keep_conn = Role(role_number), bool(flags & 1)
+        self._requests[rid] = _Request(role, keep_conn)
+        # No _settle(): nothing this side streams is open before PARAMS ends,
+        # and the id's streams were let go when it last ended (the property
+        # tests hold the fast path to the tables).
+        events.append(BeginRequest(rid, role, keep_conn))
 
     def _params(self, rid: int, request: _Request, content: bytes, events: list[Event]) -> None:
         complaint = request.received.move(_PARAMS, not content)
@@ -236,6 +283,7 @@ class ServerConnection(Connection):
                 )
             request.params += content
             return
+        self._settle(rid, request.state, request.received)  # its end opened STDIN (and DATA)
         pairs = decode_pairs(request.params, f"PARAMS of request {rid}")
         request.params = bytearray()
         events.append(Params(rid, dict(pairs)))

@@ -1,6 +1,34 @@
-"""The per-request stream rules both sides of a connection follow.
+"""The rules of a request's life, as tables both sides of a connection follow.
 
-A request carries up to five streams. Each is in one of three states:
+Two tables, composed. The request table says what may happen to a request id
+at all; the stream table says what may happen to each stream of a request
+that is in flight. Anything missing from either is a protocol error: whose
+fault depends on who made the move (LocalProtocolError for our caller,
+RemoteProtocolError for the peer), so the tables give the complaint and the
+caller raises. The tables are only read, never changed, and a move is looked
+up before anything is changed, so a refused move changes nothing.
+
+The request table, per side (inputs: BEGIN, SEND on a stream, RECEIVE a stream
+record, ABORT, END the request; END_EARLY is END while the client has not yet
+sent all its input; REFUSE is a BEGIN_REQUEST the application turns down):
+
+    client   IDLE --BEGIN--> BEGUN --ABORT--> ABORTED --END--> RETIRED
+                             BEGUN --END--> IDLE            (the id is free again)
+                             BEGUN --END_EARLY--> RETIRED   (the application may still read)
+             BEGUN: SEND and RECEIVE go on.  ABORTED: RECEIVE and a second ABORT
+             are dropped, SEND is refused.  RETIRED: RECEIVE and END are dropped
+             for the life of the connection (Go's late reply after an abort).
+    server   IDLE or ENDED --BEGIN--> BEGUN --ABORT--> ABORTED
+             IDLE or ENDED --REFUSE--> ENDED              (answered at once)
+             BEGUN or ABORTED --END--> ENDED
+             BEGUN and ABORTED: SEND and RECEIVE go on; a second ABORT is dropped.
+             ENDED: RECEIVE and ABORT are dropped until the id begins again.
+
+IDLE is an id never used or, on the client, one that ended normally: records
+for it are the peer's error. A request is in `active_requests` while it is
+BEGUN or ABORTED.
+
+The stream table: each stream of a request is WAITING, OPEN or CLOSED.
 
     WAITING --opens--> OPEN --data--> OPEN
                        OPEN --end---> CLOSED
@@ -13,16 +41,133 @@ side and the role:
     server receives  PARAMS (open at BEGIN_REQUEST) -> STDIN and DATA (filter role only)
     server sends     STDOUT, STDERR (open at BEGIN_REQUEST; end_request closes both)
 
-An input missing from _TRANSITIONS is a protocol error; whose fault depends on
-which side made the move (LocalProtocolError for our caller, RemoteProtocolError
-for the peer), so the table returns the complaint and the caller raises.
+The reader's fast path (a set of record headers whose data needs no checks)
+is derived from both tables by `delivers`, after every move, in one place.
 """
 
 from __future__ import annotations
 
 from ._records import RecordType
 
-__all__ = ["CLOSED", "OPEN", "WAITING", "Layout", "Streams", "stream_name"]
+__all__ = [
+    "ABORT",
+    "ABORTED",
+    "BEGIN",
+    "BEGUN",
+    "CLIENT",
+    "CLOSED",
+    "DROP",
+    "END",
+    "ENDED",
+    "END_EARLY",
+    "GO",
+    "IDLE",
+    "OPEN",
+    "RECEIVE",
+    "REFUSE",
+    "RETIRED",
+    "SEND",
+    "SERVER",
+    "STRAND",
+    "WAITING",
+    "Layout",
+    "Lifecycle",
+    "Streams",
+    "delivers",
+    "stream_name",
+]
+
+# --- the request table ---
+
+# Request states.
+IDLE, BEGUN, ABORTED, RETIRED, ENDED = range(5)
+# Inputs.
+BEGIN, SEND, RECEIVE, ABORT, END, END_EARLY, REFUSE = range(7)
+# What to do with the input: carry it out, drop it silently, or (the client's
+# request ended before its input was sent whole) carry it out and stop
+# reusing a plain connection, whose application may still read that input.
+GO, DROP, STRAND = 0, 1, 2
+
+
+class Lifecycle:
+    """One side's request table: (state, input) -> (target state, action)."""
+
+    __slots__ = ("delivering_states", "local", "remote", "steps", "transitions")
+
+    def __init__(
+        self,
+        transitions: dict[tuple[int, int], tuple[int, int]],
+        local: dict[int, str],
+        remote: dict[int, str],
+    ) -> None:
+        self.transitions = transitions
+        #: The same table keyed by `state << 3 | input`: an int hashes faster than a
+        #: tuple, and these lookups run several times per request.
+        assert all(0 <= move < 8 for _, move in transitions)
+        self.steps = {state << 3 | move: step for (state, move), step in transitions.items()}
+        #: Why our caller's move from a state is refused: "request N <complaint>".
+        self.local = local
+        #: Why the peer's move from a state is refused: "... for request N, <complaint>".
+        self.remote = remote
+        #: States in which a received stream record goes on, the state unchanged.
+        self.delivering_states = frozenset(
+            state
+            for (state, move), (target, action) in transitions.items()
+            if move == RECEIVE and target == state and action == GO
+        )
+
+    def refusal(self, state: int, local: bool) -> str:
+        """Why a move missing from the table, made from `state`, is refused."""
+        return (self.local if local else self.remote)[state]
+
+
+CLIENT = Lifecycle(
+    {
+        (IDLE, BEGIN): (BEGUN, GO),
+        (BEGUN, SEND): (BEGUN, GO),
+        (BEGUN, RECEIVE): (BEGUN, GO),
+        (BEGUN, ABORT): (ABORTED, GO),
+        (BEGUN, END): (IDLE, GO),
+        (BEGUN, END_EARLY): (RETIRED, STRAND),
+        (ABORTED, RECEIVE): (ABORTED, DROP),
+        (ABORTED, ABORT): (ABORTED, DROP),
+        (ABORTED, END): (RETIRED, GO),
+        (ABORTED, END_EARLY): (RETIRED, GO),
+        (RETIRED, RECEIVE): (RETIRED, DROP),
+        (RETIRED, END): (RETIRED, DROP),
+        (RETIRED, END_EARLY): (RETIRED, DROP),
+    },
+    local={IDLE: "is not active", ABORTED: "was aborted", RETIRED: "is not active"},
+    remote={IDLE: "which is not active"},
+)
+
+SERVER = Lifecycle(
+    {
+        (IDLE, BEGIN): (BEGUN, GO),
+        (IDLE, REFUSE): (ENDED, GO),
+        (BEGUN, SEND): (BEGUN, GO),
+        (BEGUN, RECEIVE): (BEGUN, GO),
+        (BEGUN, ABORT): (ABORTED, GO),
+        (BEGUN, END): (ENDED, GO),
+        (ABORTED, SEND): (ABORTED, GO),
+        (ABORTED, RECEIVE): (ABORTED, GO),
+        (ABORTED, ABORT): (ABORTED, DROP),
+        (ABORTED, END): (ENDED, GO),
+        (ENDED, BEGIN): (BEGUN, GO),
+        (ENDED, REFUSE): (ENDED, GO),
+        (ENDED, RECEIVE): (ENDED, DROP),
+        (ENDED, ABORT): (ENDED, DROP),
+    },
+    local={IDLE: "is not active", ENDED: "is not active"},
+    remote={
+        IDLE: "which has not begun",
+        BEGUN: "which is already active",
+        ABORTED: "which is already active",
+    },
+)
+
+
+# --- the stream table ---
 
 WAITING, OPEN, CLOSED = 0, 1, 2
 _DATA, _END = 0, 1
@@ -83,16 +228,23 @@ class Streams:
         self.layout = layout
         self.states = dict(layout.initial)
 
-    def move(self, rtype: int, end: bool) -> str | None:
-        """Apply data (or the end) of stream `rtype`; a complaint string if not allowed."""
-        states = self.states
-        state = states.get(rtype)
+    def check(self, rtype: int, end: bool) -> str | None:
+        """A complaint if data (or the end) of stream `rtype` is refused now; changes nothing."""
+        state = self.states.get(rtype)
         if state is None:
             return "which this request does not have"
-        target = _TRANSITIONS.get((state, _END if end else _DATA))
-        if target is None:
+        if (state, _END if end else _DATA) not in _TRANSITIONS:
             opener = stream_name(self.layout.openers.get(rtype, 0))
             return _COMPLAINTS[state].format(opener=opener)
+        return None
+
+    def move(self, rtype: int, end: bool) -> str | None:
+        """Apply data (or the end) of stream `rtype`; if refused, a complaint and no change."""
+        states = self.states
+        state = states.get(rtype)
+        target = None if state is None else _TRANSITIONS.get((state, _END if end else _DATA))
+        if target is None:
+            return self.check(rtype, end)
         states[rtype] = target
         if target == CLOSED and rtype in self.layout.following:
             group, following = self.layout.following[rtype]
@@ -103,3 +255,12 @@ class Streams:
 
     def all_closed(self) -> bool:
         return all(state == CLOSED for state in self.states.values())
+
+
+def delivers(lifecycle: Lifecycle, state: int, streams: Streams, rtype: int) -> bool:
+    """Whether a data record of stream `rtype` would go on with no change of state.
+
+    Such records are what the reader's fast path lets through unchecked; this
+    is the one place that decides which.
+    """
+    return state in lifecycle.delivering_states and streams.states.get(rtype) == OPEN
