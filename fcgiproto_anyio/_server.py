@@ -15,7 +15,6 @@ that calls the core moves its output to `pending` before its next await.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import inspect
 import itertools
@@ -23,7 +22,6 @@ import logging
 import os
 import socket
 import stat
-import traceback
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterable
 from typing import Any, TypeAlias
@@ -48,16 +46,24 @@ from fcgiproto import (
 )
 from fcgiproto.support import (
     ALL_ROLES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_MULTIPLEX,
     ERROR_STATUS,
     INTERNAL_ERROR,
     OUTPUT_TYPES,
     Address,
     AddressInput,
     RequestBase,
+    RequestSlots,
     RequestState,
+    ServerOptions,
     check_output,
+    close_output,
+    failure_report,
+    listen_address,
     log_bytes,
-    parse_address,
+    output_chunks,
 )
 
 __all__ = ["App", "Request", "serve"]
@@ -123,13 +129,7 @@ class _Connection:
         self.app = server.app
         self.sock = sock
         self.number = number
-        self.proto = ServerConnection(
-            roles=server.roles,
-            multiplex=server.multiplex,
-            max_requests=server.max_requests,
-            max_connections=server.max_connections,
-            max_params_size=server.max_params_size,
-        )
+        self.proto: ServerConnection = server.options.connection()
         self.states: dict[int, _State] = {}
         self.pending: deque[bytes] = deque()
         self.queued = 0
@@ -197,7 +197,12 @@ class _Connection:
 
     def _route(self, event: Event) -> None:
         if isinstance(event, BeginRequest):
-            self.states[event.request_id] = _State(event.request_id, event.role, event.keep_conn)
+            if self.server.slots.admit(self.proto, event):
+                self.states[event.request_id] = _State(
+                    event.request_id, event.role, event.keep_conn
+                )
+            elif self.proto.closed:  # refused, and keep_conn=False: close once it is sent
+                self.closing = True
             return
         if not isinstance(
             event, (Params, StdinData, StdinEnd, FilterData, FilterDataEnd, AbortRequest)
@@ -257,27 +262,19 @@ class _Connection:
                     aclose = getattr(result, "aclose", None)
                     if callable(aclose):
                         await aclose()
-            elif isinstance(result, Iterable) and not isinstance(result, str):
-                try:
-                    for chunk in result:
-                        if check_output(chunk):
-                            started = True
-                            if not await self.write(state, _STDOUT, chunk):
-                                break
-                finally:
-                    close = getattr(result, "close", None)
-                    if callable(close):
-                        close()
             else:
-                raise TypeError(
-                    f"the app returned {type(result).__name__}, "
-                    "not bytes or an (async) iterable of bytes"
-                )
+                chunks = output_chunks(result, "bytes or an (async) iterable of bytes")
+                try:
+                    for chunk in chunks:
+                        started = True
+                        if not await self.write(state, _STDOUT, chunk):
+                            break
+                finally:
+                    close_output(result)
             return request.app_status
         except Exception:
             logger.exception("the app failed on %r", request)
-            trace = traceback.format_exc().encode("utf-8", "backslashreplace")
-            await self.write(state, _STDERR, trace)
+            await self.write(state, _STDERR, failure_report())
             if not started:
                 await self.write(state, _STDOUT, INTERNAL_ERROR)
             return ERROR_STATUS
@@ -304,6 +301,7 @@ class _Connection:
         state.ended = True
         if self.states.get(state.request_id) is state:
             del self.states[state.request_id]
+            self.server.slots.give_back()
         self.proto.end_request(state.request_id, app_status)
         self._queue()
         if self.proto.closed:  # keep_conn=False: read no more, close once it is sent
@@ -375,6 +373,8 @@ class _Connection:
         self.dead = True
         for state in self.states.values():
             state.aborted = True
+        self.server.slots.give_back(len(self.states))
+        self.states.clear()
         self.pending.clear()
         self._progressed()
         self.read_scope.cancel()
@@ -386,31 +386,24 @@ class _Server:
     def __init__(
         self,
         app: App,
-        *,
-        multiplex: bool,
-        max_connections: int,
-        max_requests: int,
-        roles: Collection[Role],
-        max_params_size: int,
+        options: ServerOptions,
         tasks: anyio.abc.TaskGroup,
     ) -> None:
         self.app = app
-        self.multiplex = multiplex
-        self.max_connections = max_connections
-        self.max_requests = max_requests
-        self.roles = frozenset(Role(role) for role in roles)
-        self.max_params_size = max_params_size
+        self.options = options
         self.tasks = tasks
-        self.slots = anyio.Semaphore(max_connections)
+        self.connection_slots = anyio.Semaphore(options.max_connections)
+        self.slots = RequestSlots(options.max_requests)  # one thread: no lock needed
         self.numbers = itertools.count(1)
 
     async def accept_loop(self, listener: socket.socket) -> None:
         while True:
-            await self.slots.acquire()  # at the cap: accept no more until a connection ends
+            # At the cap: accept no more until a connection ends.
+            await self.connection_slots.acquire()
             try:
                 sock = await _accept(listener)
             except BaseException:
-                self.slots.release()
+                self.connection_slots.release()
                 raise
             number = next(self.numbers)
             self.tasks.start_soon(self._connection, sock, number, name=f"fcgi-connection-{number}")
@@ -421,18 +414,7 @@ class _Server:
         except Exception:
             logger.exception("connection %d failed", number)
         finally:
-            self.slots.release()
-
-
-def _listen_address(address: AddressInput) -> Address:
-    """parse_address, plus port 0 (any free port), which a client never asks for."""
-    if isinstance(address, tuple) and len(address) == 2 and address[1] == 0:
-        return Address(host=address[0], port=0)
-    if isinstance(address, str) and address.endswith(":0"):
-        probe = parse_address(address[:-1] + "1")
-        if probe.path is None:
-            return dataclasses.replace(probe, port=0)
-    return parse_address(address)
+            self.connection_slots.release()
 
 
 class _Socket:
@@ -517,7 +499,7 @@ async def _listen(address: Address) -> tuple[socket.socket, Address, int]:
         return sock, address, inode
     family, kind, proto, _, sockaddr = (
         await anyio.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     )[0]
     sock = socket.socket(family, kind, proto)
@@ -560,11 +542,11 @@ async def serve(
     app: App,
     address: AddressInput,
     *,
-    multiplex: bool = True,
-    max_connections: int = 100,
-    max_requests: int = 100,
-    roles: Collection[Role] = ALL_ROLES,
+    multiplex: bool = DEFAULT_MULTIPLEX,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
     max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
+    roles: Collection[Role] = ALL_ROLES,
     task_status: anyio.abc.TaskStatus[Address] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a FastCGI application until cancelled.
@@ -573,8 +555,9 @@ async def serve(
     have all arrived; what it returns, bytes or an iterable or async iterable
     of bytes sent as it is produced, is the CGI response: headers, a blank
     line, the body. The app may also be an async generator function. If it
-    raises, the traceback goes to the request's STDERR, a 500 response is sent
-    if nothing was yet, and the request ends with app_status 1; the connection
+    raises, the traceback goes to this module's logger and to the request's
+    STDERR (the web server's error log), a plain 500 response is sent if
+    nothing was yet, and the request ends with app_status 1; the connection
     goes on. Each chunk is sent before the next is asked for, so a slow client
     slows the app down instead of making memory grow. A synchronous iterable
     runs in the event loop: it must not block.
@@ -586,40 +569,39 @@ async def serve(
     address once listening.
 
     Each connection has a task, and each request a task of its own: with
-    `multiplex` a connection carries up to `max_requests` requests at once
-    (more are refused with OVERLOADED), without it one at a time. An
-    ABORT_REQUEST cancels that request's task and ends the request at once
-    with app_status 1; the connection's other requests go on. A request's
-    stdin and filter data are held in memory until the app runs: put a body
-    size limit in the web server (nginx's client_max_body_size).
+    `multiplex` a connection carries many requests at once, without it (the
+    default: nginx, Apache and Caddy never multiplex, and a client that can
+    asks first) one at a time. An ABORT_REQUEST cancels that request's task
+    and ends the request at once with app_status 1; the connection's other
+    requests go on. A request's stdin and filter data are held in memory
+    until the app runs: put a body size limit in the web server (nginx's
+    client_max_body_size).
 
-    Past `max_connections` connections the server stops accepting: further
-    clients wait in the listen backlog until a connection ends. Requests in
-    `roles` only are accepted (others end with UNKNOWN_ROLE); PARAMS beyond
-    `max_params_size` bytes, or anything else against the protocol, close
-    that connection only, as does the client closing it, which cancels its
-    requests. After a keep_conn=False request
+    The options and their defaults are fcgiproto_socket.serve's, and mean the
+    same (see fcgiproto.support.ServerOptions); GET_VALUES answers them as
+    set. Past `max_connections` connections the server stops accepting:
+    further clients wait in the listen backlog until a connection ends.
+    `max_requests` caps requests at once across all connections; one more
+    ends with OVERLOADED. Requests in `roles` only are accepted (others end
+    with UNKNOWN_ROLE); PARAMS beyond `max_params_size` bytes, or anything
+    else against the protocol, close that connection only, as does the client
+    closing it, which cancels its requests. After a keep_conn=False request
     the connection is closed once its output is sent.
 
     Cancelling serve closes the listener and every connection (requests in
     progress are cancelled) and returns once every task has ended.
     """
-    if max_connections < 1:
-        raise ValueError("max_connections must be at least 1")
-    if max_requests < 1:
-        raise ValueError("max_requests must be at least 1")
-    listener, bound, inode = await _listen(_listen_address(address))
+    options = ServerOptions(
+        multiplex=multiplex,
+        max_connections=max_connections,
+        max_requests=max_requests,
+        max_params_size=max_params_size,
+        roles=roles,
+    )
+    listener, bound, inode = await _listen(listen_address(address))
     try:
         async with anyio.create_task_group() as tasks:
-            server = _Server(
-                app,
-                multiplex=multiplex,
-                max_connections=max_connections,
-                max_requests=max_requests,
-                roles=roles,
-                max_params_size=max_params_size,
-                tasks=tasks,
-            )
+            server = _Server(app, options, tasks)
             tasks.start_soon(server.accept_loop, listener, name=f"fcgi-accept {bound}")
             task_status.started(bound)
     finally:

@@ -22,12 +22,12 @@ import select
 import socket
 import stat
 import threading
-import traceback
 from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import TypeAlias
 
 from fcgiproto import (
+    DEFAULT_MAX_PARAMS_SIZE,
     AbortRequest,
     BeginRequest,
     Event,
@@ -42,16 +42,22 @@ from fcgiproto import (
 )
 from fcgiproto.support import (
     ALL_ROLES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_MULTIPLEX,
     ERROR_STATUS,
     INTERNAL_ERROR,
-    OUTPUT_TYPES,
     Address,
     AddressInput,
     RequestBase,
+    RequestSlots,
     RequestState,
-    check_output,
+    ServerOptions,
+    close_output,
+    failure_report,
+    listen_address,
     log_bytes,
-    parse_address,
+    output_chunks,
 )
 
 __all__ = ["Handler", "Request", "Server", "serve"]
@@ -112,12 +118,7 @@ class _Connection:
         self.listener = listener
         self.sock = sock
         self.number = number
-        self.proto = ServerConnection(
-            roles=listener.roles,
-            multiplex=listener.multiplex,
-            max_requests=listener.max_requests,
-            max_connections=listener.max_connections,
-        )
+        self.proto: ServerConnection = listener.options.connection()
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.pending: list[bytes] = []
@@ -166,7 +167,13 @@ class _Connection:
 
     def _route(self, event: Event, whole: list[_State]) -> None:
         if isinstance(event, BeginRequest):
-            self.states[event.request_id] = _State(event.request_id, event.role, event.keep_conn)
+            listener = self.listener
+            with listener.slots_lock:
+                admitted = listener.slots.admit(self.proto, event)
+            if admitted:
+                self.states[event.request_id] = _State(
+                    event.request_id, event.role, event.keep_conn
+                )
             return
         if not isinstance(
             event, (Params, StdinData, StdinEnd, FilterData, FilterDataEnd, AbortRequest)
@@ -187,7 +194,7 @@ class _Connection:
         assert state.params is not None
         request = Request(self, state)
         state.stdin = state.data = []
-        if not self.listener.multiplex:
+        if not self.listener.options.multiplex:
             self._respond(state, request)
             return
         worker = threading.Thread(
@@ -223,18 +230,16 @@ class _Connection:
         try:
             result = self.listener.handler(request)
             try:
-                for chunk in _chunks(result):
+                for chunk in output_chunks(result):
                     started = True
                     if not self.write(state, _STDOUT, chunk):
                         break
             finally:
-                close = getattr(result, "close", None)
-                if callable(close):
-                    close()
+                close_output(result)
             status = request.app_status
         except Exception:
             logger.exception("the handler failed on %r", request)
-            self.write(state, _STDERR, traceback.format_exc().encode("utf-8", "backslashreplace"))
+            self.write(state, _STDERR, failure_report())
             if not started:
                 self.write(state, _STDOUT, INTERNAL_ERROR)
         finally:
@@ -270,6 +275,7 @@ class _Connection:
         state.ended = True
         if self.states.get(state.request_id) is state:
             del self.states[state.request_id]
+            self.listener.give_back(1)
         self.proto.end_request(state.request_id, app_status)
 
     def _queue(self) -> bool:
@@ -303,6 +309,7 @@ class _Connection:
         self.dead = True
         for state in self.states.values():
             state.aborted = state.ended = True
+        self.listener.give_back(len(self.states))
         self.states.clear()
         self.pending.clear()
         self._shutdown()
@@ -322,16 +329,6 @@ class _Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
 
 
-def _chunks(result: object) -> Iterable[bytes | bytearray | memoryview]:
-    if isinstance(result, OUTPUT_TYPES):
-        return (result,) if result else ()
-    if isinstance(result, str) or not isinstance(result, Iterable):
-        raise TypeError(
-            f"the handler returned {type(result).__name__}, not bytes or an iterable of bytes"
-        )
-    return (chunk for chunk in result if check_output(chunk))
-
-
 class _Listener:
     """The listening socket, the accept loop, and the connections it started."""
 
@@ -339,27 +336,20 @@ class _Listener:
         self,
         handler: Handler,
         address: AddressInput,
-        *,
-        multiplex: bool,
-        max_connections: int,
-        max_requests: int,
-        roles: Collection[Role],
+        options: ServerOptions,
     ) -> None:
-        if max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
-        if max_requests < 1:
-            raise ValueError("max_requests must be at least 1")
         self.handler = handler
-        self.multiplex = multiplex
-        self.max_connections = max_connections
-        self.max_requests = max_requests
-        self.roles = frozenset(Role(role) for role in roles)
+        self.options = options
+        # Requests at once across every connection; taken under its own lock,
+        # which is the innermost: nothing else is acquired while it is held.
+        self.slots = RequestSlots(options.max_requests)
+        self.slots_lock = threading.Lock()
         # A byte on this pair wakes the accept loop: to stop, or to accept again.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         try:
-            self.sock, self.address, self._inode = _bind(parse_address(address, listening=True))
+            self.sock, self.address, self._inode = _bind(listen_address(address))
         except BaseException:
             self._wake_r.close()
             self._wake_w.close()
@@ -382,6 +372,12 @@ class _Listener:
         self._stopping = True
         self._wake()
 
+    def give_back(self, count: int) -> None:
+        """Requests of a connection ended or were abandoned."""
+        if count:
+            with self.slots_lock:
+                self.slots.give_back(count)
+
     def forget(self, connection: _Connection) -> None:
         """A connection's thread is about to close its socket."""
         with self._lock:
@@ -399,7 +395,7 @@ class _Listener:
         timeout = None if stop is None else POLL_INTERVAL * 1000
         while not self._stopping and not (stop is not None and stop.is_set()):
             with self._lock:
-                full = len(self._connections) >= self.max_connections
+                full = len(self._connections) >= self.options.max_connections
             if listening == full:  # stop accepting at the cap; the backlog holds the rest
                 if full:
                     poller.unregister(self.sock)
@@ -519,9 +515,10 @@ def serve(
     handler: Handler,
     address: AddressInput,
     *,
-    multiplex: bool = False,
-    max_connections: int = 100,
-    max_requests: int = 100,
+    multiplex: bool = DEFAULT_MULTIPLEX,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
+    max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
     roles: Collection[Role] = ALL_ROLES,
     ready: Callable[[Address], object] | None = None,
     stop: threading.Event | None = None,
@@ -531,41 +528,47 @@ def serve(
     `handler(request)` is called once a request's params, stdin and filter data
     have all arrived; what it returns, bytes or an iterable of bytes sent as it
     is produced, is the CGI response: headers, a blank line, the body. If it
-    raises, the traceback goes to the request's STDERR, a 500 response is sent
-    if nothing was yet, and the request ends with app_status 1.
+    raises, the traceback goes to this module's logger and to the request's
+    STDERR (the web server's error log), a plain 500 response is sent if
+    nothing was yet, and the request ends with app_status 1.
 
     `address` is as for the client: "host:port" (port 0 takes a free one),
     "[::1]:9000", "unix:/path.sock", an absolute path, or (host, port). A Unix
     socket file left by a server that is gone is replaced, and removed again
     on the way out. `ready` is called with the bound address once listening.
 
-    Each connection has a thread. Without `multiplex` a connection carries one
-    request at a time and the handler runs in that thread, so an ABORT_REQUEST
-    is read only after it returns (web servers close the connection instead,
-    which stops a streaming handler at its next chunk). With `multiplex` a
-    connection carries up to `max_requests` requests at once, each handler in
-    a thread of its own, and ABORT_REQUEST ends the request at once: the
-    handler sees `request.aborted`, and its output is dropped. A request's
-    stdin and filter data are held in memory until the handler runs: put a
-    body size limit in the web server (nginx's client_max_body_size).
+    Each connection has a thread. Without `multiplex` (the default: nginx,
+    Apache and Caddy never multiplex, and a client that can asks first) a
+    connection carries one request at a time and the handler runs in that
+    thread, so an ABORT_REQUEST is read only after it returns (web servers
+    close the connection instead, which stops a streaming handler at its next
+    chunk). With `multiplex` a connection carries many requests at once, each
+    handler in a thread of its own, and ABORT_REQUEST ends the request at
+    once: the handler sees `request.aborted`, and its output is dropped. A
+    request's stdin and filter data are held in memory until the handler runs:
+    put a body size limit in the web server (nginx's client_max_body_size).
 
-    `max_connections` caps connections; more wait in the listen backlog.
-    Requests in `roles` only are accepted (others end with UNKNOWN_ROLE). A
-    client that breaks the protocol loses its connection; the server goes on.
+    The options and their defaults are fcgiproto_anyio.serve's, and mean the
+    same (see fcgiproto.support.ServerOptions); GET_VALUES answers them as
+    set. `max_connections` caps connections; more wait in the listen backlog.
+    `max_requests` caps requests at once across all connections; one more ends
+    with OVERLOADED. Requests in `roles` only are accepted (others end with
+    UNKNOWN_ROLE). A client that sends PARAMS of more than `max_params_size`
+    bytes, or otherwise breaks the protocol, loses its connection; the server
+    goes on.
 
     Setting `stop` closes the listener and every connection (requests in
     progress are abandoned) and returns once every thread has ended, waiting
     for handlers still running.
     """
-    listener = _Listener(
-        handler,
-        address,
+    options = ServerOptions(
         multiplex=multiplex,
         max_connections=max_connections,
         max_requests=max_requests,
+        max_params_size=max_params_size,
         roles=roles,
     )
-    listener.run(stop, ready)
+    _Listener(handler, address, options).run(stop, ready)
 
 
 class Server:
@@ -573,8 +576,8 @@ class Server:
 
     ``with Server(handler, "127.0.0.1:0") as server:`` listens on
     ``server.address`` inside the block; leaving it stops the server and joins
-    every thread it started. Binding happens in ``start()``, so an address in
-    use raises there.
+    every thread it started. The options are serve's and are checked here;
+    binding happens in ``start()``, so an address in use raises there.
     """
 
     def __init__(
@@ -582,17 +585,21 @@ class Server:
         handler: Handler,
         address: AddressInput,
         *,
-        multiplex: bool = False,
-        max_connections: int = 100,
-        max_requests: int = 100,
+        multiplex: bool = DEFAULT_MULTIPLEX,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+        max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
         roles: Collection[Role] = ALL_ROLES,
     ) -> None:
         self._handler = handler
         self._requested = address
-        self._multiplex = multiplex
-        self._max_connections = max_connections
-        self._max_requests = max_requests
-        self._roles = roles
+        self._options = ServerOptions(
+            multiplex=multiplex,
+            max_connections=max_connections,
+            max_requests=max_requests,
+            max_params_size=max_params_size,
+            roles=roles,
+        )
         self._listener: _Listener | None = None
         self._thread: threading.Thread | None = None
 
@@ -606,14 +613,7 @@ class Server:
     def start(self) -> Server:
         if self._listener is not None:
             raise RuntimeError("the server is already started")
-        listener = _Listener(
-            self._handler,
-            self._requested,
-            multiplex=self._multiplex,
-            max_connections=self._max_connections,
-            max_requests=self._max_requests,
-            roles=self._roles,
-        )
+        listener = _Listener(self._handler, self._requested, self._options)
         thread = threading.Thread(
             target=listener.run,
             args=(None, None),

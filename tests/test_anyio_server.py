@@ -412,7 +412,7 @@ async def test_200_multiplexed_requests_each_get_their_own_body() -> None:
             yield body[start : start + 10_000]
 
     async with (
-        running(app, max_requests=count) as bound,
+        running(app, multiplex=True, max_requests=count) as bound,
         Raw.connect(bound, multiplex=True) as raw,
     ):
         rids = [raw.conn.send_request(get(), body) for body in bodies]
@@ -433,7 +433,7 @@ async def test_requests_past_max_requests_are_overloaded() -> None:
         return HEAD + b"done"
 
     async with (
-        running(app, max_requests=2) as bound,
+        running(app, multiplex=True, max_requests=2) as bound,
         Raw.connect(bound, multiplex=True) as raw,
     ):
         rids = [raw.conn.send_request(get()) for _ in range(3)]
@@ -471,7 +471,7 @@ async def test_abort_ends_one_multiplexed_request_and_the_others_complete() -> N
             if request.params["SCRIPT_NAME"] == "/slow":
                 slow_over.set()
 
-    async with running(app) as bound, Raw.connect(bound, multiplex=True) as raw:
+    async with running(app, multiplex=True) as bound, Raw.connect(bound, multiplex=True) as raw:
         slow = raw.conn.send_request(get("/slow"))
         others = [raw.conn.send_request(get("/other")) for _ in range(2)]
         await raw.send()
@@ -519,7 +519,7 @@ async def test_get_values_is_answered_from_the_configuration() -> None:
         return HEAD
 
     async with (
-        running(app, max_connections=7, max_requests=5) as bound,
+        running(app, multiplex=True, max_connections=7, max_requests=5) as bound,
         Raw.connect(bound) as raw,
     ):
         raw.conn.get_values(["FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS"])
@@ -634,7 +634,7 @@ async def test_a_client_that_sends_without_reading_does_not_stop_the_server() ->
         else:
             yield str(len(request.stdin)).encode()
 
-    async with running(app) as bound, Raw.connect(bound, multiplex=True) as raw:
+    async with running(app, multiplex=True) as bound, Raw.connect(bound, multiplex=True) as raw:
         out = raw.conn.send_request(get("/out"))
         await raw.send()
         while not raw.stdout.get(out):

@@ -6,6 +6,7 @@ reached the wrong request, or a connection left in an unknown state, fails.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -59,7 +60,7 @@ async def test_a_thousand_cancelled_requests_leave_the_shared_connection_sound(
     outcomes = {"complete": 0, "cancelled": 0}
     rng = random.Random(7)
     async with anyio.create_task_group() as server:
-        bound = await server.start(serve, app, address)
+        bound = await server.start(functools.partial(serve, app, address, multiplex=True))
         async with AsyncClient(bound, timeout=Timeout(read=10, total=20)) as client:
 
             async def one(number: int, patience: float) -> None:

@@ -222,7 +222,7 @@ def test_request_timeout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_values_prints_name_value_lines(demo: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["values", demo]) == 0
-    assert capsys.readouterr().out == "FCGI_MAX_CONNS=100\nFCGI_MAX_REQS=1\nFCGI_MPXS_CONNS=0\n"
+    assert capsys.readouterr().out == "FCGI_MAX_CONNS=100\nFCGI_MAX_REQS=100\nFCGI_MPXS_CONNS=0\n"
     assert main(["values", demo, "FCGI_MPXS_CONNS"]) == 0
     assert capsys.readouterr().out == "FCGI_MPXS_CONNS=0\n"
 

@@ -1,4 +1,4 @@
-"""I/O-free support for adapters: addresses, timeouts, pool bookkeeping, answers.
+"""I/O-free support for adapters: addresses, timeouts, pool bookkeeping, answers, server options.
 
 The protocol modules of ``fcgiproto`` never import this package. The adapters
 (``fcgiproto_socket``, ``fcgiproto_anyio``, and any written outside the
@@ -9,13 +9,22 @@ reads a clock of its own.
 from ._address import Address, AddressInput, parse_address
 from ._application import (
     ALL_ROLES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_MULTIPLEX,
     ERROR_STATUS,
     INTERNAL_ERROR,
     OUTPUT_TYPES,
     RequestBase,
+    RequestSlots,
     RequestState,
+    ServerOptions,
     check_output,
+    close_output,
+    failure_report,
+    listen_address,
     log_bytes,
+    output_chunks,
 )
 from ._memory import ApplicationPeer, MemoryPeer, PeerAnswer
 from ._pool import PoolState
@@ -32,6 +41,9 @@ from ._timeout import PROBE_WAIT, Deadline, Timeout, TimeoutInput, probe_wait
 
 __all__ = [
     "ALL_ROLES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_REQUESTS",
+    "DEFAULT_MULTIPLEX",
     "ERROR_STATUS",
     "INTERNAL_ERROR",
     "OUTPUT_TYPES",
@@ -44,14 +56,20 @@ __all__ = [
     "PeerAnswer",
     "PoolState",
     "RequestBase",
+    "RequestSlots",
     "RequestState",
     "Response",
     "ResponseState",
+    "ServerOptions",
     "Timeout",
     "TimeoutInput",
     "check_output",
+    "close_output",
+    "failure_report",
     "gather_answer",
+    "listen_address",
     "log_bytes",
+    "output_chunks",
     "parse_address",
     "probe_wait",
     "raise_for_protocol_status",

@@ -1,22 +1,52 @@
-"""What both servers share that needs no I/O: a request's state and the face apps see.
+"""What both servers share that needs no I/O: options, a request's state, the face apps see.
 
-Private: the adapters build their own Request on RequestBase, each with its
-own way of writing to STDERR.
+The blocking server and the anyio one take the same options with the same
+defaults, check them here, answer GET_VALUES from them alike, count requests
+against the same application-wide limit, and turn an app's result (or its
+failure) into output the same way; each keeps only its I/O loop. They build
+their own Request on RequestBase, each with its own way of writing to STDERR.
 """
 
 from __future__ import annotations
 
-from fcgiproto import Event, FilterData, FilterDataEnd, Params, Role, StdinData, StdinEnd
+import traceback
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from fcgiproto import (
+    DEFAULT_MAX_PARAMS_SIZE,
+    BeginRequest,
+    Event,
+    FilterData,
+    FilterDataEnd,
+    Params,
+    ProtocolStatus,
+    Role,
+    ServerConnection,
+    StdinData,
+    StdinEnd,
+)
+
+from ._address import Address, AddressInput, parse_address
 
 __all__ = [
     "ALL_ROLES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_REQUESTS",
+    "DEFAULT_MULTIPLEX",
     "ERROR_STATUS",
     "INTERNAL_ERROR",
     "OUTPUT_TYPES",
     "RequestBase",
+    "RequestSlots",
     "RequestState",
+    "ServerOptions",
     "check_output",
+    "close_output",
+    "failure_report",
+    "listen_address",
     "log_bytes",
+    "output_chunks",
 ]
 
 ALL_ROLES = (Role.RESPONDER, Role.AUTHORIZER, Role.FILTER)
@@ -175,3 +205,142 @@ class RequestBase:
         uri = self._params.get("REQUEST_URI") or self._params.get("SCRIPT_NAME", "")
         what = " ".join(part for part in (self.role.name, method, uri) if part)
         return f"<Request {self.request_id} on connection {self.connection_id}: {what}>"
+
+
+# --- what both servers take, and what they make of an app's result ---
+
+#: Connections at once; past it a server stops accepting and the listen
+#: backlog holds the rest. php-fpm's default pm.max_children is 5; a thread or
+#: task per connection is cheap enough for 100.
+DEFAULT_MAX_CONNECTIONS = 100
+#: Requests at once across the whole application, all connections together.
+DEFAULT_MAX_REQUESTS = 100
+#: Servers do not multiplex unless asked to. nginx, Apache and Caddy never
+#: multiplex FastCGI and php-fpm says it does not, so what a web server
+#: expects is one request at a time per connection; that is also what lets
+#: the blocking server run a handler in its connection's thread instead of a
+#: thread per request. A client that multiplexes (Go's, HAProxy, ours) asks
+#: with GET_VALUES, is told FCGI_MPXS_CONNS=0, and opens a connection per
+#: concurrent request, which it has to do for php-fpm anyway. multiplex=True
+#: is for those clients, as Go's server does by default: many requests on a
+#: connection, and ABORT_REQUEST acted on at once.
+DEFAULT_MULTIPLEX = False
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """A server's options, checked, with the defaults both servers share.
+
+    `max_requests` counts requests at once across the application (the
+    FastCGI spec's FCGI_MAX_REQS), not per connection: with `multiplex` one
+    connection may carry all of them, without it each carries one, and a
+    request past the limit ends at once with OVERLOADED.
+    `max_params_size` bounds the encoded PARAMS of one request; a client
+    sending more loses its connection.
+    """
+
+    multiplex: bool = DEFAULT_MULTIPLEX
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_requests: int = DEFAULT_MAX_REQUESTS
+    max_params_size: int = DEFAULT_MAX_PARAMS_SIZE
+    roles: Collection[Role] = field(default=ALL_ROLES)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.multiplex, bool):
+            raise TypeError(f"multiplex must be True or False, not {self.multiplex!r}")
+        for name in ("max_connections", "max_requests", "max_params_size"):
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise TypeError(f"{name} must be an int, not {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        roles = frozenset(Role(role) for role in self.roles)
+        if not roles:
+            raise ValueError("roles must name at least one role")
+        object.__setattr__(self, "roles", roles)
+
+    def values(self) -> dict[str, str]:
+        """What GET_VALUES answers: the application's limits, as configured."""
+        return {
+            "FCGI_MAX_CONNS": str(self.max_connections),
+            "FCGI_MAX_REQS": str(self.max_requests),
+            "FCGI_MPXS_CONNS": "1" if self.multiplex else "0",
+        }
+
+    def connection(self) -> ServerConnection:
+        """The protocol state for one accepted connection."""
+        proto = ServerConnection(
+            roles=self.roles,
+            multiplex=self.multiplex,
+            max_requests=self.max_requests,
+            max_connections=self.max_connections,
+            max_params_size=self.max_params_size,
+        )
+        # The core answers FCGI_MAX_REQS with its cap per connection, which it
+        # makes 1 without multiplexing. The spec's FCGI_MAX_REQS is the
+        # application's; a second request on such a connection is refused
+        # with CANT_MPX_CONN before this cap is looked at, so raising it back
+        # changes only the answer.
+        proto.max_requests = self.max_requests
+        return proto
+
+
+class RequestSlots:
+    """Requests in progress across the application, against `max_requests`.
+
+    Not thread-safe: a server with threads takes and gives back under a lock.
+    """
+
+    __slots__ = ("active", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def admit(self, proto: ServerConnection, begin: BeginRequest) -> bool:
+        """Whether a request the core began may go on; if not, it is ended OVERLOADED.
+
+        Each admitted request must be given back once, when it ends or its
+        connection is lost.
+        """
+        if self.active < self.limit:
+            self.active += 1
+            return True
+        proto.end_request(begin.request_id, 0, ProtocolStatus.OVERLOADED)
+        return False
+
+    def give_back(self, count: int = 1) -> None:
+        self.active -= count
+        assert self.active >= 0, "a request was given back twice"
+
+
+def listen_address(address: AddressInput | Address) -> Address:
+    """Where to listen: an address as the clients take it, and port 0 for any free port."""
+    return parse_address(address, listening=True)
+
+
+def output_chunks(
+    result: object, accepted: str = "bytes or an iterable of bytes"
+) -> Iterable[bytes | bytearray | memoryview]:
+    """The non-empty chunks of an app's synchronous result; TypeError for anything else."""
+    if isinstance(result, OUTPUT_TYPES):
+        return (result,) if result else ()
+    if isinstance(result, str) or not isinstance(result, Iterable):
+        raise TypeError(f"the app returned {type(result).__name__}, not {accepted}")
+    return (chunk for chunk in result if check_output(chunk))
+
+
+def close_output(result: object) -> None:
+    """Close an app's result if it can be closed (a generator, a WSGI-style iterable)."""
+    close = getattr(result, "close", None)
+    if callable(close):
+        close()
+
+
+def failure_report() -> bytes:
+    """The traceback of the exception being handled, for the request's STDERR.
+
+    STDERR goes to the web server's error log, never to the HTTP client, who
+    gets INTERNAL_ERROR (or a response cut short, if output had begun).
+    """
+    return traceback.format_exc().encode("utf-8", "backslashreplace")
