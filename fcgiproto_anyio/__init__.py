@@ -1,5 +1,16 @@
 """FastCGI on anyio (asyncio and trio): a pooled, multiplexing async client, and a server."""
 
+try:
+    import anyio  # noqa: F401  (only to say which extra brings it)
+except ModuleNotFoundError as exc:
+    if exc.name != "anyio":
+        raise
+    raise ModuleNotFoundError(
+        "fcgiproto_anyio needs anyio, which fcgiproto-ng installs with its extra: "
+        "pip install 'fcgiproto-ng[anyio]' (or 'fcgiproto-ng[trio]' to run on trio too)",
+        name="anyio",
+    ) from exc
+
 from fcgiproto import ParamsInput
 from fcgiproto.support import Address, AddressInput, Response, Timeout, TimeoutInput
 
