@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from ._errors import LocalProtocolError, RemoteProtocolError
+from ._version import __version__
 
 __all__ = [
     "DEFAULT_MAX_HEADER_SIZE",
@@ -24,7 +25,7 @@ __all__ = [
 ]
 
 #: Sent as SERVER_SOFTWARE, as nginx sends "nginx/<version>".
-SERVER_SOFTWARE = "fcgiproto/0.1.0"
+SERVER_SOFTWARE = f"fcgiproto/{__version__}"
 
 #: nginx refuses a FastCGI response head larger than fastcgi_buffer_size (4 or
 #: 8 KiB by default); 64 KiB leaves room for many Set-Cookie lines while

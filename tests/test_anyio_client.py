@@ -1153,10 +1153,6 @@ async def test_a_kept_connection_that_dies_when_reused(body_kind: str, via: str)
 
 
 # --- a cancellation storm ---
-#
-# Bodies stay in memory and within INLINE_BODY here: a body sent by the
-# sender task meets the _close bug (test_cancelled_halfway_through_sending_
-# the_body), which would leak a connection at every such cancellation.
 
 
 class Storm:
