@@ -50,11 +50,6 @@ class AsyncConnection:
                 memoryview(bytes(self._pending) + data) if self._pending else memoryview(data)
             )
 
-    @property
-    def clean(self) -> bool:
-        """Nothing half-written: the next request's records would start on a boundary."""
-        return not self._pending
-
     async def flush(self, deadline: Deadline, write_timeout: float | None) -> None:
         """Write everything pending, reading nothing."""
         while self._pending:
