@@ -204,13 +204,13 @@ class AsyncMuxConnection:
                     wait, by_total = deadline.limit(write_timeout)
                     try:
                         sent = await self.conn.stream.write_some(view, wait)
-                    except (TimeoutException, FastCGIError) as exc:
+                    except FastCGIError as exc:
                         if len(view) < len(data):
                             # Half a record is on the wire: every request here is lost.
                             self._torn = True
                             self._fail(WriteError(f"the connection to {self.address} broke"))
                         elif not isinstance(exc, TimeoutException):
-                            self._fail(exc)
+                            self._fail(exc)  # a broken transport; a timeout alone is not
                         if isinstance(exc, TimeoutException):
                             raise timeout_error(
                                 type(exc), self.address, deadline, write_timeout, by_total
