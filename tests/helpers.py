@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 from fcgiproto import (
     ClientConnection,
@@ -16,6 +18,19 @@ from fcgiproto import (
 )
 
 HEADER = struct.Struct(">BBHHBx")
+
+
+@contextmanager
+def no_new_thread_left() -> Iterator[None]:
+    """Fail if a thread started inside the block is still alive at its end.
+
+    Threads are compared by identity, not counted: a daemon thread of an earlier
+    test that ends meanwhile is not this block's business.
+    """
+    before = set(threading.enumerate())
+    yield
+    left = [thread for thread in threading.enumerate() if thread not in before]
+    assert left == [], left
 
 
 def raw_record(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import peers
 import pytest
+from helpers import no_new_thread_left
 
 from fcgiproto_socket import Request, Server
 from fcgiproto_socket._cli import main
@@ -25,9 +26,8 @@ WAIT = 5.0
 
 @pytest.fixture(autouse=True)
 def no_thread_left_behind() -> Iterator[None]:
-    before = threading.active_count()
-    yield
-    assert threading.active_count() == before, threading.enumerate()
+    with no_new_thread_left():
+        yield
 
 
 @pytest.fixture

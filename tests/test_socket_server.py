@@ -16,6 +16,7 @@ from pathlib import Path
 
 import peers
 import pytest
+from helpers import no_new_thread_left
 
 from fcgiproto import (
     ClientConnection,
@@ -41,9 +42,8 @@ def open_fds() -> int:
 
 @pytest.fixture(autouse=True)
 def no_thread_left_behind() -> Iterator[None]:
-    before = threading.active_count()
-    yield
-    assert threading.active_count() == before, threading.enumerate()
+    with no_new_thread_left():
+        yield
 
 
 @pytest.fixture(params=["unix", "tcp"])
@@ -542,7 +542,7 @@ def test_max_connections_holds_a_new_connection_until_one_closes(address: str) -
 
 @pytest.mark.parametrize("multiplex", [False, True], ids=["plain", "multiplexed"])
 def test_stop_leaves_no_thread_and_no_socket(address: str, multiplex: bool) -> None:
-    threads, fds = threading.active_count(), open_fds()
+    threads, fds = set(threading.enumerate()), open_fds()
     streaming = threading.Event()
 
     def app(request: Request) -> Iterator[bytes]:
@@ -562,7 +562,7 @@ def test_stop_leaves_no_thread_and_no_socket(address: str, multiplex: bool) -> N
     busy.conn.send_request(get())
     busy.send()
     assert streaming.wait(WAIT)
-    assert threading.active_count() > threads
+    assert set(threading.enumerate()) - threads
     started = time.monotonic()
     server.stop()
     assert time.monotonic() - started < 2
@@ -573,7 +573,7 @@ def test_stop_leaves_no_thread_and_no_socket(address: str, multiplex: bool) -> N
     for sock in (idle, busy):
         sock.sock.close()
     client.close()
-    assert threading.active_count() == threads
+    assert set(threading.enumerate()) - threads == set()
     assert open_fds() == fds
     if path is not None:
         assert not os.path.exists(path)
