@@ -209,14 +209,24 @@ def _params_record(rtype: int, request_id: int, parts: list[bytes], text: list[s
     return record(rtype, request_id, content)
 
 
-def decode_pairs(data: bytes | bytearray, where: str) -> list[tuple[bytes, bytes]]:
-    """Decode a complete run of name/value pairs; lengths are checked before slicing."""
+def decode_pairs(
+    data: bytes | bytearray, where: str, max_pairs: int | None = None
+) -> list[tuple[bytes, bytes]]:
+    """Decode a complete run of name/value pairs; lengths are checked before slicing.
+
+    Past `max_pairs` pairs it raises before decoding the rest, so that many tiny
+    pairs cost no more than the limit allows.
+    """
     if type(data) is not bytes:
         data = bytes(data)  # one copy, then each name and value is sliced once
     pairs: list[tuple[bytes, bytes]] = []
     pos = 0
     end = len(data)
+    left = -1 if max_pairs is None else max_pairs
     while pos < end:
+        if not left:
+            raise RemoteProtocolError(f"{where}: more than {max_pairs} name/value pairs")
+        left -= 1
         name_len = data[pos]
         if name_len < 128:
             pos += 1

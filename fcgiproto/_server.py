@@ -65,6 +65,11 @@ _STREAM_END_EVENTS = {_STDIN: StdinEnd, _DATA: FilterDataEnd}
 #: by default (large_client_header_buffers 4 8k). 1 MiB leaves room for odd
 #: deployments while bounding what a hostile client can make us hold.
 DEFAULT_MAX_PARAMS_SIZE = 1 << 20
+#: nginx's fastcgi_params sends about 20 variables plus one per HTTP header;
+#: Apache and lighttpd a few more. Decoding and holding a pair costs far more
+#: than its bytes, so 1 MiB of 7-byte pairs (150,000 of them) is refused long
+#: before it costs tens of MB and a quarter of a second of CPU.
+DEFAULT_MAX_PARAMS_PAIRS = 1000
 
 
 class _Request:
@@ -107,6 +112,7 @@ class ServerConnection(Connection):
         max_requests: int = 100,
         max_connections: int = 100,
         max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
+        max_params_pairs: int = DEFAULT_MAX_PARAMS_PAIRS,
     ) -> None:
         super().__init__()
         self.roles = frozenset(Role(role) for role in roles)
@@ -114,6 +120,7 @@ class ServerConnection(Connection):
         self.max_requests = max_requests if multiplex else 1
         self.max_connections = max_connections
         self.max_params_size = max_params_size
+        self.max_params_pairs = max_params_pairs
         self._requests: dict[int, _Request] = {}
         # Ids whose request ended (or was refused) while the client may still
         # be sending for it: their records are dropped until a new BEGIN_REQUEST.
@@ -281,10 +288,20 @@ class ServerConnection(Connection):
                 raise RemoteProtocolError(
                     f"PARAMS of request {rid} exceed the limit of {self.max_params_size} bytes"
                 )
+            if len(self._requests) > 1 and (
+                sum(len(other.params) for other in self._requests.values()) + len(content)
+                > self.max_params_size
+            ):
+                # Multiplexed requests share the bound: a hundred ids each
+                # holding just under it would otherwise hold a hundred times it.
+                raise RemoteProtocolError(
+                    f"PARAMS held for the requests of this connection exceed the limit "
+                    f"of {self.max_params_size} bytes (request {rid})"
+                )
             request.params += content
             return
         self._settle(rid, request.state, request.received)  # its end opened STDIN (and DATA)
-        pairs = decode_pairs(request.params, f"PARAMS of request {rid}")
+        pairs = decode_pairs(request.params, f"PARAMS of request {rid}", self.max_params_pairs)
         request.params = bytearray()
         events.append(Params(rid, dict(pairs)))
 

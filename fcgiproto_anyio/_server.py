@@ -31,6 +31,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from fcgiproto import (
+    DEFAULT_MAX_PARAMS_PAIRS,
     DEFAULT_MAX_PARAMS_SIZE,
     AbortRequest,
     BeginRequest,
@@ -46,14 +47,21 @@ from fcgiproto import (
 )
 from fcgiproto.support import (
     ALL_ROLES,
+    BODY_TOO_LARGE,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUESTS,
+    DEFAULT_MAX_UNSENT_SIZE,
     DEFAULT_MULTIPLEX,
+    DEFAULT_PARAMS_TIMEOUT,
+    DEFAULT_SEND_TIMEOUT,
     ERROR_STATUS,
     INTERNAL_ERROR,
     OUTPUT_TYPES,
     Address,
     AddressInput,
+    Liveness,
     RequestBase,
     RequestSlots,
     RequestState,
@@ -77,15 +85,13 @@ App: TypeAlias = "Callable[[Request], Awaitable[Output] | AsyncIterable[bytes]]"
 READ_SIZE = 256 * 1024
 #: Small pieces of output waiting together go out in one write, up to this size.
 COALESCE_SIZE = 64 * 1024
-#: What the core answers by itself (GET_VALUES, refusals, aborts) may wait
-#: unsent up to this much; past it the reader stops reading until it is sent,
-#: so a client that sends without reading cannot make the answers pile up.
-MAX_UNSENT_ANSWERS = 64 * 1024
 #: After a keep_conn=False request, how long the client has to take the rest
 #: of the output and close its end before the connection is closed anyway.
 LINGER_TIMEOUT = 5.0
 #: How long to wait before accepting again after accept() failed (out of fds, ...).
 ACCEPT_RETRY = 0.1
+#: At max_connections with no connection able to give way, how soon to look again.
+AT_CAP_RECHECK = 0.1
 
 _STDOUT, _STDERR = True, False
 
@@ -112,8 +118,14 @@ class Request(RequestBase):
 class _State(RequestState):
     __slots__ = ("scope",)
 
-    def __init__(self, request_id: int, role: Role, keep_conn: bool) -> None:
-        super().__init__(request_id, role, keep_conn)
+    def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
+        super().__init__(
+            begin.request_id,
+            begin.role,
+            begin.keep_conn,
+            begun_at=anyio.current_time(),
+            max_body_size=options.max_body_size,
+        )
         self.scope: anyio.CancelScope | None = None  # set once the app's task is started
 
 
@@ -127,6 +139,7 @@ class _Connection:
     def __init__(self, server: _Server, sock: _Socket, number: int) -> None:
         self.server = server
         self.app = server.app
+        self.options = server.options
         self.sock = sock
         self.number = number
         self.proto: ServerConnection = server.options.connection()
@@ -140,26 +153,42 @@ class _Connection:
         self.wake_writer = anyio.Event()
         self.progress = anyio.Event()  # set, then replaced, whenever `sent` moves or we die
         self.read_scope = anyio.CancelScope()
+        self.scope = anyio.CancelScope()  # the whole connection: cancelled to evict it
+        self.liveness = sock.liveness
         self.requests: anyio.abc.TaskGroup | None = None
         self.dead = False  # lost, broken, or shut down: nothing more is sent
         self.closing = False  # a keep_conn=False request ended: close once it is all sent
 
     async def run(self) -> None:
         try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self._write_loop, name=f"fcgi-writer-{self.number}")
-                async with anyio.create_task_group() as requests:
-                    self.requests = requests
-                    graceful = await self._read_loop()
-                    if not graceful:
-                        self._die()
-                    requests.cancel_scope.cancel()
-                if graceful:
-                    await self._close_gracefully()
-                tasks.cancel_scope.cancel()
+            with self.scope:
+                await self._run()
         finally:
             self._die()
             self.sock.close()
+
+    async def _run(self) -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._write_loop, name=f"fcgi-writer-{self.number}")
+            async with anyio.create_task_group() as requests:
+                self.requests = requests
+                graceful = await self._read_loop()
+                if not graceful:
+                    self._die()
+                requests.cancel_scope.cancel()
+            if graceful:
+                await self._close_gracefully()
+            tasks.cancel_scope.cancel()
+
+    def evict(self, reason: str) -> None:
+        """Close the connection from outside its tasks: it waited too long, or gives way."""
+        if not self.scope.cancel_called:
+            logger.info("closing connection %d: %s", self.number, reason)
+        self._die()
+        self.scope.cancel()
+
+    def deadline(self) -> tuple[float, str] | None:
+        return self.liveness.deadline(self.options, self.states.values())
 
     # --- reading ---
 
@@ -180,6 +209,7 @@ class _Connection:
                     return False
                 if not data:
                     return False
+                self.liveness.received(anyio.current_time())
                 before = self.queued
                 for event in events:
                     self._route(event)
@@ -192,15 +222,13 @@ class _Connection:
     async def _wait_for_answers(self) -> None:
         while self.answers and self.answers[0][0] <= self.sent:
             self.unsent_answers -= self.answers.popleft()[1]
-        if self.unsent_answers > MAX_UNSENT_ANSWERS:
+        if self.unsent_answers > self.options.max_unsent_size:
             await self._sent_up_to(self.answers[-1][0])
 
     def _route(self, event: Event) -> None:
         if isinstance(event, BeginRequest):
             if self.server.slots.admit(self.proto, event):
-                self.states[event.request_id] = _State(
-                    event.request_id, event.role, event.keep_conn
-                )
+                self.states[event.request_id] = _State(event, self.options)
             elif self.proto.closed:  # refused, and keep_conn=False: close once it is sent
                 self.closing = True
             return
@@ -219,11 +247,15 @@ class _Connection:
             return
         if state.gather(event) and state.scope is None:
             self._dispatch(state)
+        elif state.too_large:
+            self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
+            self._end(state, ERROR_STATUS)
 
     def _dispatch(self, state: _State) -> None:
         assert state.params is not None and self.requests is not None
         request = Request(self, state)
         state.scope = anyio.CancelScope()
+        self.liveness.app_started()
         self.requests.start_soon(
             self._respond, state, request, name=f"fcgi-request-{self.number}-{state.request_id}"
         )
@@ -238,7 +270,8 @@ class _Connection:
                 if not state.ended:
                     status = await self._run_app(state, request)
         finally:
-            self._end(state, status)
+            self._end(state, status)  # queues END_REQUEST, so `sending` is set first
+            self.liveness.app_ended(anyio.current_time())
 
     async def _run_app(self, state: _State, request: Request) -> int:
         """Run the app and send its output; the app_status to end the request with."""
@@ -284,14 +317,22 @@ class _Connection:
     async def write(
         self, state: RequestState, stdout: bool, data: bytes | bytearray | memoryview
     ) -> bool:
-        """Send stdout or stderr of a request, once it is sent; False once the request is over."""
-        if state.ended or self.dead:
-            return False
-        if stdout:
-            self.proto.send_stdout(state.request_id, data)
-        else:
-            self.proto.send_stderr(state.request_id, data)
-        await self._sent_up_to(self._queue())
+        """Send stdout or stderr of a request, once it is sent; False once the request is over.
+
+        A big chunk goes out in pieces of max_unsent_size, each sent before the
+        next is encoded, so that the server never holds more than that of it.
+        """
+        piece = self.options.max_unsent_size
+        view = memoryview(data)
+        for start in range(0, len(view), piece):
+            if state.ended or self.dead:
+                return False
+            part = view[start : start + piece]
+            if stdout:
+                self.proto.send_stdout(state.request_id, part)
+            else:
+                self.proto.send_stderr(state.request_id, part)
+            await self._sent_up_to(self._queue())
         return not (state.ended or self.dead)
 
     def _end(self, state: _State, app_status: int) -> None:
@@ -314,6 +355,7 @@ class _Connection:
         if data and not self.dead:
             self.pending.append(data)
             self.queued += len(data)
+            self.liveness.sending = True
             self.wake_writer.set()
         return self.queued
 
@@ -333,6 +375,7 @@ class _Connection:
                     return
                 self.sent += len(data)
                 self._progressed()
+            self.liveness.sending = False
             self.wake_writer = anyio.Event()
             await self.wake_writer.wait()
 
@@ -392,29 +435,69 @@ class _Server:
         self.app = app
         self.options = options
         self.tasks = tasks
-        self.connection_slots = anyio.Semaphore(options.max_connections)
+        self.connections: set[_Connection] = set()
+        self.connection_ended = anyio.Event()
         self.slots = RequestSlots(options.max_requests)  # one thread: no lock needed
         self.numbers = itertools.count(1)
 
     async def accept_loop(self, listener: socket.socket) -> None:
         while True:
-            # At the cap: accept no more until a connection ends.
-            await self.connection_slots.acquire()
-            try:
-                sock = await _accept(listener)
-            except BaseException:
-                self.connection_slots.release()
-                raise
-            number = next(self.numbers)
-            self.tasks.start_soon(self._connection, sock, number, name=f"fcgi-connection-{number}")
+            await anyio.wait_readable(listener)
+            if not self._make_room():
+                # Every connection runs an app: the backlog holds the rest a while.
+                with anyio.move_on_after(AT_CAP_RECHECK):
+                    await self.connection_ended.wait()
+                continue
+            sock = await _accept(listener)
+            if sock is None:
+                continue
+            connection = _Connection(self, sock, next(self.numbers))
+            self.connections.add(connection)
+            self.tasks.start_soon(
+                self._connection, connection, name=f"fcgi-connection-{connection.number}"
+            )
 
-    async def _connection(self, sock: _Socket, number: int) -> None:
+    def _make_room(self) -> bool:
+        """Whether a connection may be accepted: below the cap, or another gave way to it."""
+        live = [c for c in self.connections if not c.dead]
+        if len(live) < self.options.max_connections:
+            return True
+        ranked = [(rank, c) for c in live if (rank := c.liveness.eviction_rank()) is not None]
+        if not ranked:
+            return False
+        _, victim = min(ranked, key=lambda pair: pair[0])
+        victim.evict("at max_connections; it waited longest on its client")
+        return True
+
+    async def watch_loop(self) -> None:
+        """Close the connections that waited too long on their peer."""
+        options = self.options
+        # No timeout is shorter than this: a deadline set after a look at them
+        # all is never due before the next look.
+        every = min(options.params_timeout, options.idle_timeout, options.send_timeout)
+        while True:
+            now = anyio.current_time()
+            next_look = now + every
+            for connection in list(self.connections):
+                due = None if connection.dead else connection.deadline()
+                if due is None:
+                    continue
+                when, reason = due
+                if when <= now:
+                    connection.evict(reason)
+                else:
+                    next_look = min(next_look, when)
+            await anyio.sleep(max(next_look - now, 0.0))
+
+    async def _connection(self, connection: _Connection) -> None:
         try:
-            await _Connection(self, sock, number).run()
+            await connection.run()
         except Exception:
-            logger.exception("connection %d failed", number)
+            logger.exception("connection %d failed", connection.number)
         finally:
-            self.connection_slots.release()
+            self.connections.discard(connection)
+            self.connection_ended.set()
+            self.connection_ended = anyio.Event()
 
 
 class _Socket:
@@ -432,10 +515,11 @@ class _Socket:
     kernel has it all. Errors are OSError.
     """
 
-    __slots__ = ("sock",)
+    __slots__ = ("liveness", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.liveness = Liveness(anyio.current_time())
 
     async def receive(self, max_bytes: int) -> bytes:
         """Up to max_bytes, at least one; b"" once the peer has closed."""
@@ -450,11 +534,15 @@ class _Socket:
         await anyio.lowlevel.checkpoint()
         view = memoryview(data)
         start, end = 0, len(data)
+        liveness = self.liveness
         while start < end:
             try:
                 start += self.sock.send(view[start:])
             except (BlockingIOError, InterruptedError):
+                liveness.send_waiting(anyio.current_time())
                 await anyio.wait_writable(self.sock)
+            else:
+                liveness.send_moved(anyio.current_time())
 
     def send_eof(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)
@@ -463,23 +551,21 @@ class _Socket:
         self.sock.close()
 
 
-async def _accept(listener: socket.socket) -> _Socket:
-    """The next connection on a listening socket."""
-    while True:
-        await anyio.wait_readable(listener)
-        try:
-            sock, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            continue
-        except OSError as exc:  # out of file descriptors, ...: the client waits in the backlog
-            logger.warning("accepting a connection failed: %s", exc)
-            await anyio.sleep(ACCEPT_RETRY)
-            continue
-        sock.setblocking(False)
-        if sock.family != socket.AF_UNIX:
-            with contextlib.suppress(OSError):  # the client may be gone already
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Socket(sock)
+async def _accept(listener: socket.socket) -> _Socket | None:
+    """The connection waiting on a listening socket; None if there is none after all."""
+    try:
+        sock, _ = listener.accept()
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:  # out of file descriptors, ...: the client waits in the backlog
+        logger.warning("accepting a connection failed: %s", exc)
+        await anyio.sleep(ACCEPT_RETRY)
+        return None
+    sock.setblocking(False)
+    if sock.family != socket.AF_UNIX:
+        with contextlib.suppress(OSError):  # the client may be gone already
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return _Socket(sock)
 
 
 async def _listen(address: Address) -> tuple[socket.socket, Address, int]:
@@ -546,6 +632,12 @@ async def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_requests: int = DEFAULT_MAX_REQUESTS,
     max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
+    max_params_pairs: int = DEFAULT_MAX_PARAMS_PAIRS,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    max_unsent_size: int = DEFAULT_MAX_UNSENT_SIZE,
+    params_timeout: float = DEFAULT_PARAMS_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
     roles: Collection[Role] = ALL_ROLES,
     task_status: anyio.abc.TaskStatus[Address] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -596,6 +688,12 @@ async def serve(
         max_connections=max_connections,
         max_requests=max_requests,
         max_params_size=max_params_size,
+        max_params_pairs=max_params_pairs,
+        max_body_size=max_body_size,
+        max_unsent_size=max_unsent_size,
+        params_timeout=params_timeout,
+        idle_timeout=idle_timeout,
+        send_timeout=send_timeout,
         roles=roles,
     )
     listener, bound, inode = await _listen(listen_address(address))
@@ -603,6 +701,7 @@ async def serve(
         async with anyio.create_task_group() as tasks:
             server = _Server(app, options, tasks)
             tasks.start_soon(server.accept_loop, listener, name=f"fcgi-accept {bound}")
+            tasks.start_soon(server.watch_loop, name=f"fcgi-watch {bound}")
             task_status.started(bound)
     finally:
         listener.close()

@@ -22,11 +22,13 @@ import select
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import TypeAlias
 
 from fcgiproto import (
+    DEFAULT_MAX_PARAMS_PAIRS,
     DEFAULT_MAX_PARAMS_SIZE,
     AbortRequest,
     BeginRequest,
@@ -42,13 +44,20 @@ from fcgiproto import (
 )
 from fcgiproto.support import (
     ALL_ROLES,
+    BODY_TOO_LARGE,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUESTS,
+    DEFAULT_MAX_UNSENT_SIZE,
     DEFAULT_MULTIPLEX,
+    DEFAULT_PARAMS_TIMEOUT,
+    DEFAULT_SEND_TIMEOUT,
     ERROR_STATUS,
     INTERNAL_ERROR,
     Address,
     AddressInput,
+    Liveness,
     RequestBase,
     RequestSlots,
     RequestState,
@@ -70,6 +79,11 @@ Handler: TypeAlias = "Callable[[Request], bytes | Iterable[bytes]]"
 READ_SIZE = 256 * 1024
 #: How often serve() looks at a `stop` event that nothing else wakes it for.
 POLL_INTERVAL = 0.1
+#: At max_connections with no connection able to give way, how soon to look again.
+AT_CAP_RECHECK = 0.1
+#: A blocking send returns once the kernel took it all: in pieces this big,
+#: a send that waits on the peer is seen as such within one piece.
+SEND_PIECE = 64 * 1024
 
 _STDOUT, _STDERR = True, False
 
@@ -97,8 +111,14 @@ class Request(RequestBase):
 class _State(RequestState):
     __slots__ = ("dispatched",)
 
-    def __init__(self, request_id: int, role: Role, keep_conn: bool) -> None:
-        super().__init__(request_id, role, keep_conn)
+    def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
+        super().__init__(
+            begin.request_id,
+            begin.role,
+            begin.keep_conn,
+            begun_at=time.monotonic(),
+            max_body_size=options.max_body_size,
+        )
         self.dispatched = False
 
 
@@ -118,12 +138,18 @@ class _Connection:
         self.listener = listener
         self.sock = sock
         self.number = number
+        self.options = listener.options
         self.proto: ServerConnection = listener.options.connection()
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.pending: list[bytes] = []
+        # Bytes queued and not yet taken by the kernel; the reader waits on
+        # `drained` while there are more than max_unsent_size of them.
+        self.unsent = 0
+        self.drained = threading.Condition(self.lock)
         self.states: dict[int, _State] = {}
         self.workers: set[threading.Thread] = set()
+        self.liveness = Liveness(time.monotonic())
         self.dead = False
 
     # --- the connection's thread ---
@@ -137,11 +163,19 @@ class _Connection:
             self._close()
 
     def _read_loop(self) -> None:
+        limit = self.options.max_unsent_size
         while True:
+            with self.lock:
+                # A client that sends without reading makes us answer (GET_VALUES,
+                # refusals) into a socket it does not empty: read on once it does.
+                while self.unsent > limit and not self.dead:
+                    self.drained.wait()
             try:
                 data = self.sock.recv(READ_SIZE)
             except OSError:
                 return
+            if data:
+                self.liveness.received(time.monotonic())
             whole: list[_State] = []
             with self.lock:
                 if self.dead or self.proto.closed:
@@ -171,9 +205,7 @@ class _Connection:
             with listener.slots_lock:
                 admitted = listener.slots.admit(self.proto, event)
             if admitted:
-                self.states[event.request_id] = _State(
-                    event.request_id, event.role, event.keep_conn
-                )
+                self.states[event.request_id] = _State(event, self.options)
             return
         if not isinstance(
             event, (Params, StdinData, StdinEnd, FilterData, FilterDataEnd, AbortRequest)
@@ -188,7 +220,11 @@ class _Connection:
             return
         if state.gather(event) and not state.dispatched:
             state.dispatched = True
+            self.liveness.app_started()
             whole.append(state)
+        elif state.too_large:
+            self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
+            self._end(state, ERROR_STATUS)
 
     def _dispatch(self, state: _State) -> None:
         assert state.params is not None
@@ -246,6 +282,7 @@ class _Connection:
             with self.lock:
                 self._end(state, status)
                 queued = self._queue()
+                self.liveness.app_ended(time.monotonic())
             if queued:
                 self.send_lock.acquire()
                 self._send_pending()
@@ -255,17 +292,25 @@ class _Connection:
     def write(
         self, state: RequestState, stdout: bool, data: bytes | bytearray | memoryview
     ) -> bool:
-        """Send stdout or stderr of a request, waiting for the socket; False once it is over."""
-        with self.lock:
-            if state.ended or self.dead:
-                return False
-            if stdout:
-                self.proto.send_stdout(state.request_id, data)
-            else:
-                self.proto.send_stderr(state.request_id, data)
-            self._queue()
-        self.send_lock.acquire()
-        self._send_pending()
+        """Send stdout or stderr of a request, waiting for the socket; False once it is over.
+
+        A big chunk goes out in pieces of max_unsent_size, each sent before the
+        next is encoded, so that the server never holds more than that of it.
+        """
+        piece = self.options.max_unsent_size
+        view = memoryview(data)
+        for start in range(0, len(view), piece):
+            with self.lock:
+                if state.ended or self.dead:
+                    return False
+                part = view[start : start + piece]
+                if stdout:
+                    self.proto.send_stdout(state.request_id, part)
+                else:
+                    self.proto.send_stderr(state.request_id, part)
+                self._queue()
+            self.send_lock.acquire()
+            self._send_pending()
         return not (state.ended or self.dead)
 
     def _end(self, state: _State, app_status: int) -> None:
@@ -283,6 +328,8 @@ class _Connection:
         data = self.proto.data_to_send()
         if data:
             self.pending.append(data)
+            self.unsent += len(data)
+            self.liveness.sending = True
         return bool(self.pending) and not self.dead
 
     def _send_pending(self) -> None:
@@ -292,17 +339,31 @@ class _Connection:
                 data = b"".join(self.pending)
                 self.pending.clear()
                 if not data or self.dead:
+                    self.liveness.sending = False
                     if self.proto.closed:
                         # keep_conn=False, all written: wake the reading thread to close.
                         self._shutdown()
                     self.send_lock.release()
                     return
             try:
-                self.sock.sendall(data)
+                self._send_all(data)
             except OSError as exc:
                 logger.info("connection %d lost while writing: %s", self.number, exc)
                 with self.lock:
                     self._die()
+
+    def _send_all(self, data: bytes) -> None:
+        """sendall, piece by piece, telling `liveness` and the reader how it goes."""
+        liveness = self.liveness
+        view = memoryview(data)
+        while view:
+            liveness.send_waiting(time.monotonic())
+            sent = self.sock.send(view[:SEND_PIECE])
+            liveness.send_moved(time.monotonic())
+            view = view[sent:]
+            with self.lock:
+                self.unsent = max(0, self.unsent - sent)  # _die() may have zeroed it
+                self.drained.notify_all()
 
     def _die(self) -> None:
         """The connection is over: abandon every request; `lock` is held."""
@@ -312,17 +373,25 @@ class _Connection:
         self.listener.give_back(len(self.states))
         self.states.clear()
         self.pending.clear()
+        self.unsent = 0
+        self.drained.notify_all()
         self._shutdown()
 
     # --- from other threads ---
 
-    def kill(self) -> None:
+    def kill(self, reason: str = "") -> None:
         """Wake the connection's thread, which abandons the requests and closes the socket.
 
         Called with the listener's lock held, so the socket is still open.
         """
+        if reason and not self.dead:
+            logger.info("closing connection %d: %s", self.number, reason)
         self.dead = True
         self._shutdown()
+
+    def deadline(self) -> tuple[float, str] | None:
+        with self.lock:
+            return self.liveness.deadline(self.options, self.states.values())
 
     def _shutdown(self) -> None:
         with contextlib.suppress(OSError):
@@ -359,6 +428,10 @@ class _Listener:
         self._threads: list[threading.Thread] = []
         self._numbers = itertools.count(1)
         self._stopping = False
+        # No timeout is shorter than this: a deadline set after a look at
+        # them all is never due before the next look.
+        self._watch_every = min(options.params_timeout, options.idle_timeout, options.send_timeout)
+        self._next_watch = time.monotonic()
 
     def run(self, stop: threading.Event | None, ready: Callable[[Address], object] | None) -> None:
         try:
@@ -391,23 +464,59 @@ class _Listener:
     def _accept_loop(self, stop: threading.Event | None) -> None:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        listening = False
-        timeout = None if stop is None else POLL_INTERVAL * 1000
+        poller.register(self.sock, select.POLLIN)
+        listening = True
         while not self._stopping and not (stop is not None and stop.is_set()):
-            with self._lock:
-                full = len(self._connections) >= self.options.max_connections
-            if listening == full:  # stop accepting at the cap; the backlog holds the rest
-                if full:
-                    poller.unregister(self.sock)
-                else:
-                    poller.register(self.sock, select.POLLIN)
-                listening = not full
-            for fd, _ in poller.poll(timeout):
+            if not listening:  # waited a while, or a connection ended: look again
+                poller.register(self.sock, select.POLLIN)
+                listening = True
+            now = time.monotonic()
+            if now >= self._next_watch:
+                self._next_watch = self._watch(now)
+            wait = self._next_watch - now
+            if stop is not None:
+                wait = min(wait, POLL_INTERVAL)
+            for fd, _ in poller.poll(max(wait, 0.0) * 1000):
                 if fd == self._wake_r.fileno():
                     with contextlib.suppress(OSError):
                         self._wake_r.recv(4096)
-                else:
+                elif self._make_room():
                     self._accept()
+                else:  # every connection runs an app: the backlog holds the rest a while
+                    poller.unregister(self.sock)
+                    listening = False
+                    self._next_watch = min(self._next_watch, time.monotonic() + AT_CAP_RECHECK)
+
+    def _watch(self, now: float) -> float:
+        """Close the connections that waited too long on their peer; when to look next."""
+        with self._lock:
+            connections = [c for c in self._connections if not c.dead]
+        next_look = now + self._watch_every
+        for connection in connections:
+            due = connection.deadline()
+            if due is None:
+                continue
+            when, reason = due
+            if when <= now:
+                with self._lock:
+                    if connection in self._connections:
+                        connection.kill(reason)
+            else:
+                next_look = min(next_look, when)
+        return next_look
+
+    def _make_room(self) -> bool:
+        """Whether a connection may be accepted: below the cap, or another gave way to it."""
+        with self._lock:
+            live = [c for c in self._connections if not c.dead]
+            if len(live) < self.options.max_connections:
+                return True
+            ranked = [(rank, c) for c in live if (rank := c.liveness.eviction_rank()) is not None]
+            if not ranked:
+                return False
+            _, victim = min(ranked, key=lambda pair: pair[0])
+            victim.kill("at max_connections; it waited longest on its client")
+            return True
 
     def _accept(self) -> None:
         try:
@@ -519,6 +628,12 @@ def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_requests: int = DEFAULT_MAX_REQUESTS,
     max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
+    max_params_pairs: int = DEFAULT_MAX_PARAMS_PAIRS,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    max_unsent_size: int = DEFAULT_MAX_UNSENT_SIZE,
+    params_timeout: float = DEFAULT_PARAMS_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
     roles: Collection[Role] = ALL_ROLES,
     ready: Callable[[Address], object] | None = None,
     stop: threading.Event | None = None,
@@ -566,6 +681,12 @@ def serve(
         max_connections=max_connections,
         max_requests=max_requests,
         max_params_size=max_params_size,
+        max_params_pairs=max_params_pairs,
+        max_body_size=max_body_size,
+        max_unsent_size=max_unsent_size,
+        params_timeout=params_timeout,
+        idle_timeout=idle_timeout,
+        send_timeout=send_timeout,
         roles=roles,
     )
     _Listener(handler, address, options).run(stop, ready)
@@ -589,6 +710,12 @@ class Server:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_requests: int = DEFAULT_MAX_REQUESTS,
         max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
+        max_params_pairs: int = DEFAULT_MAX_PARAMS_PAIRS,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_unsent_size: int = DEFAULT_MAX_UNSENT_SIZE,
+        params_timeout: float = DEFAULT_PARAMS_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT,
         roles: Collection[Role] = ALL_ROLES,
     ) -> None:
         self._handler = handler
@@ -598,6 +725,12 @@ class Server:
             max_connections=max_connections,
             max_requests=max_requests,
             max_params_size=max_params_size,
+            max_params_pairs=max_params_pairs,
+            max_body_size=max_body_size,
+            max_unsent_size=max_unsent_size,
+            params_timeout=params_timeout,
+            idle_timeout=idle_timeout,
+            send_timeout=send_timeout,
             roles=roles,
         )
         self._listener: _Listener | None = None

@@ -9,9 +9,15 @@ reads a clock of its own.
 from ._address import Address, AddressInput, parse_address
 from ._application import (
     ALL_ROLES,
+    BODY_TOO_LARGE,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BODY_SIZE,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUESTS,
+    DEFAULT_MAX_UNSENT_SIZE,
     DEFAULT_MULTIPLEX,
+    DEFAULT_PARAMS_TIMEOUT,
+    DEFAULT_SEND_TIMEOUT,
     ERROR_STATUS,
     INTERNAL_ERROR,
     OUTPUT_TYPES,
@@ -26,6 +32,7 @@ from ._application import (
     log_bytes,
     output_chunks,
 )
+from ._liveness import Liveness
 from ._memory import ApplicationPeer, MemoryPeer, PeerAnswer
 from ._pool import PoolState
 from ._response import (
@@ -41,9 +48,15 @@ from ._timeout import PROBE_WAIT, Deadline, Timeout, TimeoutInput, probe_wait
 
 __all__ = [
     "ALL_ROLES",
+    "BODY_TOO_LARGE",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_REQUESTS",
+    "DEFAULT_MAX_UNSENT_SIZE",
     "DEFAULT_MULTIPLEX",
+    "DEFAULT_PARAMS_TIMEOUT",
+    "DEFAULT_SEND_TIMEOUT",
     "ERROR_STATUS",
     "INTERNAL_ERROR",
     "OUTPUT_TYPES",
@@ -52,6 +65,7 @@ __all__ = [
     "AddressInput",
     "ApplicationPeer",
     "Deadline",
+    "Liveness",
     "MemoryPeer",
     "PeerAnswer",
     "PoolState",

@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from fcgiproto import (
+    DEFAULT_MAX_PARAMS_PAIRS,
     DEFAULT_MAX_PARAMS_SIZE,
     BeginRequest,
     Event,
@@ -31,9 +32,15 @@ from ._address import Address, AddressInput, parse_address
 
 __all__ = [
     "ALL_ROLES",
+    "BODY_TOO_LARGE",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_REQUESTS",
+    "DEFAULT_MAX_UNSENT_SIZE",
     "DEFAULT_MULTIPLEX",
+    "DEFAULT_PARAMS_TIMEOUT",
+    "DEFAULT_SEND_TIMEOUT",
     "ERROR_STATUS",
     "INTERNAL_ERROR",
     "OUTPUT_TYPES",
@@ -57,6 +64,13 @@ INTERNAL_ERROR = (
     b"Content-Type: text/plain; charset=utf-8\r\n"
     b"\r\n"
     b"Internal Server Error\n"
+)
+#: What a request whose body is over `max_body_size` is answered with.
+BODY_TOO_LARGE = (
+    b"Status: 413 Content Too Large\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"Content Too Large\n"
 )
 OUTPUT_TYPES = (bytes, bytearray, memoryview)
 
@@ -87,9 +101,11 @@ class RequestState:
 
     __slots__ = (
         "aborted",
+        "begun_at",
         "data",
         "data_done",
         "ended",
+        "input_left",
         "keep_conn",
         "params",
         "request_id",
@@ -98,17 +114,34 @@ class RequestState:
         "stdin_done",
     )
 
-    def __init__(self, request_id: int, role: Role, keep_conn: bool) -> None:
+    def __init__(
+        self,
+        request_id: int,
+        role: Role,
+        keep_conn: bool,
+        *,
+        begun_at: float = 0.0,
+        max_body_size: int | None = None,
+    ) -> None:
         self.request_id = request_id
         self.role = role
         self.keep_conn = keep_conn
+        #: When BEGIN_REQUEST arrived, on the server's clock: PARAMS are due by then.
+        self.begun_at = begun_at
         self.params: dict[str, str] | None = None
         self.stdin: list[bytes] = []
         self.data: list[bytes] = []
+        #: Bytes of stdin and data that may still be held; below 0, too many came.
+        self.input_left = DEFAULT_MAX_BODY_SIZE if max_body_size is None else max_body_size
         self.stdin_done = False
         self.data_done = role is not Role.FILTER
         self.ended = False
         self.aborted = False
+
+    @property
+    def too_large(self) -> bool:
+        """More stdin and data came than `max_body_size` lets a request hold."""
+        return self.input_left < 0
 
     @property
     def whole(self) -> bool:
@@ -120,14 +153,22 @@ class RequestState:
         if isinstance(event, Params):
             self.params = {_decode(k): _decode(v) for k, v in event.params.items()}
         elif isinstance(event, StdinData):
-            self.stdin.append(event.data)
+            self.input_left -= len(event.data)
+            if self.input_left >= 0:
+                self.stdin.append(event.data)
+            else:
+                self.stdin = self.data = []  # refused: hold none of it
         elif isinstance(event, StdinEnd):
             self.stdin_done = True
         elif isinstance(event, FilterData):
-            self.data.append(event.data)
+            self.input_left -= len(event.data)
+            if self.input_left >= 0:
+                self.data.append(event.data)
+            else:
+                self.stdin = self.data = []
         elif isinstance(event, FilterDataEnd):
             self.data_done = True
-        return self.whole
+        return self.whole and self.input_left >= 0
 
     def take_input(self) -> tuple[dict[str, str], bytes, bytes]:
         """Params, stdin and data, handed over once the request is whole."""
@@ -225,6 +266,22 @@ DEFAULT_MAX_REQUESTS = 100
 #: is for those clients, as Go's server does by default: many requests on a
 #: connection, and ABORT_REQUEST acted on at once.
 DEFAULT_MULTIPLEX = False
+#: A request's stdin and filter data are held in memory until the handler
+#: runs. php's post_max_size is 8M by default; nginx's client_max_body_size 1m.
+DEFAULT_MAX_BODY_SIZE = 8 << 20
+#: From BEGIN_REQUEST to the end of PARAMS. Web servers send both in one
+#: write; only a peer holding a request open on purpose needs seconds.
+DEFAULT_PARAMS_TIMEOUT = 10.0
+#: Silence from the peer while no application runs for it: between requests
+#: on a kept connection, or in the middle of a request body. Above nginx's
+#: and our client's idle keep-alive times, so they close first.
+DEFAULT_IDLE_TIMEOUT = 60.0
+#: How long a send may wait on a peer that does not read (nginx's send_timeout is 60 s).
+DEFAULT_SEND_TIMEOUT = 30.0
+#: Output a connection queues beyond what its socket took: an app's output
+#: goes out in pieces of at most this, and what the server answers by itself
+#: (GET_VALUES, refusals) stops the reading past it until it is sent.
+DEFAULT_MAX_UNSENT_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -235,25 +292,53 @@ class ServerOptions:
     FastCGI spec's FCGI_MAX_REQS), not per connection: with `multiplex` one
     connection may carry all of them, without it each carries one, and a
     request past the limit ends at once with OVERLOADED.
-    `max_params_size` bounds the encoded PARAMS of one request; a client
-    sending more loses its connection.
+    `max_params_size` bounds the encoded PARAMS of one request, and of all
+    the requests of a multiplexed connection together, and `max_params_pairs`
+    their number of name/value pairs; a client sending more loses its
+    connection. A request whose stdin and filter data together exceed
+    `max_body_size` is answered 413 at once, the rest of its body dropped.
+    The timeouts and `max_unsent_size` are described where their defaults
+    are defined, and in `Liveness`; `math.inf` turns a timeout off.
     """
 
     multiplex: bool = DEFAULT_MULTIPLEX
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_requests: int = DEFAULT_MAX_REQUESTS
     max_params_size: int = DEFAULT_MAX_PARAMS_SIZE
+    max_params_pairs: int = DEFAULT_MAX_PARAMS_PAIRS
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    max_unsent_size: int = DEFAULT_MAX_UNSENT_SIZE
+    params_timeout: float = DEFAULT_PARAMS_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
     roles: Collection[Role] = field(default=ALL_ROLES)
 
     def __post_init__(self) -> None:
         if not isinstance(self.multiplex, bool):
             raise TypeError(f"multiplex must be True or False, not {self.multiplex!r}")
-        for name in ("max_connections", "max_requests", "max_params_size"):
+        for name in (
+            "max_connections",
+            "max_requests",
+            "max_params_size",
+            "max_params_pairs",
+            "max_unsent_size",
+        ):
             value = getattr(self, name)
             if type(value) is not int:
                 raise TypeError(f"{name} must be an int, not {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, not {value}")
+        if type(self.max_body_size) is not int:
+            raise TypeError(f"max_body_size must be an int, not {self.max_body_size!r}")
+        if self.max_body_size < 0:
+            raise ValueError(f"max_body_size must be at least 0, not {self.max_body_size}")
+        for name in ("params_timeout", "idle_timeout", "send_timeout"):
+            value = getattr(self, name)
+            if type(value) not in (int, float):
+                raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+            if not value > 0:  # NaN too
+                raise ValueError(f"{name} must be more than 0 seconds, not {value}")
+            object.__setattr__(self, name, float(value))
         roles = frozenset(Role(role) for role in self.roles)
         if not roles:
             raise ValueError("roles must name at least one role")
@@ -275,6 +360,7 @@ class ServerOptions:
             max_requests=self.max_requests,
             max_connections=self.max_connections,
             max_params_size=self.max_params_size,
+            max_params_pairs=self.max_params_pairs,
         )
         # The core answers FCGI_MAX_REQS with its cap per connection, which it
         # makes 1 without multiplexing. The spec's FCGI_MAX_REQS is the
