@@ -462,7 +462,8 @@ class _Server:
         live = [c for c in self.connections if not c.dead]
         if len(live) < self.options.max_connections:
             return True
-        ranked = [(rank, c) for c in live if (rank := c.liveness.eviction_rank()) is not None]
+        now = anyio.current_time()
+        ranked = [(rank, c) for c in live if (rank := c.liveness.eviction_rank(now)) is not None]
         if not ranked:
             return False
         _, victim = min(ranked, key=lambda pair: pair[0])

@@ -511,7 +511,10 @@ class _Listener:
             live = [c for c in self._connections if not c.dead]
             if len(live) < self.options.max_connections:
                 return True
-            ranked = [(rank, c) for c in live if (rank := c.liveness.eviction_rank()) is not None]
+            now = time.monotonic()
+            ranked = [
+                (rank, c) for c in live if (rank := c.liveness.eviction_rank(now)) is not None
+            ]
             if not ranked:
                 return False
             _, victim = min(ranked, key=lambda pair: pair[0])

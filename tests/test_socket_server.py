@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import random
@@ -526,24 +527,28 @@ def test_max_connections_holds_a_new_connection_while_every_app_runs(address: st
         leave.wait(WAIT)
         return HEAD + b"done"
 
-    with Server(slow, address, max_connections=1) as server:
-        with Raw(server.address) as first:
-            first.conn.send_request(get())
-            first.send()
-            assert running.wait(WAIT)
-            second = Raw(server.address)  # waits in the listen backlog: nothing may give way
-            second.conn.get_values(["FCGI_MAX_CONNS"])
-            second.send()
-            second.sock.settimeout(0.3)
-            with pytest.raises(TimeoutError):
-                second.read()
-            leave.set()
-            first.until_ended(1)
-            assert first.stdout[1].endswith(b"done")
-        with second:
-            second.sock.settimeout(WAIT)
-            second.read()  # served once the first is gone
-            assert second.values == {"FCGI_MAX_CONNS": "1"}
+    with (
+        Server(slow, address, max_connections=1) as server,
+        Raw(server.address) as first,
+        contextlib.ExitStack() as later,
+    ):
+        first.conn.send_request(get())
+        first.send()
+        assert running.wait(WAIT)
+        # waits in the listen backlog: nothing may give way
+        second = later.enter_context(Raw(server.address))
+        second.conn.get_values(["FCGI_MAX_CONNS"])
+        second.send()
+        second.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            second.read()
+        leave.set()
+        first.until_ended(1)
+        assert first.stdout[1].endswith(b"done")
+        first.sock.close()
+        second.sock.settimeout(WAIT)
+        second.read()  # served once the first is gone
+        assert second.values == {"FCGI_MAX_CONNS": "1"}
 
 
 # --- starting and stopping ---

@@ -14,7 +14,9 @@ updated from their I/O, and ask it two things, the same way:
   still receiving a request, one whose response the peer is not reading. The
   one that moved longest ago goes first. A connection whose application is
   running, or whose output is still going out as fast as it is read, never
-  does.
+  does: a send counts as waiting on the peer once it has not moved for
+  `SEND_STALL_GRACE` (a blocking server marks every send as it starts, and a
+  fast reader's window fills and empties all the time).
 
 Nothing here reads a clock: the servers pass `now` (time.monotonic, or the
 event loop's clock), and a server with threads updates it from several of them
@@ -28,7 +30,10 @@ from collections.abc import Iterable
 
 from ._application import RequestState, ServerOptions
 
-__all__ = ["Liveness"]
+__all__ = ["SEND_STALL_GRACE", "Liveness"]
+
+#: Seconds a send may wait on the peer before its connection may give way to a new one.
+SEND_STALL_GRACE = 1.0
 
 
 class Liveness:
@@ -86,11 +91,12 @@ class Liveness:
                 earliest = (when, "the client sent nothing for too long")
         return earliest
 
-    def eviction_rank(self) -> float | None:
+    def eviction_rank(self, now: float) -> float | None:
         """Oldest first among connections that may give way; None for one that may not."""
         # `running` is read before `sending`, and servers set `sending` before
         # they lower `running`: an app that just ended with its last output
         # still queued is never taken for an idle connection.
-        if (self.running or self.sending) and self.send_stalled_since is None:
+        stalled = self.send_stalled_since
+        if (self.running or self.sending) and (stalled is None or now - stalled < SEND_STALL_GRACE):
             return None
         return self.last_activity
