@@ -1,0 +1,255 @@
+"""Each server limit at its edge, on both servers (and the blocking one multiplexing).
+
+tests/test_attacks.py shows the limits holding, with their defaults, against
+the attacks they are for; here each is set small and met exactly, or passed
+by one, and what a well-behaved peer does near it still works.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import pytest
+from attacks import (
+    PARAMS,
+    STDIN,
+    begin,
+    open_socket,
+    pair,
+    params_records,
+    record,
+    request,
+)
+from test_attacks import SERVERS, SLEEP
+
+from fcgiproto import (
+    DEFAULT_MAX_PARAMS_PAIRS,
+    ReadError,
+    RemoteProtocolError,
+    ServerConnection,
+    WriteError,
+)
+from fcgiproto.support import ServerOptions
+from fcgiproto_socket import Client
+
+SHORT = 0.5  # the timeouts set here
+PATIENCE = 5.0  # far beyond them: what a test waits before calling it a hang
+
+
+@pytest.fixture(params=["blocking", "blocking-mux", "anyio"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def listen(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    return "127.0.0.1:0" if request.param == "tcp" else str(tmp_path / "app.sock")
+
+
+def start(kind: str, listen: str, **options: Any) -> Any:
+    return SERVERS[kind](listen, **options)
+
+
+def closed_after(sock: Any) -> float:
+    """Seconds until the server closes `sock`, reading (and dropping) what it sends."""
+    started = time.monotonic()
+    sock.settimeout(PATIENCE)
+    while True:
+        try:
+            if not sock.recv(1 << 20):
+                break
+        except ConnectionResetError:
+            break
+    return time.monotonic() - started
+
+
+def answer_of(sock: Any, until: bytes) -> bytes:
+    sock.settimeout(PATIENCE)
+    answer = b""
+    while until not in answer:
+        chunk = sock.recv(65536)
+        assert chunk, answer
+        answer += chunk
+    return answer
+
+
+def get(script: str) -> dict[str, str]:
+    return {"SCRIPT_NAME": script, "REQUEST_METHOD": "GET"}
+
+
+# --- timeouts ---
+
+
+def test_params_that_do_not_end_in_time_close_the_connection(kind: str, listen: str) -> None:
+    with start(kind, listen, params_timeout=SHORT) as address, open_socket(address) as sock:
+        sock.sendall(begin() + record(PARAMS, 1, pair(b"SCRIPT_NAME", b"/hello")))
+        waited = closed_after(sock)
+    assert SHORT * 0.8 < waited < PATIENCE
+
+
+def test_params_that_end_in_time_are_served(kind: str, listen: str) -> None:
+    with start(kind, listen, params_timeout=SHORT) as address, open_socket(address) as sock:
+        wire = request()
+        sock.sendall(wire[:20])
+        time.sleep(SHORT / 3)
+        sock.sendall(wire[20:])
+        assert b"hello" in answer_of(sock, b"hello")
+
+
+def test_a_silent_connection_is_closed_after_the_idle_timeout(kind: str, listen: str) -> None:
+    with start(kind, listen, idle_timeout=SHORT) as address, open_socket(address) as sock:
+        sock.sendall(request())
+        answer_of(sock, b"hello")  # a request, then silence between requests
+        waited = closed_after(sock)
+    assert SHORT * 0.8 < waited < PATIENCE
+
+
+def test_a_body_that_stops_coming_is_closed_after_the_idle_timeout(kind: str, listen: str) -> None:
+    with start(kind, listen, idle_timeout=SHORT) as address, open_socket(address) as sock:
+        head = begin() + record(PARAMS, 1, pair(b"SCRIPT_NAME", b"/size")) + record(PARAMS, 1)
+        sock.sendall(head + record(STDIN, 1, b"part of a body"))
+        waited = closed_after(sock)
+    assert SHORT * 0.8 < waited < PATIENCE
+
+
+def test_an_app_running_longer_than_the_idle_timeout_is_not_cut(kind: str, listen: str) -> None:
+    assert SLEEP > 1.5 * SHORT
+    with start(kind, listen, idle_timeout=SHORT) as address, open_socket(address) as sock:
+        sock.sendall(request(b"/sleep"))
+        assert b"slept" in answer_of(sock, b"slept")
+
+
+def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(
+    kind: str, listen: str
+) -> None:
+    with start(kind, listen, send_timeout=SHORT) as address, open_socket(address) as sock:
+        sock.sendall(request(b"/big"))
+        time.sleep(SHORT * 3 + 0.5)  # not reading: the server's sends wait, then give up
+        received = 0
+        sock.settimeout(PATIENCE)
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:  # closed with our request's records unread
+            pass
+    assert received < 40 << 20  # cut short: /big is 50 MiB
+
+
+def test_a_client_that_reads_slowly_is_not_cut(kind: str, listen: str) -> None:
+    with (
+        start(kind, listen, send_timeout=SHORT) as address,
+        Client(address, timeout=PATIENCE) as client,
+        client.stream(get("/big")) as response,
+    ):
+        got = 0
+        for chunk in response.iter_body():
+            got += len(chunk)
+            if got < 4 << 20:
+                time.sleep(0.01)  # slower than the server, never SHORT behind
+        assert got == 50 << 20
+
+
+# --- sizes ---
+
+
+@pytest.mark.parametrize("limit", [0, 1000])
+def test_max_body_size_at_its_edge(kind: str, listen: str, limit: int) -> None:
+    with (
+        start(kind, listen, max_body_size=limit) as address,
+        Client(address, timeout=PATIENCE) as client,
+    ):
+        params = {**get("/size"), "REQUEST_METHOD": "POST"}
+        assert client.request(params, b"x" * limit).body == b"%d" % limit
+        refused = client.request(params, b"x" * (limit + 1))
+        assert refused.status == 413
+        assert refused.app_status == 1
+        assert client.request(params, b"y" * limit).body == b"%d" % limit  # goes on
+
+
+def test_max_params_pairs_at_its_edge(kind: str, listen: str) -> None:
+    with (
+        start(kind, listen, max_params_pairs=10) as address,
+        Client(address, timeout=PATIENCE) as client,
+    ):
+        eight = {f"X{n}": "v" for n in range(8)}
+        assert client.request({**get("/hello"), **eight}).body == b"hello"
+        with pytest.raises((ReadError, WriteError)):  # the connection is closed
+            client.request({**get("/hello"), **eight, "X8": "v"})
+        assert client.request(get("/hello")).body == b"hello"
+
+
+def test_max_unsent_size_bounds_the_pieces_of_a_big_chunk(kind: str, listen: str) -> None:
+    # /big yields 256 KiB chunks; with a 4 KiB limit they go out in 64 pieces.
+    with (
+        start(kind, listen, max_unsent_size=4096) as address,
+        Client(address, timeout=PATIENCE) as client,
+        client.stream(get("/big")) as response,
+    ):
+        assert sum(len(chunk) for chunk in response.iter_body()) == 50 << 20
+
+
+def test_max_connections_gives_the_idlest_way(kind: str, listen: str) -> None:
+    with (
+        start(kind, listen, max_connections=2) as address,
+        open_socket(address) as oldest,
+        open_socket(address) as newer,
+    ):
+        for sock in (oldest, newer):  # served, then idle between requests
+            sock.sendall(request())
+            answer_of(sock, b"hello")
+            time.sleep(0.05)
+        with open_socket(address) as third:
+            third.sendall(request())
+            assert b"hello" in answer_of(third, b"hello")  # at once
+            assert closed_after(oldest) < PATIENCE  # the idlest gave way
+            newer.sendall(request())
+            assert b"hello" in answer_of(newer, b"hello")
+
+
+# --- the options themselves ---
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"params_timeout": 0}, ValueError),
+        ({"idle_timeout": -1}, ValueError),
+        ({"send_timeout": math.nan}, ValueError),
+        ({"send_timeout": "5"}, TypeError),
+        ({"max_params_pairs": 0}, ValueError),
+        ({"max_unsent_size": 1.5}, TypeError),
+        ({"max_body_size": -1}, ValueError),
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        ServerOptions(**options)
+
+
+def test_a_timeout_can_be_turned_off() -> None:
+    assert ServerOptions(idle_timeout=math.inf).idle_timeout == math.inf
+
+
+# --- the core's part ---
+
+
+def test_the_core_refuses_one_pair_too_many_before_decoding_the_rest() -> None:
+    def params(pairs: int) -> bytes:
+        return begin() + params_records(1, pair(b"A", b"") * pairs) + record(PARAMS, 1)
+
+    server = ServerConnection()
+    assert server.max_params_pairs == DEFAULT_MAX_PARAMS_PAIRS == 1000
+    events = server.receive_data(params(1000))
+    assert len(events[-1].params) == 1  # type: ignore[attr-defined]  # the same name, kept once
+    with pytest.raises(RemoteProtocolError, match="more than 1000 name/value pairs"):
+        ServerConnection().receive_data(params(1001))
+
+
+def test_the_core_bounds_params_held_across_a_multiplexed_connection() -> None:
+    server = ServerConnection(multiplex=True, max_params_size=1000)
+    half = pair(b"X", b"v" * 480)  # 486 bytes
+    server.receive_data(begin(1) + record(PARAMS, 1, half) + begin(2) + record(PARAMS, 2, half))
+    with pytest.raises(RemoteProtocolError, match="requests of this connection exceed"):
+        server.receive_data(record(PARAMS, 2, pair(b"Y", b"v" * 60)))
