@@ -33,7 +33,7 @@ from ._application import RequestState, ServerOptions
 __all__ = ["SEND_STALL_GRACE", "Liveness"]
 
 #: Seconds a send may wait on the peer before its connection may give way to a new one.
-SEND_STALL_GRACE = 1.0
+SEND_STALL_GRACE = 0.25
 
 
 class Liveness:
