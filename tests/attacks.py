@@ -1,4 +1,7 @@
-"""Peers that try to hold a FastCGI server down, and a well-behaved client beside them.
+"""Peers that try to hold a FastCGI server down, a well-behaved client beside them, and the app.
+
+`blocking_app` and `async_app` are what the attacked servers run (the same
+application for fcgiproto_socket and fcgiproto_anyio).
 
 Plain sockets and hand-packed records, so that each attack sends exactly what
 it says. Each attack is a context manager: entering opens its connections and
@@ -20,15 +23,65 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 
+import anyio
+
 from fcgiproto import FastCGIError
-from fcgiproto_socket import Address, Client
+from fcgiproto_anyio import Request as AsyncRequest
+from fcgiproto_socket import Address, Client, Request
 
 HEADER = struct.Struct(">BBHHBx")
 BEGIN, ABORT, END, PARAMS, STDIN, STDOUT, STDERR, DATA, GET_VALUES = 1, 2, 3, 4, 5, 6, 7, 8, 9
 MiB = 1 << 20
+
+
+# --- what the servers run: the same application, blocking and async ---
+
+HEAD = b"Content-Type: text/plain\r\n\r\n"
+#: What /big streams: far more than any socket buffer holds.
+BIG = 50 * MiB
+PIECE = b"x" * (256 * 1024)
+
+
+#: How long /sleep takes: longer than the short timeouts tests/test_server_limits.py sets.
+SLEEP = 1.0
+
+
+def blocking_app(request: Request) -> Iterator[bytes]:
+    """/big streams BIG bytes, /sleep answers after SLEEP, /size the body's size; else hello."""
+    yield HEAD
+    script = request.params.get("SCRIPT_NAME")
+    if script == "/big":
+        for _ in range(BIG // len(PIECE)):
+            yield PIECE
+    elif script == "/sleep":
+        time.sleep(SLEEP)
+        yield b"slept"
+    elif script == "/size":
+        yield b"%d" % len(request.stdin)
+    else:
+        yield b"hello"
+
+
+async def async_app(request: AsyncRequest) -> AsyncIterator[bytes]:
+    """blocking_app's twin."""
+    yield HEAD
+    script = request.params.get("SCRIPT_NAME")
+    if script == "/big":
+        for _ in range(BIG // len(PIECE)):
+            yield PIECE
+    elif script == "/sleep":
+        await anyio.sleep(SLEEP)
+        yield b"slept"
+    elif script == "/size":
+        yield b"%d" % len(request.stdin)
+    else:
+        yield b"hello"
+
+
+# --- records, packed by hand ---
 
 
 def record(rtype: int, rid: int, content: bytes = b"") -> bytes:

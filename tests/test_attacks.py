@@ -17,10 +17,9 @@ import os
 import resource
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import anyio
 import pytest
 from anyio.from_thread import start_blocking_portal
 from attacks import (
@@ -34,57 +33,18 @@ from attacks import (
     NonReaders,
     Tricklers,
     ValuesFlood,
+    async_app,
+    blocking_app,
     open_socket,
     request,
     rss,
 )
 
-from fcgiproto_anyio import Request as AsyncRequest
 from fcgiproto_anyio import serve as anyio_serve
-from fcgiproto_socket import Address, Request, Server
+from fcgiproto_socket import Address, Server
 
-HEAD = b"Content-Type: text/plain\r\n\r\n"
-#: What /big streams: far more than any socket buffer holds.
-BIG = 50 * MiB
-PIECE = b"x" * (256 * 1024)
 #: How long each attack holds while the good client makes its requests.
 HOLD = 1.5
-
-
-#: How long /sleep takes: longer than the short timeouts tests/test_server_limits.py sets.
-SLEEP = 1.0
-
-
-def blocking_app(request: Request) -> Iterator[bytes]:
-    """/big streams BIG bytes, /sleep answers after SLEEP, /size the body's size; else hello."""
-    yield HEAD
-    script = request.params.get("SCRIPT_NAME")
-    if script == "/big":
-        for _ in range(BIG // len(PIECE)):
-            yield PIECE
-    elif script == "/sleep":
-        time.sleep(SLEEP)
-        yield b"slept"
-    elif script == "/size":
-        yield b"%d" % len(request.stdin)
-    else:
-        yield b"hello"
-
-
-async def async_app(request: AsyncRequest) -> AsyncIterator[bytes]:
-    """blocking_app's twin."""
-    yield HEAD
-    script = request.params.get("SCRIPT_NAME")
-    if script == "/big":
-        for _ in range(BIG // len(PIECE)):
-            yield PIECE
-    elif script == "/sleep":
-        await anyio.sleep(SLEEP)
-        yield b"slept"
-    elif script == "/size":
-        yield b"%d" % len(request.stdin)
-    else:
-        yield b"hello"
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from attacks import (
     PARAMS,
+    SLEEP,
     STDIN,
     begin,
     open_socket,
@@ -22,7 +23,7 @@ from attacks import (
     record,
     request,
 )
-from test_attacks import SERVERS, SLEEP
+from test_attacks import SERVERS
 
 from fcgiproto import (
     DEFAULT_MAX_PARAMS_PAIRS,
