@@ -667,19 +667,24 @@ async def serve(
     asks first) one at a time. An ABORT_REQUEST cancels that request's task
     and ends the request at once with app_status 1; the connection's other
     requests go on. A request's stdin and filter data are held in memory
-    until the app runs: put a body size limit in the web server (nginx's
-    client_max_body_size).
+    until the app runs, up to `max_body_size` bytes (more is answered 413 at
+    once).
 
     The options and their defaults are fcgiproto_socket.serve's, and mean the
-    same (see fcgiproto.support.ServerOptions); GET_VALUES answers them as
-    set. Past `max_connections` connections the server stops accepting:
-    further clients wait in the listen backlog until a connection ends.
-    `max_requests` caps requests at once across all connections; one more
-    ends with OVERLOADED. Requests in `roles` only are accepted (others end
-    with UNKNOWN_ROLE); PARAMS beyond `max_params_size` bytes, or anything
-    else against the protocol, close that connection only, as does the client
-    closing it, which cancels its requests. After a keep_conn=False request
-    the connection is closed once its output is sent.
+    same (see fcgiproto.support.ServerOptions and the README's "Limits");
+    GET_VALUES answers them as set. At `max_connections` the server keeps
+    accepting and closes the connection that waited longest on its client;
+    only while every connection runs an app does a new one wait in the
+    listen backlog. `max_requests` caps requests at once across all
+    connections; one more ends with OVERLOADED. Requests in `roles` only are
+    accepted (others end with UNKNOWN_ROLE). PARAMS beyond `max_params_size`
+    bytes or `max_params_pairs` pairs, anything else against the protocol,
+    PARAMS slower than `params_timeout`, silence for `idle_timeout` while no
+    app runs for the connection, and a send left waiting for `send_timeout`
+    close that connection only, as does the client closing it, which cancels
+    its requests. An app's output waits once `max_unsent_size` bytes of it
+    are not yet taken by the client. After a keep_conn=False request the
+    connection is closed once its output is sent.
 
     Cancelling serve closes the listener and every connection (requests in
     progress are cancelled) and returns once every task has ended.

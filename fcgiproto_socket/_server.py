@@ -663,17 +663,23 @@ def serve(
     chunk). With `multiplex` a connection carries many requests at once, each
     handler in a thread of its own, and ABORT_REQUEST ends the request at
     once: the handler sees `request.aborted`, and its output is dropped. A
-    request's stdin and filter data are held in memory until the handler runs:
-    put a body size limit in the web server (nginx's client_max_body_size).
+    request's stdin and filter data are held in memory until the handler runs,
+    up to `max_body_size` bytes (more is answered 413 at once).
 
     The options and their defaults are fcgiproto_anyio.serve's, and mean the
-    same (see fcgiproto.support.ServerOptions); GET_VALUES answers them as
-    set. `max_connections` caps connections; more wait in the listen backlog.
-    `max_requests` caps requests at once across all connections; one more ends
-    with OVERLOADED. Requests in `roles` only are accepted (others end with
-    UNKNOWN_ROLE). A client that sends PARAMS of more than `max_params_size`
-    bytes, or otherwise breaks the protocol, loses its connection; the server
-    goes on.
+    same (see fcgiproto.support.ServerOptions and the README's "Limits");
+    GET_VALUES answers them as set. At `max_connections` the server keeps
+    accepting and closes the connection that waited longest on its client;
+    only while every connection runs a handler does a new one wait in the
+    listen backlog. `max_requests` caps requests at once across all
+    connections; one more ends with OVERLOADED. Requests in `roles` only are
+    accepted (others end with UNKNOWN_ROLE). A client that sends PARAMS of
+    more than `max_params_size` bytes or `max_params_pairs` pairs, or
+    otherwise breaks the protocol, loses its connection, as does one that
+    takes longer than `params_timeout` to send a request's PARAMS, sends
+    nothing for `idle_timeout` while no handler runs for it, or leaves a send
+    waiting for `send_timeout`; the server goes on. A handler's output waits
+    once `max_unsent_size` bytes of it are not yet taken by the client.
 
     Setting `stop` closes the listener and every connection (requests in
     progress are abandoned) and returns once every thread has ended, waiting

@@ -30,3 +30,33 @@ def test_readme_examples_pass_mypy_strict(tmp_path: Path) -> None:
         files.append(str(path))
     out, err, status = mypy.run(["--strict", "--no-incremental", *files])
     assert status == 0, out + err
+
+
+def _shown(name: str, value: object) -> str:
+    """A default as the README's Limits table writes it."""
+    if name.endswith("_timeout"):
+        return f"{value:g} s"
+    assert isinstance(value, int)
+    if name.endswith("_size"):
+        for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value % size == 0:
+                return f"{value // size} {unit}"
+    return f"{value:,}"
+
+
+def test_the_limits_table_lists_every_server_option_with_its_default() -> None:
+    from dataclasses import fields
+
+    from fcgiproto.support import ServerOptions
+
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("## Limits") :]
+    table = table[: table.index("\n## ")]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", table, re.MULTILINE))
+    defaults = ServerOptions()
+    wanted = {
+        f.name: _shown(f.name, getattr(defaults, f.name))
+        for f in fields(ServerOptions)
+        if f.name not in ("multiplex", "roles")
+    }
+    assert {name: rows.get(name) for name in wanted} == wanted
