@@ -119,13 +119,7 @@ class _State(RequestState):
     __slots__ = ("scope",)
 
     def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
-        super().__init__(
-            begin.request_id,
-            begin.role,
-            begin.keep_conn,
-            begun_at=anyio.current_time(),
-            max_body_size=options.max_body_size,
-        )
+        super().__init__(begin, options, anyio.current_time())
         self.scope: anyio.CancelScope | None = None  # set once the app's task is started
 
 

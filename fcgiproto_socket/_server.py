@@ -112,13 +112,7 @@ class _State(RequestState):
     __slots__ = ("dispatched",)
 
     def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
-        super().__init__(
-            begin.request_id,
-            begin.role,
-            begin.keep_conn,
-            begun_at=time.monotonic(),
-            max_body_size=options.max_body_size,
-        )
+        super().__init__(begin, options, time.monotonic())
         self.dispatched = False
 
 
@@ -380,14 +374,16 @@ class _Connection:
     # --- from other threads ---
 
     def kill(self, reason: str = "") -> None:
-        """Wake the connection's thread, which abandons the requests and closes the socket.
+        """Abandon the requests and wake the connection's thread, which closes the socket.
 
-        Called with the listener's lock held, so the socket is still open.
+        Called with the listener's lock held, so the socket is still open. The
+        requests' slots are given back here and now: a connection evicted to
+        make room must not leave the new one to find every slot still taken.
         """
-        if reason and not self.dead:
-            logger.info("closing connection %d: %s", self.number, reason)
-        self.dead = True
-        self._shutdown()
+        with self.lock:
+            if reason and not self.dead:
+                logger.info("closing connection %d: %s", self.number, reason)
+            self._die()
 
     def deadline(self) -> tuple[float, str] | None:
         with self.lock:

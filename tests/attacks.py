@@ -329,10 +329,10 @@ class GoodClient:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="good-client")
 
-    def one(self) -> None:
+    def one(self, timeout: float | None = None) -> None:
         started = time.monotonic()
         try:
-            with Client(self.address, timeout=self.timeout) as client:
+            with Client(self.address, timeout=timeout or self.timeout) as client:
                 response = client.request({"SCRIPT_NAME": "/hello", "REQUEST_METHOD": "GET"})
             if response.body != b"hello":
                 self.failures.append(f"answered {response.body[:40]!r}")

@@ -15,6 +15,7 @@ test, except with CI=true, where it fails.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import peers
 import pytest
@@ -64,6 +65,18 @@ def make_nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Nginx
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture(params=["blocking", "blocking-mux", "anyio"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """A server kind of tests/test_attacks.py's SERVERS."""
+    return str(request.param)
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def listen(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a server of `kind` listens: a Unix socket in a temp dir, or loopback TCP."""
+    return "127.0.0.1:0" if request.param == "tcp" else str(tmp_path / "app.sock")
 
 
 @pytest.fixture(autouse=True)

@@ -45,6 +45,8 @@ from fcgiproto_socket import Address, Server
 
 #: How long each attack holds while the good client makes its requests.
 HOLD = 1.5
+#: How long the first request, behind a thousand connections in the backlog, may take.
+BACKLOG_PATIENCE = 30.0
 
 
 @contextlib.contextmanager
@@ -85,16 +87,6 @@ def settled(condition: Any, within: float = 10.0) -> bool:
     return True
 
 
-@pytest.fixture(params=["blocking", "blocking-mux", "anyio"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture(params=["unix", "tcp"])
-def listen(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    return "127.0.0.1:0" if request.param == "tcp" else str(tmp_path / "app.sock")
-
-
 @pytest.fixture(autouse=True)
 def enough_file_descriptors() -> None:
     """A thousand attackers and the server's side of them: 2,000 descriptors and more."""
@@ -122,8 +114,9 @@ def good_client_during(address: Address, attack: Any, hold: float = HOLD) -> Goo
     good = GoodClient(address)
     with attack:
         # Behind the attack's connections in the listen backlog: served once
-        # the server has been through them, within the client's timeout.
-        good.one()
+        # the server has been through them (about 0.5 s; benchmarks/attacks.py
+        # measures it), which a loaded machine may take far longer to do.
+        good.one(timeout=BACKLOG_PATIENCE)
         with good.running():
             time.sleep(hold)
     assert good.failures == [], good.failures

@@ -39,16 +39,6 @@ SHORT = 0.5  # the timeouts set here
 PATIENCE = 5.0  # far beyond them: what a test waits before calling it a hang
 
 
-@pytest.fixture(params=["blocking", "blocking-mux", "anyio"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture(params=["unix", "tcp"])
-def listen(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    return "127.0.0.1:0" if request.param == "tcp" else str(tmp_path / "app.sock")
-
-
 def start(kind: str, listen: str, **options: Any) -> Any:
     return SERVERS[kind](listen, **options)
 
@@ -207,6 +197,21 @@ def test_max_connections_gives_the_idlest_way(kind: str, listen: str) -> None:
             assert closed_after(oldest) < PATIENCE  # the idlest gave way
             newer.sendall(request())
             assert b"hello" in answer_of(newer, b"hello")
+
+
+def test_a_connection_that_gives_way_gives_back_its_request_slots(kind: str, listen: str) -> None:
+    """Evicted half-requests free their slots at once: the new request is not OVERLOADED."""
+    with start(kind, listen, max_connections=2, max_requests=2) as address:
+        half = begin() + record(PARAMS, 1, pair(b"SCRIPT_NAME", b"/hello"))
+        with open_socket(address) as first, open_socket(address) as second:
+            for sock in (first, second):
+                sock.sendall(half)
+            time.sleep(0.1)  # both read: every request slot is held
+            for _ in range(3):
+                with open_socket(address) as newcomer:
+                    newcomer.sendall(request())
+                    answer = answer_of(newcomer, b"hello")
+                    assert b"Status" not in answer.split(b"\r\n\r\n")[0], answer
 
 
 # --- the options themselves ---

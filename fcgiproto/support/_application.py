@@ -114,27 +114,19 @@ class RequestState:
         "stdin_done",
     )
 
-    def __init__(
-        self,
-        request_id: int,
-        role: Role,
-        keep_conn: bool,
-        *,
-        begun_at: float = 0.0,
-        max_body_size: int | None = None,
-    ) -> None:
-        self.request_id = request_id
-        self.role = role
-        self.keep_conn = keep_conn
-        #: When BEGIN_REQUEST arrived, on the server's clock: PARAMS are due by then.
-        self.begun_at = begun_at
+    def __init__(self, begin: BeginRequest, options: ServerOptions, now: float) -> None:
+        self.request_id = begin.request_id
+        self.role = begin.role
+        self.keep_conn = begin.keep_conn
+        #: When BEGIN_REQUEST arrived (`now`, on the server's clock): PARAMS are due by then.
+        self.begun_at = now
         self.params: dict[str, str] | None = None
         self.stdin: list[bytes] = []
         self.data: list[bytes] = []
         #: Bytes of stdin and data that may still be held; below 0, too many came.
-        self.input_left = DEFAULT_MAX_BODY_SIZE if max_body_size is None else max_body_size
+        self.input_left = options.max_body_size
         self.stdin_done = False
-        self.data_done = role is not Role.FILTER
+        self.data_done = begin.role is not Role.FILTER
         self.ended = False
         self.aborted = False
 
