@@ -28,6 +28,7 @@ from fcgiproto import (
     WriteError,
 )
 from fcgiproto.support import (
+    DEFAULT_MAX_RESPONSE_SIZE,
     AddressInput,
     Deadline,
     PoolState,
@@ -35,10 +36,9 @@ from fcgiproto.support import (
     ResponseState,
     Timeout,
     TimeoutInput,
-    gather_answer,
+    WholeAnswer,
     parse_address,
     probe_wait,
-    whole_answer,
 )
 
 from ._backend import SocketBackend
@@ -77,6 +77,12 @@ class Client:
     connection. True or False decides without asking. stream() always has a
     connection of its own, for the transport's flow control.
 
+    max_response_size bounds what the client holds of one answer: the stdout
+    and, separately, the stderr that request() gathers. One byte more raises ResponseTooLarge
+    as it arrives and gives the request up (its connection closed, or the
+    request aborted on a shared connection); 0 means no limit. Each call may
+    override it.
+
     backend= is the transport (see NetworkBackend): sockets by default.
     """
 
@@ -89,10 +95,12 @@ class Client:
         keepalive_expiry: float = 5.0,
         multiplex: bool | None = None,
         timeout: TimeoutInput = DEFAULT_TIMEOUT,
+        max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
         backend: NetworkBackend | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        self.max_response_size = _check_size(max_response_size)
         self.address = parse_address(address)
         self.timeout = Timeout.of(timeout)
         self.max_connections = max_connections
@@ -135,21 +143,26 @@ class Client:
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
+        max_response_size: int | None = None,
     ) -> Response:
         """Send a request and read its whole response.
 
-        On an application that multiplexes, concurrent requests share one connection.
+        On an application that multiplexes, concurrent requests share one
+        connection. Its stdout and its stderr may each hold max_response_size
+        bytes (None: the client's; 0: no limit); one more raises ResponseTooLarge
+        as it arrives, and the request is given up.
         """
         limits = self._limits(timeout)
+        max_size = self._max_size(max_response_size)
         if self.multiplex is False and isinstance(stdin, (bytes, bytearray, memoryview)):
-            return self._request_whole(params, bytes(stdin), role, limits)
-        with StreamResponse(self, params, stdin, role, limits, shared=True) as r:
-            stdout = b"".join([chunk for chunk in r.iter_stdout()])
-        assert r.app_status is not None and r.protocol_status is not None
-        return Response(stdout, bytes(r.stderr), r.app_status, r.protocol_status)
+            return self._request_whole(params, bytes(stdin), role, limits, max_size)
+        with StreamResponse(
+            self, params, stdin, role, limits, max_size, shared=True, whole=True
+        ) as r:
+            return r._read_whole()
 
     def _request_whole(
-        self, params: ParamsInput, body: bytes, role: Role, limits: Timeout
+        self, params: ParamsInput, body: bytes, role: Role, limits: Timeout, max_size: int
     ) -> Response:
         """request() on a connection of its own, with the body at hand: the hot path.
 
@@ -158,27 +171,27 @@ class Client:
         deadline = Deadline(limits.total, current_time)
         for attempt in (1, 2):
             conn, reused = self._acquire(deadline, limits)
-            stdout: list[bytes] = []
-            stderr: list[bytes] = []
+            answer = WholeAnswer(max_size, conn.address)
             end: EndRequest | None = None
             try:
                 conn.proto.send_request(params, body, role=role)
                 conn.queue()
                 while end is None:
                     events = conn.exchange(deadline, limits.read, limits.write)
-                    end = gather_answer(events, stdout, stderr)
+                    end = answer.take(events)
             except (ReadError, WriteError):
                 self._discard(conn)
                 # The retry rule of AsyncStreamResponse._start: an idle
                 # connection the application closed, and no byte of an answer.
-                if reused and attempt == 1 and not (stdout or stderr):
+                if reused and attempt == 1 and not answer.got_output:
                     continue
                 raise
             except BaseException:
+                # ResponseTooLarge too: the rest of the answer is still coming.
                 self._discard(conn)
                 raise
             _SoloExchange(self, conn, reused).finish(True, deadline, limits)
-            return whole_answer(stdout, stderr, end, conn.address)
+            return answer.response(end)
         raise AssertionError("unreachable")
 
     def stream(
@@ -199,7 +212,14 @@ class Client:
         whole. Its own connection gives it the transport's.
         """
         return StreamResponse(
-            self, params, stdin, role, self._limits(timeout), shared=False, read_head=True
+            self,
+            params,
+            stdin,
+            role,
+            self._limits(timeout),
+            0,
+            shared=False,
+            read_head=True,
         )
 
     def get_values(
@@ -238,6 +258,11 @@ class Client:
 
     def _limits(self, timeout: TimeoutInput | None) -> Timeout:
         return self.timeout if timeout is None else Timeout.of(timeout)
+
+    def _max_size(self, max_response_size: int | None) -> int:
+        if max_response_size is None:
+            return self.max_response_size
+        return _check_size(max_response_size)
 
     def _check_open(self) -> None:
         if self._pool.closed:
@@ -466,6 +491,7 @@ class _SoloExchange:
         role: Role,
         deadline: Deadline,
         limits: Timeout,
+        max_size: int,
     ) -> None:
         proto = self.conn.proto
         if stdin is None:
@@ -521,8 +547,11 @@ class _MuxExchange:
         role: Role,
         deadline: Deadline,
         limits: Timeout,
+        max_size: int,
     ) -> None:
-        self.rid, self.inbox = self.mux.begin(params, stdin, role, deadline, limits.write)
+        # The reader bounds what it leaves for the request, however far behind
+        # the request's caller is: a shared connection is read for everyone.
+        self.rid, self.inbox = self.mux.begin(params, stdin, role, deadline, limits.write, max_size)
 
     def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
         self.mux.send_stdin(self.rid, chunk, deadline, limits.write)
@@ -551,9 +580,11 @@ class StreamResponse(ResponseState):
         stdin: Body,
         role: Role,
         limits: Timeout,
+        max_size: int,
         *,
         shared: bool,
         read_head: bool = False,
+        whole: bool = False,
     ) -> None:
         self._client = client
         self._shared = shared
@@ -566,7 +597,7 @@ class StreamResponse(ResponseState):
         self._exchange: _SoloExchange | _MuxExchange | None = None
         self._pieces: BodyPieces | None = None
         self._stdin_touched = False
-        super().__init__()
+        super().__init__(client.address, max_size, whole=whole)
         self._replay: deque[bytes] = deque()  # stdout read for the head, for aiter_stdout
         self._stderr_sent = 0
         self._body_started = self._raw_started = False
@@ -663,7 +694,9 @@ class StreamResponse(ResponseState):
             exchange = client._exchange(self._deadline, self._limits, self._shared)
             self._exchange = exchange
             try:
-                exchange.begin(self._params, body, self._role, self._deadline, self._limits)
+                exchange.begin(
+                    self._params, body, self._role, self._deadline, self._limits, self._max_size
+                )
                 if body is None:
                     self._pieces = BodyPieces(source)
                 self._pump()
@@ -704,7 +737,7 @@ class StreamResponse(ResponseState):
         if exchange is None:
             raise LocalProtocolError("the response is closed")
         events = exchange.events(self._deadline, self._limits, self._refill)
-        self._take(events, exchange.rid, exchange.address)
+        self._take(events, exchange.rid)
 
     def _next_stdout(self) -> bytes | None:
         while not self._stdout:
@@ -717,12 +750,25 @@ class StreamResponse(ResponseState):
                 raise
         return self._stdout.popleft()
 
+    def _read_whole(self) -> Response:
+        """Read the rest of the answer into its WholeAnswer, which bounds it (request())."""
+        assert self._answer is not None
+        while self._end is None:
+            self._pump()
+        return self._answer.response(self._end)
+
     def _parse_head(self) -> None:
         while self._head is None:
             chunk = self._next_stdout()
             if chunk is not None:
                 self._replay.append(chunk)
             self._feed_head(chunk)
+
+
+def _check_size(max_response_size: int) -> int:
+    if max_response_size < 0:
+        raise ValueError(f"max_response_size must be 0 (no limit) or more, not {max_response_size}")
+    return max_response_size
 
 
 class _Chunks:
