@@ -77,7 +77,8 @@ class AsyncClient:
     connection of its own, for the transport's flow control.
 
     max_response_size bounds what the client holds of one answer: the stdout
-    and, separately, the stderr that request() gathers. One byte more raises ResponseTooLarge
+    and, separately, the stderr that request() gathers, and what stream()
+    keeps unread (see its docstring). One byte more raises ResponseTooLarge
     as it arrives and gives the request up (its connection closed, or the
     request aborted on a shared connection); 0 means no limit. Each call may
     override it.
@@ -200,6 +201,7 @@ class AsyncClient:
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
+        max_response_size: int | None = None,
     ) -> AsyncStreamResponse:
         """A request whose body is sent and whose response is read in constant memory.
 
@@ -209,6 +211,14 @@ class AsyncClient:
         control per request, so on a shared connection a slow reader would
         either hold up the other requests or have its response buffered
         whole. Its own connection gives it the transport's.
+
+        The client reads from the connection only when the caller asks for
+        more, so a slow reader slows the application down. What arrives on
+        the stream not being read waits: stderr while the body is read (in
+        the `stderr` bytearray, until the stderr iterator takes it or the
+        caller empties it between body chunks), stdout while stderr is read.
+        Each may hold max_response_size bytes (None: the client's; 0: no
+        limit); one more raises ResponseTooLarge, and the request is given up.
         """
         return AsyncStreamResponse(
             self,
@@ -216,7 +226,7 @@ class AsyncClient:
             stdin,
             role,
             self._limits(timeout),
-            0,
+            self._max_size(max_response_size),
             shared=False,
             read_head=True,
         )
@@ -572,7 +582,11 @@ class _MuxExchange:
 
 
 class AsyncStreamResponse(ResponseState):
-    """One request in progress; a context manager. Status and headers are there on entry."""
+    """One request in progress; a context manager. Status and headers are there on entry.
+
+    `stderr` holds the stderr that arrived and that the stderr iterator has
+    not taken; app_status and protocol_status are set once the request ends.
+    """
 
     def __init__(
         self,
@@ -600,7 +614,6 @@ class AsyncStreamResponse(ResponseState):
         self._stdin_touched = False
         super().__init__(client.address, max_size, whole=whole)
         self._replay: deque[bytes] = deque()  # stdout read for the head, for aiter_stdout
-        self._stderr_sent = 0
         self._body_started = self._raw_started = False
 
     # --- context manager ---
@@ -653,7 +666,10 @@ class AsyncStreamResponse(ResponseState):
         return _Chunks(self._next_raw)
 
     def aiter_stderr(self) -> AsyncIterator[bytes]:
-        """The stderr stream as it arrives; stdout is kept in memory meanwhile."""
+        """The stderr stream as it arrives, taken out of `stderr` as it is given.
+
+        Stdout that arrives meanwhile waits for its reader, within max_response_size.
+        """
         return _Chunks(self._next_stderr)
 
     async def aread(self) -> bytes:
@@ -674,13 +690,15 @@ class AsyncStreamResponse(ResponseState):
         return await self._next_stdout()
 
     async def _next_stderr(self) -> bytes | None:
-        while len(self.stderr) <= self._stderr_sent:
+        while not self.stderr:
             if self._end is not None:
                 return None
-            await self._pump()
-        chunk = bytes(self.stderr[self._stderr_sent :])
-        self._stderr_sent = len(self.stderr)
-        return chunk
+            try:
+                await self._pump()
+            except BaseException:
+                await self.aclose()
+                raise
+        return self._pop_stderr()
 
     # --- the exchange ---
 
@@ -749,7 +767,7 @@ class AsyncStreamResponse(ResponseState):
             except BaseException:
                 await self.aclose()
                 raise
-        return self._stdout.popleft()
+        return self._pop_stdout()
 
     async def _read_whole(self) -> Response:
         """Read the rest of the answer into its WholeAnswer, which bounds it (request())."""

@@ -78,7 +78,8 @@ class Client:
     connection of its own, for the transport's flow control.
 
     max_response_size bounds what the client holds of one answer: the stdout
-    and, separately, the stderr that request() gathers. One byte more raises ResponseTooLarge
+    and, separately, the stderr that request() gathers, and what stream()
+    keeps unread (see its docstring). One byte more raises ResponseTooLarge
     as it arrives and gives the request up (its connection closed, or the
     request aborted on a shared connection); 0 means no limit. Each call may
     override it.
@@ -201,6 +202,7 @@ class Client:
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
+        max_response_size: int | None = None,
     ) -> StreamResponse:
         """A request whose body is sent and whose response is read in constant memory.
 
@@ -210,6 +212,14 @@ class Client:
         control per request, so on a shared connection a slow reader would
         either hold up the other requests or have its response buffered
         whole. Its own connection gives it the transport's.
+
+        The client reads from the connection only when the caller asks for
+        more, so a slow reader slows the application down. What arrives on
+        the stream not being read waits: stderr while the body is read (in
+        the `stderr` bytearray, until the stderr iterator takes it or the
+        caller empties it between body chunks), stdout while stderr is read.
+        Each may hold max_response_size bytes (None: the client's; 0: no
+        limit); one more raises ResponseTooLarge, and the request is given up.
         """
         return StreamResponse(
             self,
@@ -217,7 +227,7 @@ class Client:
             stdin,
             role,
             self._limits(timeout),
-            0,
+            self._max_size(max_response_size),
             shared=False,
             read_head=True,
         )
@@ -571,7 +581,11 @@ class _MuxExchange:
 
 
 class StreamResponse(ResponseState):
-    """One request in progress; a context manager. Status and headers are there on entry."""
+    """One request in progress; a context manager. Status and headers are there on entry.
+
+    `stderr` holds the stderr that arrived and that the stderr iterator has
+    not taken; app_status and protocol_status are set once the request ends.
+    """
 
     def __init__(
         self,
@@ -599,7 +613,6 @@ class StreamResponse(ResponseState):
         self._stdin_touched = False
         super().__init__(client.address, max_size, whole=whole)
         self._replay: deque[bytes] = deque()  # stdout read for the head, for aiter_stdout
-        self._stderr_sent = 0
         self._body_started = self._raw_started = False
 
     # --- context manager ---
@@ -652,7 +665,10 @@ class StreamResponse(ResponseState):
         return _Chunks(self._next_raw)
 
     def iter_stderr(self) -> Iterator[bytes]:
-        """The stderr stream as it arrives; stdout is kept in memory meanwhile."""
+        """The stderr stream as it arrives, taken out of `stderr` as it is given.
+
+        Stdout that arrives meanwhile waits for its reader, within max_response_size.
+        """
         return _Chunks(self._next_stderr)
 
     def read(self) -> bytes:
@@ -673,13 +689,15 @@ class StreamResponse(ResponseState):
         return self._next_stdout()
 
     def _next_stderr(self) -> bytes | None:
-        while len(self.stderr) <= self._stderr_sent:
+        while not self.stderr:
             if self._end is not None:
                 return None
-            self._pump()
-        chunk = bytes(self.stderr[self._stderr_sent :])
-        self._stderr_sent = len(self.stderr)
-        return chunk
+            try:
+                self._pump()
+            except BaseException:
+                self.close()
+                raise
+        return self._pop_stderr()
 
     # --- the exchange ---
 
@@ -748,7 +766,7 @@ class StreamResponse(ResponseState):
             except BaseException:
                 self.close()
                 raise
-        return self._stdout.popleft()
+        return self._pop_stdout()
 
     def _read_whole(self) -> Response:
         """Read the rest of the answer into its WholeAnswer, which bounds it (request())."""

@@ -31,6 +31,7 @@ from fcgiproto import RequestError, ResponseTooLarge
 from fcgiproto.support import (
     DEFAULT_MAX_RESPONSE_SIZE,
     ApplicationPeer,
+    ResponseState,
     WholeAnswer,
     parse_address,
 )
@@ -81,6 +82,17 @@ def blocking_app(request: Any) -> Any:
                 yield b""
 
         return stderr()
+    if name == "/both":  # stdout and stderr taking turns, endless
+
+        def both() -> Iterator[bytes]:
+            yield HEAD
+            for _ in range(ENOUGH // len(CHUNK)):
+                if request.aborted:
+                    return
+                request.log(CHUNK)
+                yield CHUNK
+
+        return both()
     if name == "/sized":  # exactly STDOUT bytes of stdout (the head included) and STDERR of stderr
         request.log(b"e" * int(request.params.get("STDERR", "0")))
         return sized_stdout(int(request.params.get("STDOUT", "0")))
@@ -107,6 +119,15 @@ async def async_app(request: Any) -> Any:
                 await request.log(CHUNK)
 
         return stderr()
+    if name == "/both":
+
+        async def both() -> AsyncIterator[bytes]:
+            yield HEAD
+            for _ in range(ENOUGH // len(CHUNK)):
+                await request.log(CHUNK)
+                yield CHUNK
+
+        return both()
     if name == "/sized":
         await request.log(b"e" * int(request.params.get("STDERR", "0")))
         return sized_stdout(int(request.params.get("STDOUT", "0")))
@@ -151,6 +172,36 @@ class SyncFace:
     def request(self, params: dict[str, str], **options: Any) -> Response:
         return self.client.request(params, **options)
 
+    def read_body(
+        self,
+        params: dict[str, str],
+        stop_at: int | None = None,
+        empty_stderr: bool = False,
+        **options: Any,
+    ) -> tuple[int, bytes]:
+        """Stream a response, reading the body only (until `stop_at` bytes, emptying
+        `stderr` after each chunk if asked): how much, and the stderr held at the end."""
+        size = 0
+        with self.client.stream(params, **options) as r:
+            for chunk in r.iter_body():
+                size += len(chunk)
+                if empty_stderr:
+                    r.stderr.clear()
+                if stop_at is not None and size >= stop_at:
+                    break
+            return size, bytes(r.stderr)
+
+    def read_stderr(self, params: dict[str, str], stop_at: int, **options: Any) -> int:
+        """Stream a response, reading stderr only, leaving after `stop_at` bytes."""
+        seen = 0
+        with self.client.stream(params, **options) as r:
+            for chunk in r.iter_stderr():
+                seen += len(chunk)
+                assert not r.stderr  # taken as it is given
+                if seen >= stop_at:
+                    break
+        return seen
+
     @property
     def multiplex(self) -> bool | None:
         return self.client.multiplex
@@ -163,6 +214,39 @@ class AsyncFace:
 
     def request(self, params: dict[str, str], **options: Any) -> Response:
         return self.portal.call(functools.partial(self.client.request, params, **options))
+
+    def read_body(
+        self,
+        params: dict[str, str],
+        stop_at: int | None = None,
+        empty_stderr: bool = False,
+        **options: Any,
+    ) -> tuple[int, bytes]:
+        async def run() -> tuple[int, bytes]:
+            size = 0
+            async with self.client.stream(params, **options) as r:
+                async for chunk in r.aiter_body():
+                    size += len(chunk)
+                    if empty_stderr:
+                        r.stderr.clear()
+                    if stop_at is not None and size >= stop_at:
+                        break
+                return size, bytes(r.stderr)
+
+        return self.portal.call(run)
+
+    def read_stderr(self, params: dict[str, str], stop_at: int, **options: Any) -> int:
+        async def run() -> int:
+            seen = 0
+            async with self.client.stream(params, **options) as r:
+                async for chunk in r.aiter_stderr():
+                    seen += len(chunk)
+                    assert not r.stderr
+                    if seen >= stop_at:
+                        break
+            return seen
+
+        return self.portal.call(run)
 
     @property
     def multiplex(self) -> bool | None:
@@ -338,6 +422,67 @@ def test_a_shared_connection_aborts_the_request_and_carries_on(world: World, str
         assert client.request(CONNECTION).body == shared
 
 
+# --- stream(): what waits unread ---
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_stream_reads_endless_output_in_constant_memory(world: World, stream: str) -> None:
+    # What is read as it comes never piles up: the limit is far below what is read.
+    client = world.connect(world.serve(), max_response_size=MiB)
+    with traced() as peak:
+        if stream == "stdout":
+            seen, _ = client.read_body(params("/stdout"), stop_at=16 * MiB)
+        else:
+            seen = client.read_stderr(params("/stderr"), stop_at=16 * MiB)
+        grown = peak()
+    assert seen >= 16 * MiB
+    assert grown < SLACK, f"peak {grown / MiB:.1f} MiB"
+    assert client.request(OK).body == b"ok"
+
+
+def test_stream_raises_when_unread_stderr_passes_the_limit(world: World) -> None:
+    client = world.connect(world.serve(), max_response_size=MiB)
+    with traced() as peak:
+        with pytest.raises(ResponseTooLarge, match=f"{MiB} bytes of stderr waiting to be read"):
+            client.read_body(params("/stderr"))
+        grown = peak()
+    assert grown < MiB + SLACK
+    assert client.request(OK).body == b"ok"
+
+
+def test_stream_body_reader_may_empty_stderr_as_it_goes(world: World) -> None:
+    # stdout and stderr taking turns, endless: stderr emptied between body
+    # chunks never reaches the limit, and memory stays flat.
+    client = world.connect(world.serve(), max_response_size=MiB)
+    with traced() as peak:
+        size, _ = client.read_body(params("/both"), stop_at=16 * MiB, empty_stderr=True)
+        grown = peak()
+    assert size >= 16 * MiB
+    assert grown < SLACK, f"peak {grown / MiB:.1f} MiB"
+    with pytest.raises(ResponseTooLarge, match=f"{MiB} bytes of stderr waiting to be read"):
+        client.read_body(params("/both"), stop_at=16 * MiB)
+
+
+def test_stream_raises_when_unread_stdout_passes_the_limit(world: World) -> None:
+    # Reading stderr while the application sends stdout: stdout waits, up to the limit.
+    client = world.connect(world.serve(), max_response_size=MiB)
+    with pytest.raises(ResponseTooLarge, match=f"{MiB} bytes of stdout waiting to be read"):
+        client.read_stderr(params("/both"), stop_at=ENOUGH)
+    assert client.request(OK).body == b"ok"
+
+
+def test_stream_keeps_stderr_within_the_limit_for_after_the_body(world: World) -> None:
+    client = world.connect(world.serve(), max_response_size=MiB)
+    size, stderr = client.read_body(params("/sized", stdout=2 * MiB, stderr=MiB))
+    assert (size, stderr) == (2 * MiB - len(HEAD), b"e" * MiB)
+    with pytest.raises(ResponseTooLarge):
+        client.read_body(params("/sized", stdout=len(HEAD), stderr=MiB + 1))
+    size, stderr = client.read_body(
+        params("/sized", stdout=len(HEAD), stderr=MiB + 1), max_response_size=2 * MiB
+    )
+    assert len(stderr) == MiB + 1
+
+
 # --- the pieces, without a socket ---
 
 
@@ -419,3 +564,19 @@ def test_in_memory_both_ways_of_gathering_a_whole_answer(multiplex: bool) -> Non
     # carried the probe and the first request); with it, after the probe,
     # one shared connection carried everything: the failures were aborts.
     assert len(backend.streams) == (3 if not multiplex else 2)
+
+
+def test_a_streams_piles_count_what_waits_and_forget_what_is_read() -> None:
+    state = ResponseState(parse_address("unix:/app.sock"), 10)
+    state._take([fcgiproto.StdoutData(1, b"o" * 10), fcgiproto.StderrData(1, b"e" * 10)], 1)
+    with pytest.raises(ResponseTooLarge, match="10 bytes of stdout waiting to be read"):
+        state._take([fcgiproto.StdoutData(1, b"o")], 1)
+    assert state._pop_stdout() == b"o" * 10
+    state._take([fcgiproto.StdoutData(1, b"o" * 10)], 1)  # room again once read
+    with pytest.raises(ResponseTooLarge, match="10 bytes of stderr waiting to be read"):
+        state._take([fcgiproto.StderrData(1, b"e")], 1)
+    assert state._pop_stderr() == b"e" * 10
+    assert state.stderr == b""
+    state._take([fcgiproto.StderrData(1, b"e" * 10)], 1)
+    unlimited = ResponseState(parse_address("unix:/app.sock"), 0)
+    unlimited._take([fcgiproto.StderrData(1, b"e" * MiB)], 1)

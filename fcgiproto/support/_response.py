@@ -43,8 +43,8 @@ __all__ = [
 #: How much stdout, and separately how much stderr, a client holds of one
 #: answer. request() holds a whole answer in memory: 64 MiB is far above any
 #: page or API answer, and low enough that a few runaway answers at once do
-#: not exhaust a process; larger answers are for stream(), or for a raised
-#: limit. 0 turns the limit off.
+#: not exhaust a process; larger answers are for stream(), which holds only
+#: what waits unread, or for a raised limit. 0 turns the limit off.
 DEFAULT_MAX_RESPONSE_SIZE = 64 << 20
 
 
@@ -92,9 +92,17 @@ class Response:
 
 
 def response_too_large(
-    stream: str, limit: int, address: Address, request_id: int
+    stream: str, limit: int, address: Address, request_id: int, *, unread: bool = False
 ) -> ResponseTooLarge:
-    """The error for a stream of an answer past max_response_size: which, whose, what limit."""
+    """The error for a stream of an answer past max_response_size: which, whose, what limit.
+
+    `unread`: the bytes waiting for a stream()'s reader, rather than a whole answer.
+    """
+    if unread:
+        return ResponseTooLarge(
+            f"{address}: request {request_id} has more than {limit} bytes of {stream} "
+            f"waiting to be read (max_response_size); read it as it comes, or raise the limit"
+        )
     return ResponseTooLarge(
         f"{address}: request {request_id} sent more than {limit} bytes of {stream} "
         f"(max_response_size)"
@@ -218,9 +226,14 @@ def first_header(
 class ResponseState:
     """The answer to a request in progress, as both adapters keep it: events in, no I/O.
 
-    Raw stdout waits in a queue until read; stderr gathers whole; the CGI head
-    is parsed from stdout when asked for, and the body parts that came with it
-    wait for the body's reader.
+    Raw stdout waits in a queue until read; stderr waits in `stderr` until
+    read with the stderr iterator, which takes it out; the CGI head is parsed
+    from stdout when asked for, and the body parts that came with it wait for
+    the body's reader. Adapters read from the transport only when their
+    caller asks for more, so a caller reading one stream holds back the
+    application (the transport's flow control); what piles up meanwhile on
+    the other stream is bounded by `max_size` (0: no bound), past which
+    ResponseTooLarge is raised.
 
     With `whole`, nothing waits to be read: stdout and stderr go to a
     WholeAnswer (`_answer`), which bounds each in total, for request().
@@ -231,10 +244,12 @@ class ResponseState:
         self._max_size = max_size
         self._answer = WholeAnswer(max_size, address) if whole else None
         self._stdout: deque[bytes] = deque()
+        self._stdout_size = 0  # bytes waiting in _stdout
         self._end: EndRequest | None = None
         self._head: ResponseHead | None = None
         self._parser: ResponseParser | None = None
         self._body: deque[bytes] = deque()
+        #: The stderr that arrived and was not taken by the stderr iterator.
         self.stderr = bytearray()
         self.app_status: int | None = None
         self.protocol_status: ProtocolStatus | None = None
@@ -273,10 +288,21 @@ class ResponseState:
             if end is not None:
                 self._ended(end)
             return
+        limit = self._max_size
         for event in events:
             if type(event) is StdoutData:
+                size = self._stdout_size + len(event.data)
+                if limit and size > limit:
+                    raise response_too_large(
+                        "stdout", limit, self._address, request_id, unread=True
+                    )
                 self._stdout.append(event.data)
+                self._stdout_size = size
             elif type(event) is StderrData:
+                if limit and len(self.stderr) + len(event.data) > limit:
+                    raise response_too_large(
+                        "stderr", limit, self._address, request_id, unread=True
+                    )
                 self.stderr += event.data
             elif isinstance(event, EndRequest) and event.request_id == request_id:
                 self._ended(event)
@@ -286,6 +312,18 @@ class ResponseState:
         self.app_status = end.app_status
         self.protocol_status = end.protocol_status
         raise_for_protocol_status(end, self._address)
+
+    def _pop_stdout(self) -> bytes:
+        """The oldest stdout chunk waiting to be read (there must be one)."""
+        chunk = self._stdout.popleft()
+        self._stdout_size -= len(chunk)
+        return chunk
+
+    def _pop_stderr(self) -> bytes:
+        """All the stderr waiting to be read, taken out."""
+        chunk = bytes(self.stderr)
+        del self.stderr[:]
+        return chunk
 
     def _feed_head(self, chunk: bytes | None) -> None:
         """Parse more of the head from stdout (None: stdout ended)."""
