@@ -16,6 +16,7 @@ __all__ = [
     "RemoteProtocolError",
     "RequestAborted",
     "RequestError",
+    "ResponseTooLarge",
     "TimeoutException",
     "TransportError",
     "UnknownRole",
@@ -94,3 +95,11 @@ class UnknownRole(RequestError):
 
 class RequestAborted(RequestError):
     """The request was aborted before it completed."""
+
+
+class ResponseTooLarge(RequestError):
+    """The application sent more stdout or stderr than the client's max_response_size.
+
+    Raised as the bytes arrive, before they are kept; the request is aborted
+    (its connection closed, or the request aborted on a shared connection).
+    """

@@ -40,8 +40,9 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Control characters a header value may not hold (TAB is allowed).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # CR, LF or NUL in a path broke nginx's fastcgi_split_path_info and let
-# php-fpm be exploited (CVE-2019-11043); refuse them outright.
-_PATH_BREAKERS = re.compile(r"[\r\n\x00]")
+# php-fpm be exploited (CVE-2019-11043); in any other value they break what
+# reads lines or C strings behind the application. Refused in every value.
+_LINE_BREAKERS = re.compile(r"[\r\n\x00]")
 # "404", "404 Not Found", and the sloppy "404: Not Found" some scripts send.
 _STATUS = re.compile(r"([0-9]{3})(?:[ \t:]+(.*))?")
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
@@ -60,10 +61,12 @@ def _pairs(headers: _Headers) -> Iterable[tuple[_Text, _Text]]:
     return headers.items() if isinstance(headers, Mapping) else headers
 
 
-def _check_line(what: str, value: str) -> str:
-    if _PATH_BREAKERS.search(value):
-        raise LocalProtocolError(f"{what} contains CR, LF or NUL: {value[:100]!r}")
-    return value
+def _line(what: str, value: _Text | int) -> str:
+    """A value for a param: text, with no CR, LF or NUL (named `what` if it has one)."""
+    text = _text(value) if isinstance(value, (str, bytes)) else str(value)
+    if _LINE_BREAKERS.search(text):
+        raise LocalProtocolError(f"{what} contains CR, LF or NUL: {text[:100]!r}")
+    return text
 
 
 def build_params(
@@ -84,11 +87,15 @@ def build_params(
     server_protocol: _Text = "HTTP/1.1",
     content_length: int | None = None,
     extra: Mapping[str, _Text] | Mapping[bytes, _Text] | None = None,
+    underscores_in_headers: bool = False,
 ) -> dict[str, str]:
     """The CGI/1.1 params nginx's ``fastcgi_params`` (plus SCRIPT_FILENAME) sends.
 
     Every str-or-bytes argument may be either; bytes are decoded as UTF-8 with
     surrogateescape, which send_params encodes back to the very same bytes.
+    No value written may hold CR, LF or NUL: each breaks a line-based
+    consumer behind the application (a log, a header it echoes, a C string
+    cut short), and nginx never sends them.
 
     :param method: the request method, an HTTP token (REQUEST_METHOD).
     :param path: the request path as it is to appear in REQUEST_URI,
@@ -98,8 +105,10 @@ def build_params(
         Content-Type and Content-Length become CONTENT_TYPE and CONTENT_LENGTH
         (each at most once); the others become HTTP_<NAME> with "-" read as "_",
         repeats joined with ", " (Cookie with "; "). Proxy is dropped
-        (httpoxy), and so is a name with "_" when its dash spelling is also
-        present, as nginx does.
+        (httpoxy). A name with "_" is dropped, as nginx does by default: in
+        HTTP_<NAME> it reads as the dash spelling, so ``X_Remote_User`` would
+        pass a front proxy that strips ``X-Remote-User`` and arrive as the
+        very variable the proxy meant to control.
     :param script_filename: the file the application runs (SCRIPT_FILENAME).
     :param document_root: DOCUMENT_ROOT.
     :param script_name: SCRIPT_NAME; defaults to ``path``. No CR, LF or NUL.
@@ -113,17 +122,23 @@ def build_params(
     :param server_protocol: SERVER_PROTOCOL.
     :param content_length: CONTENT_LENGTH; overrides a Content-Length header.
     :param extra: merged last; overrides anything above.
+    :param underscores_in_headers: keep header names with "_" (nginx's
+        ``underscores_in_headers on``): for headers the caller wrote itself,
+        not ones relayed from an HTTP client. A name with "_" is then still
+        dropped when its dash spelling is also present.
     :raises LocalProtocolError: for a method or header name that is not a
-        token, a header value with control characters, a path, query or
-        script name with CR, LF or NUL, a repeated or non-numeric
-        Content-Length, a repeated Content-Type, or a negative content_length.
+        token, a header value with control characters, any other value
+        (path, query, script name, script filename, document root, server and
+        remote names and addresses, server protocol, extra names and values)
+        with CR, LF or NUL, a repeated or non-numeric Content-Length, a
+        repeated Content-Type, or a negative content_length.
     """
     method_s = _text(method)
     if not _TOKEN.fullmatch(method_s):
         raise LocalProtocolError(f"method is not an HTTP token: {method_s[:100]!r}")
-    path_s = _check_line("path", _text(path))
-    query_s = _check_line("query", _text(query))
-    script_s = path_s if script_name is None else _check_line("script_name", _text(script_name))
+    path_s = _line("path", path)
+    query_s = _line("query", query)
+    script_s = path_s if script_name is None else _line("script_name", script_name)
 
     content: dict[str, str] = {}
     grouped: dict[str, list[tuple[str, str]]] = {}
@@ -133,6 +148,8 @@ def build_params(
             raise LocalProtocolError(f"header name is not an HTTP token: {name[:100]!r}")
         if _CONTROL.search(value):
             raise LocalProtocolError(f"{name} header value has control characters: {value[:100]!r}")
+        if "_" in name and not underscores_in_headers:
+            continue
         lower = name.lower()
         if lower in ("content-type", "content-length"):
             if lower in content:
@@ -156,33 +173,36 @@ def build_params(
         "REQUEST_METHOD": method_s,
         "CONTENT_TYPE": content.get("content-type", ""),
         "CONTENT_LENGTH": length,
-        "SCRIPT_FILENAME": _text(script_filename),
+        "SCRIPT_FILENAME": _line("script_filename", script_filename),
         "SCRIPT_NAME": script_s,
         "REQUEST_URI": f"{path_s}?{query_s}" if query_s else path_s,
         "DOCUMENT_URI": path_s,
-        "DOCUMENT_ROOT": _text(document_root),
-        "SERVER_PROTOCOL": _text(server_protocol),
+        "DOCUMENT_ROOT": _line("document_root", document_root),
+        "SERVER_PROTOCOL": _line("server_protocol", server_protocol),
         "REQUEST_SCHEME": "https" if https else "http",
         "GATEWAY_INTERFACE": "CGI/1.1",
         "SERVER_SOFTWARE": SERVER_SOFTWARE,
-        "REMOTE_ADDR": _text(remote_addr),
-        "REMOTE_PORT": str(remote_port),
-        "SERVER_ADDR": _text(server_addr),
-        "SERVER_PORT": str(server_port),
-        "SERVER_NAME": _text(server_name),
+        "REMOTE_ADDR": _line("remote_addr", remote_addr),
+        "REMOTE_PORT": _line("remote_port", remote_port),
+        "SERVER_ADDR": _line("server_addr", server_addr),
+        "SERVER_PORT": _line("server_port", server_port),
+        "SERVER_NAME": _line("server_name", server_name),
         # php-fpm built with cgi.force_redirect refuses requests without it.
         "REDIRECT_STATUS": "200",
     }
     if https:
         params["HTTPS"] = "on"
     for key, items in grouped.items():
-        # X-A-B and X-A_B both become HTTP_X_A_B; nginx keeps the dash
-        # spelling, so a client cannot forge a header a proxy added.
+        # With underscores_in_headers, X-A-B and X-A_B both become
+        # HTTP_X_A_B; nginx keeps the dash spelling, so a client cannot
+        # forge a header a proxy added.
         dashed = [value for name, value in items if "_" not in name]
         values = dashed or [value for _, value in items]
         params[key] = ("; " if key == "HTTP_COOKIE" else ", ").join(values)
     if extra is not None:
-        params.update((_text(k), _text(v)) for k, v in _pairs(extra))
+        for raw_name, raw_value in _pairs(extra):
+            name = _line("extra param name", raw_name)
+            params[name] = _line(f"extra param {name}", raw_value)
     return params
 
 

@@ -12,7 +12,14 @@ except ModuleNotFoundError as exc:
     ) from exc
 
 from fcgiproto import ParamsInput
-from fcgiproto.support import Address, AddressInput, Response, Timeout, TimeoutInput
+from fcgiproto.support import (
+    DEFAULT_MAX_RESPONSE_SIZE,
+    Address,
+    AddressInput,
+    Response,
+    Timeout,
+    TimeoutInput,
+)
 
 from ._backend import AnyioBackend, AnyioStream
 from ._client import AsyncClient, AsyncStreamResponse
@@ -21,6 +28,7 @@ from ._memory import AsyncMemoryBackend, AsyncMemoryStream
 from ._server import App, Request, serve
 
 __all__ = [
+    "DEFAULT_MAX_RESPONSE_SIZE",
     "Address",
     "AddressInput",
     "AnyioBackend",

@@ -27,6 +27,7 @@ from fcgiproto import (
     WriteError,
 )
 from fcgiproto.support import (
+    DEFAULT_MAX_RESPONSE_SIZE,
     AddressInput,
     Deadline,
     PoolState,
@@ -34,10 +35,9 @@ from fcgiproto.support import (
     ResponseState,
     Timeout,
     TimeoutInput,
-    gather_answer,
+    WholeAnswer,
     parse_address,
     probe_wait,
-    whole_answer,
 )
 
 from ._backend import AnyioBackend
@@ -76,6 +76,13 @@ class AsyncClient:
     connection. True or False decides without asking. stream() always has a
     connection of its own, for the transport's flow control.
 
+    max_response_size bounds what the client holds of one answer: the stdout
+    and, separately, the stderr that request() gathers, and what stream()
+    keeps unread (see its docstring). One byte more raises ResponseTooLarge
+    as it arrives and gives the request up (its connection closed, or the
+    request aborted on a shared connection); 0 means no limit. Each call may
+    override it.
+
     backend= is the transport (see NetworkBackend): sockets by default.
     """
 
@@ -88,10 +95,12 @@ class AsyncClient:
         keepalive_expiry: float = 5.0,
         multiplex: bool | None = None,
         timeout: TimeoutInput = DEFAULT_TIMEOUT,
+        max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
         backend: AsyncNetworkBackend | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        self.max_response_size = _check_size(max_response_size)
         self.address = parse_address(address)
         self.timeout = Timeout.of(timeout)
         self.max_connections = max_connections
@@ -134,21 +143,26 @@ class AsyncClient:
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
+        max_response_size: int | None = None,
     ) -> Response:
         """Send a request and read its whole response.
 
-        On an application that multiplexes, concurrent requests share one connection.
+        On an application that multiplexes, concurrent requests share one
+        connection. Its stdout and its stderr may each hold max_response_size
+        bytes (None: the client's; 0: no limit); one more raises ResponseTooLarge
+        as it arrives, and the request is given up.
         """
         limits = self._limits(timeout)
+        max_size = self._max_size(max_response_size)
         if self.multiplex is False and isinstance(stdin, (bytes, bytearray, memoryview)):
-            return await self._request_whole(params, bytes(stdin), role, limits)
-        async with AsyncStreamResponse(self, params, stdin, role, limits, shared=True) as r:
-            stdout = b"".join([chunk async for chunk in r.aiter_stdout()])
-        assert r.app_status is not None and r.protocol_status is not None
-        return Response(stdout, bytes(r.stderr), r.app_status, r.protocol_status)
+            return await self._request_whole(params, bytes(stdin), role, limits, max_size)
+        async with AsyncStreamResponse(
+            self, params, stdin, role, limits, max_size, shared=True, whole=True
+        ) as r:
+            return await r._read_whole()
 
     async def _request_whole(
-        self, params: ParamsInput, body: bytes, role: Role, limits: Timeout
+        self, params: ParamsInput, body: bytes, role: Role, limits: Timeout, max_size: int
     ) -> Response:
         """request() on a connection of its own, with the body at hand: the hot path.
 
@@ -157,27 +171,27 @@ class AsyncClient:
         deadline = Deadline(limits.total, current_time)
         for attempt in (1, 2):
             conn, reused = await self._acquire(deadline, limits)
-            stdout: list[bytes] = []
-            stderr: list[bytes] = []
+            answer = WholeAnswer(max_size, conn.address)
             end: EndRequest | None = None
             try:
                 conn.proto.send_request(params, body, role=role)
                 conn.queue()
                 while end is None:
                     events = await conn.exchange(deadline, limits.read, limits.write)
-                    end = gather_answer(events, stdout, stderr)
+                    end = answer.take(events)
             except (ReadError, WriteError):
                 await self._discard(conn)
                 # The retry rule of AsyncStreamResponse._start: an idle
                 # connection the application closed, and no byte of an answer.
-                if reused and attempt == 1 and not (stdout or stderr):
+                if reused and attempt == 1 and not answer.got_output:
                     continue
                 raise
             except BaseException:
+                # ResponseTooLarge too: the rest of the answer is still coming.
                 await self._discard(conn)
                 raise
             await _SoloExchange(self, conn, reused).finish(True, deadline, limits)
-            return whole_answer(stdout, stderr, end, conn.address)
+            return answer.response(end)
         raise AssertionError("unreachable")
 
     def stream(
@@ -187,6 +201,7 @@ class AsyncClient:
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
+        max_response_size: int | None = None,
     ) -> AsyncStreamResponse:
         """A request whose body is sent and whose response is read in constant memory.
 
@@ -196,9 +211,24 @@ class AsyncClient:
         control per request, so on a shared connection a slow reader would
         either hold up the other requests or have its response buffered
         whole. Its own connection gives it the transport's.
+
+        The client reads from the connection only when the caller asks for
+        more, so a slow reader slows the application down. What arrives on
+        the stream not being read waits: stderr while the body is read (in
+        the `stderr` bytearray, until the stderr iterator takes it or the
+        caller empties it between body chunks), stdout while stderr is read.
+        Each may hold max_response_size bytes (None: the client's; 0: no
+        limit); one more raises ResponseTooLarge, and the request is given up.
         """
         return AsyncStreamResponse(
-            self, params, stdin, role, self._limits(timeout), shared=False, read_head=True
+            self,
+            params,
+            stdin,
+            role,
+            self._limits(timeout),
+            self._max_size(max_response_size),
+            shared=False,
+            read_head=True,
         )
 
     async def get_values(
@@ -237,6 +267,11 @@ class AsyncClient:
 
     def _limits(self, timeout: TimeoutInput | None) -> Timeout:
         return self.timeout if timeout is None else Timeout.of(timeout)
+
+    def _max_size(self, max_response_size: int | None) -> int:
+        if max_response_size is None:
+            return self.max_response_size
+        return _check_size(max_response_size)
 
     def _check_open(self) -> None:
         if self._pool.closed:
@@ -465,6 +500,7 @@ class _SoloExchange:
         role: Role,
         deadline: Deadline,
         limits: Timeout,
+        max_size: int,
     ) -> None:
         proto = self.conn.proto
         if stdin is None:
@@ -520,8 +556,13 @@ class _MuxExchange:
         role: Role,
         deadline: Deadline,
         limits: Timeout,
+        max_size: int,
     ) -> None:
-        self.rid, self.inbox = await self.mux.begin(params, stdin, role, deadline, limits.write)
+        # The reader bounds what it leaves for the request, however far behind
+        # the request's caller is: a shared connection is read for everyone.
+        self.rid, self.inbox = await self.mux.begin(
+            params, stdin, role, deadline, limits.write, max_size
+        )
 
     async def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
         await self.mux.send_stdin(self.rid, chunk, deadline, limits.write)
@@ -541,7 +582,11 @@ class _MuxExchange:
 
 
 class AsyncStreamResponse(ResponseState):
-    """One request in progress; a context manager. Status and headers are there on entry."""
+    """One request in progress; a context manager. Status and headers are there on entry.
+
+    `stderr` holds the stderr that arrived and that the stderr iterator has
+    not taken; app_status and protocol_status are set once the request ends.
+    """
 
     def __init__(
         self,
@@ -550,9 +595,11 @@ class AsyncStreamResponse(ResponseState):
         stdin: Body,
         role: Role,
         limits: Timeout,
+        max_size: int,
         *,
         shared: bool,
         read_head: bool = False,
+        whole: bool = False,
     ) -> None:
         self._client = client
         self._shared = shared
@@ -565,9 +612,8 @@ class AsyncStreamResponse(ResponseState):
         self._exchange: _SoloExchange | _MuxExchange | None = None
         self._pieces: BodyPieces | None = None
         self._stdin_touched = False
-        super().__init__()
+        super().__init__(client.address, max_size, whole=whole)
         self._replay: deque[bytes] = deque()  # stdout read for the head, for aiter_stdout
-        self._stderr_sent = 0
         self._body_started = self._raw_started = False
 
     # --- context manager ---
@@ -620,7 +666,10 @@ class AsyncStreamResponse(ResponseState):
         return _Chunks(self._next_raw)
 
     def aiter_stderr(self) -> AsyncIterator[bytes]:
-        """The stderr stream as it arrives; stdout is kept in memory meanwhile."""
+        """The stderr stream as it arrives, taken out of `stderr` as it is given.
+
+        Stdout that arrives meanwhile waits for its reader, within max_response_size.
+        """
         return _Chunks(self._next_stderr)
 
     async def aread(self) -> bytes:
@@ -641,13 +690,15 @@ class AsyncStreamResponse(ResponseState):
         return await self._next_stdout()
 
     async def _next_stderr(self) -> bytes | None:
-        while len(self.stderr) <= self._stderr_sent:
+        while not self.stderr:
             if self._end is not None:
                 return None
-            await self._pump()
-        chunk = bytes(self.stderr[self._stderr_sent :])
-        self._stderr_sent = len(self.stderr)
-        return chunk
+            try:
+                await self._pump()
+            except BaseException:
+                await self.aclose()
+                raise
+        return self._pop_stderr()
 
     # --- the exchange ---
 
@@ -662,7 +713,9 @@ class AsyncStreamResponse(ResponseState):
             exchange = await client._exchange(self._deadline, self._limits, self._shared)
             self._exchange = exchange
             try:
-                await exchange.begin(self._params, body, self._role, self._deadline, self._limits)
+                await exchange.begin(
+                    self._params, body, self._role, self._deadline, self._limits, self._max_size
+                )
                 if body is None:
                     self._pieces = BodyPieces(source)
                 await self._pump()
@@ -703,7 +756,7 @@ class AsyncStreamResponse(ResponseState):
         if exchange is None:
             raise LocalProtocolError("the response is closed")
         events = await exchange.events(self._deadline, self._limits, self._refill)
-        self._take(events, exchange.rid, exchange.address)
+        self._take(events, exchange.rid)
 
     async def _next_stdout(self) -> bytes | None:
         while not self._stdout:
@@ -714,7 +767,14 @@ class AsyncStreamResponse(ResponseState):
             except BaseException:
                 await self.aclose()
                 raise
-        return self._stdout.popleft()
+        return self._pop_stdout()
+
+    async def _read_whole(self) -> Response:
+        """Read the rest of the answer into its WholeAnswer, which bounds it (request())."""
+        assert self._answer is not None
+        while self._end is None:
+            await self._pump()
+        return self._answer.response(self._end)
 
     async def _parse_head(self) -> None:
         while self._head is None:
@@ -722,6 +782,12 @@ class AsyncStreamResponse(ResponseState):
             if chunk is not None:
                 self._replay.append(chunk)
             self._feed_head(chunk)
+
+
+def _check_size(max_response_size: int) -> int:
+    if max_response_size < 0:
+        raise ValueError(f"max_response_size must be 0 (no limit) or more, not {max_response_size}")
+    return max_response_size
 
 
 class _Chunks:

@@ -1,7 +1,14 @@
 """Blocking FastCGI on sockets: a pooled keep-alive client, a server, and the `fcgi` command."""
 
 from fcgiproto import ParamsInput
-from fcgiproto.support import Address, AddressInput, Response, Timeout, TimeoutInput
+from fcgiproto.support import (
+    DEFAULT_MAX_RESPONSE_SIZE,
+    Address,
+    AddressInput,
+    Response,
+    Timeout,
+    TimeoutInput,
+)
 
 from ._backend import SocketBackend, SocketStream
 from ._client import Client, StreamResponse
@@ -10,6 +17,7 @@ from ._memory import MemoryBackend, MemoryStream
 from ._server import Handler, Request, Server, serve
 
 __all__ = [
+    "DEFAULT_MAX_RESPONSE_SIZE",
     "Address",
     "AddressInput",
     "Client",

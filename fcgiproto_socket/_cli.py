@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar='"NAME: VALUE"',
-        help="a request header, sent as HTTP_NAME (repeatable)",
+        help="a request header, sent as HTTP_NAME, underscores and all (repeatable)",
     )
     request.add_argument(
         "-p",
@@ -283,6 +283,9 @@ def _request_command(args: argparse.Namespace) -> int:
         document_root=os.path.dirname(args.script_filename),
         content_length=None if body is None else len(body),
         extra=dict(_param(text) for text in args.param),
+        # The headers are the user's own, not relayed from an HTTP client:
+        # there is no proxy in front to bypass, so take them as typed.
+        underscores_in_headers=True,
     )
     out = sys.stdout.buffer
     with Client(args.address, max_connections=1, timeout=args.timeout) as client:

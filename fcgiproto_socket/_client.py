@@ -28,6 +28,7 @@ from fcgiproto import (
     WriteError,
 )
 from fcgiproto.support import (
+    DEFAULT_MAX_RESPONSE_SIZE,
     AddressInput,
     Deadline,
     PoolState,
@@ -35,10 +36,9 @@ from fcgiproto.support import (
     ResponseState,
     Timeout,
     TimeoutInput,
-    gather_answer,
+    WholeAnswer,
     parse_address,
     probe_wait,
-    whole_answer,
 )
 
 from ._backend import SocketBackend
@@ -77,6 +77,13 @@ class Client:
     connection. True or False decides without asking. stream() always has a
     connection of its own, for the transport's flow control.
 
+    max_response_size bounds what the client holds of one answer: the stdout
+    and, separately, the stderr that request() gathers, and what stream()
+    keeps unread (see its docstring). One byte more raises ResponseTooLarge
+    as it arrives and gives the request up (its connection closed, or the
+    request aborted on a shared connection); 0 means no limit. Each call may
+    override it.
+
     backend= is the transport (see NetworkBackend): sockets by default.
     """
 
@@ -89,10 +96,12 @@ class Client:
         keepalive_expiry: float = 5.0,
         multiplex: bool | None = None,
         timeout: TimeoutInput = DEFAULT_TIMEOUT,
+        max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
         backend: NetworkBackend | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        self.max_response_size = _check_size(max_response_size)
         self.address = parse_address(address)
         self.timeout = Timeout.of(timeout)
         self.max_connections = max_connections
@@ -135,21 +144,26 @@ class Client:
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
+        max_response_size: int | None = None,
     ) -> Response:
         """Send a request and read its whole response.
 
-        On an application that multiplexes, concurrent requests share one connection.
+        On an application that multiplexes, concurrent requests share one
+        connection. Its stdout and its stderr may each hold max_response_size
+        bytes (None: the client's; 0: no limit); one more raises ResponseTooLarge
+        as it arrives, and the request is given up.
         """
         limits = self._limits(timeout)
+        max_size = self._max_size(max_response_size)
         if self.multiplex is False and isinstance(stdin, (bytes, bytearray, memoryview)):
-            return self._request_whole(params, bytes(stdin), role, limits)
-        with StreamResponse(self, params, stdin, role, limits, shared=True) as r:
-            stdout = b"".join([chunk for chunk in r.iter_stdout()])
-        assert r.app_status is not None and r.protocol_status is not None
-        return Response(stdout, bytes(r.stderr), r.app_status, r.protocol_status)
+            return self._request_whole(params, bytes(stdin), role, limits, max_size)
+        with StreamResponse(
+            self, params, stdin, role, limits, max_size, shared=True, whole=True
+        ) as r:
+            return r._read_whole()
 
     def _request_whole(
-        self, params: ParamsInput, body: bytes, role: Role, limits: Timeout
+        self, params: ParamsInput, body: bytes, role: Role, limits: Timeout, max_size: int
     ) -> Response:
         """request() on a connection of its own, with the body at hand: the hot path.
 
@@ -158,27 +172,27 @@ class Client:
         deadline = Deadline(limits.total, current_time)
         for attempt in (1, 2):
             conn, reused = self._acquire(deadline, limits)
-            stdout: list[bytes] = []
-            stderr: list[bytes] = []
+            answer = WholeAnswer(max_size, conn.address)
             end: EndRequest | None = None
             try:
                 conn.proto.send_request(params, body, role=role)
                 conn.queue()
                 while end is None:
                     events = conn.exchange(deadline, limits.read, limits.write)
-                    end = gather_answer(events, stdout, stderr)
+                    end = answer.take(events)
             except (ReadError, WriteError):
                 self._discard(conn)
                 # The retry rule of AsyncStreamResponse._start: an idle
                 # connection the application closed, and no byte of an answer.
-                if reused and attempt == 1 and not (stdout or stderr):
+                if reused and attempt == 1 and not answer.got_output:
                     continue
                 raise
             except BaseException:
+                # ResponseTooLarge too: the rest of the answer is still coming.
                 self._discard(conn)
                 raise
             _SoloExchange(self, conn, reused).finish(True, deadline, limits)
-            return whole_answer(stdout, stderr, end, conn.address)
+            return answer.response(end)
         raise AssertionError("unreachable")
 
     def stream(
@@ -188,6 +202,7 @@ class Client:
         *,
         role: Role = Role.RESPONDER,
         timeout: TimeoutInput | None = None,
+        max_response_size: int | None = None,
     ) -> StreamResponse:
         """A request whose body is sent and whose response is read in constant memory.
 
@@ -197,9 +212,24 @@ class Client:
         control per request, so on a shared connection a slow reader would
         either hold up the other requests or have its response buffered
         whole. Its own connection gives it the transport's.
+
+        The client reads from the connection only when the caller asks for
+        more, so a slow reader slows the application down. What arrives on
+        the stream not being read waits: stderr while the body is read (in
+        the `stderr` bytearray, until the stderr iterator takes it or the
+        caller empties it between body chunks), stdout while stderr is read.
+        Each may hold max_response_size bytes (None: the client's; 0: no
+        limit); one more raises ResponseTooLarge, and the request is given up.
         """
         return StreamResponse(
-            self, params, stdin, role, self._limits(timeout), shared=False, read_head=True
+            self,
+            params,
+            stdin,
+            role,
+            self._limits(timeout),
+            self._max_size(max_response_size),
+            shared=False,
+            read_head=True,
         )
 
     def get_values(
@@ -238,6 +268,11 @@ class Client:
 
     def _limits(self, timeout: TimeoutInput | None) -> Timeout:
         return self.timeout if timeout is None else Timeout.of(timeout)
+
+    def _max_size(self, max_response_size: int | None) -> int:
+        if max_response_size is None:
+            return self.max_response_size
+        return _check_size(max_response_size)
 
     def _check_open(self) -> None:
         if self._pool.closed:
@@ -466,6 +501,7 @@ class _SoloExchange:
         role: Role,
         deadline: Deadline,
         limits: Timeout,
+        max_size: int,
     ) -> None:
         proto = self.conn.proto
         if stdin is None:
@@ -521,8 +557,11 @@ class _MuxExchange:
         role: Role,
         deadline: Deadline,
         limits: Timeout,
+        max_size: int,
     ) -> None:
-        self.rid, self.inbox = self.mux.begin(params, stdin, role, deadline, limits.write)
+        # The reader bounds what it leaves for the request, however far behind
+        # the request's caller is: a shared connection is read for everyone.
+        self.rid, self.inbox = self.mux.begin(params, stdin, role, deadline, limits.write, max_size)
 
     def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
         self.mux.send_stdin(self.rid, chunk, deadline, limits.write)
@@ -542,7 +581,11 @@ class _MuxExchange:
 
 
 class StreamResponse(ResponseState):
-    """One request in progress; a context manager. Status and headers are there on entry."""
+    """One request in progress; a context manager. Status and headers are there on entry.
+
+    `stderr` holds the stderr that arrived and that the stderr iterator has
+    not taken; app_status and protocol_status are set once the request ends.
+    """
 
     def __init__(
         self,
@@ -551,9 +594,11 @@ class StreamResponse(ResponseState):
         stdin: Body,
         role: Role,
         limits: Timeout,
+        max_size: int,
         *,
         shared: bool,
         read_head: bool = False,
+        whole: bool = False,
     ) -> None:
         self._client = client
         self._shared = shared
@@ -566,9 +611,8 @@ class StreamResponse(ResponseState):
         self._exchange: _SoloExchange | _MuxExchange | None = None
         self._pieces: BodyPieces | None = None
         self._stdin_touched = False
-        super().__init__()
+        super().__init__(client.address, max_size, whole=whole)
         self._replay: deque[bytes] = deque()  # stdout read for the head, for aiter_stdout
-        self._stderr_sent = 0
         self._body_started = self._raw_started = False
 
     # --- context manager ---
@@ -621,7 +665,10 @@ class StreamResponse(ResponseState):
         return _Chunks(self._next_raw)
 
     def iter_stderr(self) -> Iterator[bytes]:
-        """The stderr stream as it arrives; stdout is kept in memory meanwhile."""
+        """The stderr stream as it arrives, taken out of `stderr` as it is given.
+
+        Stdout that arrives meanwhile waits for its reader, within max_response_size.
+        """
         return _Chunks(self._next_stderr)
 
     def read(self) -> bytes:
@@ -642,13 +689,15 @@ class StreamResponse(ResponseState):
         return self._next_stdout()
 
     def _next_stderr(self) -> bytes | None:
-        while len(self.stderr) <= self._stderr_sent:
+        while not self.stderr:
             if self._end is not None:
                 return None
-            self._pump()
-        chunk = bytes(self.stderr[self._stderr_sent :])
-        self._stderr_sent = len(self.stderr)
-        return chunk
+            try:
+                self._pump()
+            except BaseException:
+                self.close()
+                raise
+        return self._pop_stderr()
 
     # --- the exchange ---
 
@@ -663,7 +712,9 @@ class StreamResponse(ResponseState):
             exchange = client._exchange(self._deadline, self._limits, self._shared)
             self._exchange = exchange
             try:
-                exchange.begin(self._params, body, self._role, self._deadline, self._limits)
+                exchange.begin(
+                    self._params, body, self._role, self._deadline, self._limits, self._max_size
+                )
                 if body is None:
                     self._pieces = BodyPieces(source)
                 self._pump()
@@ -704,7 +755,7 @@ class StreamResponse(ResponseState):
         if exchange is None:
             raise LocalProtocolError("the response is closed")
         events = exchange.events(self._deadline, self._limits, self._refill)
-        self._take(events, exchange.rid, exchange.address)
+        self._take(events, exchange.rid)
 
     def _next_stdout(self) -> bytes | None:
         while not self._stdout:
@@ -715,7 +766,14 @@ class StreamResponse(ResponseState):
             except BaseException:
                 self.close()
                 raise
-        return self._stdout.popleft()
+        return self._pop_stdout()
+
+    def _read_whole(self) -> Response:
+        """Read the rest of the answer into its WholeAnswer, which bounds it (request())."""
+        assert self._answer is not None
+        while self._end is None:
+            self._pump()
+        return self._answer.response(self._end)
 
     def _parse_head(self) -> None:
         while self._head is None:
@@ -723,6 +781,12 @@ class StreamResponse(ResponseState):
             if chunk is not None:
                 self._replay.append(chunk)
             self._feed_head(chunk)
+
+
+def _check_size(max_response_size: int) -> int:
+    if max_response_size < 0:
+        raise ValueError(f"max_response_size must be 0 (no limit) or more, not {max_response_size}")
+    return max_response_size
 
 
 class _Chunks:

@@ -22,11 +22,14 @@ from fcgiproto import (
     ParamsInput,
     ReadError,
     ReadTimeout,
+    ResponseTooLarge,
     Role,
+    StderrData,
+    StdoutData,
     TimeoutException,
     WriteError,
 )
-from fcgiproto.support import Deadline, receive_from, recipient
+from fcgiproto.support import Address, Deadline, receive_from, recipient, response_too_large
 
 from ._connection import READ_SIZE, Connection, timeout_error
 from ._primitives import Flag, Lock, StateLock, current_time, shield
@@ -39,15 +42,55 @@ ABORT_WRITE_LIMIT = 5.0
 
 
 class Inbox:
-    """Where the reader leaves one request's events, and how it wakes the request."""
+    """Where the reader leaves one request's events, and how it wakes the request.
 
-    __slots__ = ("events", "wake")
+    With a `max_size`, the reader counts the request's stdout and stderr,
+    each in total, as request() gathers them: the chunk that would take one
+    past it fails the request with ResponseTooLarge, and it and all that
+    follows are dropped. The reader reads for every request on the connection
+    and cannot wait for one; this keeps what it leaves for a request within
+    the limit however far behind that request's caller is.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "_address",
+        "_max_size",
+        "_request_id",
+        "_stderr",
+        "_stdout",
+        "events",
+        "failure",
+        "wake",
+    )
+
+    def __init__(
+        self, address: Address | None = None, request_id: int = 0, max_size: int = 0
+    ) -> None:
         self.events: deque[Event] = deque()
         self.wake = Flag()
+        self.failure: ResponseTooLarge | None = None
+        self._address = address
+        self._request_id = request_id
+        self._max_size = max_size
+        self._stdout = self._stderr = 0
 
     def put(self, event: Event) -> None:
+        if self.failure is not None:
+            return  # past its limit: the request is being given up
+        if self._max_size and (type(event) is StdoutData or type(event) is StderrData):
+            if type(event) is StdoutData:
+                self._stdout += len(event.data)
+                stream, size = "stdout", self._stdout
+            else:
+                self._stderr += len(event.data)
+                stream, size = "stderr", self._stderr
+            if size > self._max_size:
+                assert self._address is not None
+                self.failure = response_too_large(
+                    stream, self._max_size, self._address, self._request_id
+                )
+                self.wake.set()
+                return
         self.events.append(event)
         self.wake.set()
 
@@ -91,8 +134,12 @@ class MuxConnection:
         role: Role,
         deadline: Deadline,
         write_timeout: float | None,
+        max_size: int = 0,
     ) -> tuple[int, Inbox]:
-        """Send a request (and its whole body, unless stdin is None); its id and inbox."""
+        """Send a request (and its whole body, unless stdin is None); its id and inbox.
+
+        `max_size` bounds the stdout and the stderr the inbox takes (see AsyncInbox).
+        """
         with self._lock:
             self._check()
             if stdin is None:
@@ -101,7 +148,7 @@ class MuxConnection:
                 self.proto.end_params(rid)
             else:
                 rid = self.proto.send_request(params, stdin, role=role)
-            inbox = self._inboxes[rid] = Inbox()
+            inbox = self._inboxes[rid] = Inbox(self.address, rid, max_size)
             data = self.proto.data_to_send()
         try:
             self._write(data, deadline, write_timeout)
@@ -140,19 +187,21 @@ class MuxConnection:
                     return event
 
     def events(self, inbox: Inbox, deadline: Deadline, read_timeout: float | None) -> list[Event]:
-        """Wait for events in a request's inbox."""
-        while not inbox.events:
+        """Wait for events in a request's inbox; its failure, if it went past its limit."""
+        while not inbox.events or inbox.failure is not None:
+            if inbox.failure is not None:
+                raise inbox.failure
             # Cleared before looking: a put() from here on sets it again.
             inbox.wake.clear()
-            if inbox.events:
-                break
+            if inbox.events or inbox.failure is not None:
+                continue
             with self._lock:
                 self._check()
             wait, by_total = deadline.limit(read_timeout)
             if (wait is None or wait > 0) and inbox.wake.wait(wait):
                 continue
-            if inbox.events:
-                break
+            if inbox.events or inbox.failure is not None:
+                continue
             with self._lock:
                 self._check()
             raise timeout_error(ReadTimeout, self.address, deadline, read_timeout, by_total)

@@ -200,6 +200,7 @@ def test_httpoxy_proxy_header_dropped(name: str | bytes) -> None:
     assert "http://evil:8080" not in p.values()
 
 
+@pytest.mark.parametrize("underscores", [False, True])
 @pytest.mark.parametrize(
     "headers",
     [
@@ -209,14 +210,31 @@ def test_httpoxy_proxy_header_dropped(name: str | bytes) -> None:
     ],
 )
 def test_underscore_name_dropped_when_dash_spelling_present(
-    headers: list[tuple[str, str]],
+    headers: list[tuple[str, str]], underscores: bool
 ) -> None:
-    assert params(headers=headers)["HTTP_X_A_B"] == "real"
+    assert params(headers=headers, underscores_in_headers=underscores)["HTTP_X_A_B"] == "real"
 
 
-def test_underscore_name_kept_when_alone() -> None:
-    assert params(headers=[("X_A_B", "v")])["HTTP_X_A_B"] == "v"
-    assert params(headers=[("X_A_B", "v"), ("X-A_B", "w")])["HTTP_X_A_B"] == "v, w"
+@pytest.mark.parametrize(
+    "name", ["X_Remote_User", "X-Remote_User", "x_remote_user", b"X_REMOTE-USER"]
+)
+def test_underscore_names_are_dropped_by_default(name: str | bytes) -> None:
+    # A front proxy strips X-Remote-User from what clients send and sets its
+    # own; an underscore spelling must not arrive as the same variable.
+    p = params(headers=[(name, "admin"), ("Host", "h")])
+    assert "HTTP_X_REMOTE_USER" not in p
+    assert "admin" not in p.values()
+    assert p["HTTP_HOST"] == "h"
+
+
+def test_underscore_names_kept_when_asked() -> None:
+    def kept(headers: list[tuple[str, str]]) -> dict[str, str]:
+        return params(headers=headers, underscores_in_headers=True)
+
+    assert kept([("X_A_B", "v")])["HTTP_X_A_B"] == "v"
+    assert kept([("X_A_B", "v"), ("X-A_B", "w")])["HTTP_X_A_B"] == "v, w"
+    # The content headers keep their own rule: never from an underscore spelling.
+    assert kept([("Content_Type", "evil")])["CONTENT_TYPE"] == ""
 
 
 def test_headers_as_mapping() -> None:
@@ -240,6 +258,72 @@ def test_cr_lf_nul_refused_in_path_query_script_name(where: str, bad: str | byte
     value = b"/a" + bad + b".php" if isinstance(bad, bytes) else f"/a{bad}.php"
     with pytest.raises(LocalProtocolError, match=f"{where} contains CR, LF or NUL"):
         params(**{where: value})
+
+
+#: Every argument build_params writes as text, with a value that is fine there.
+TEXT_ARGUMENTS = {
+    "path": "/a.php",
+    "query": "a=1",
+    "script_name": "/a.php",
+    "script_filename": "/srv/a.php",
+    "document_root": "/srv",
+    "server_name": "example.com",
+    "server_addr": "10.0.0.1",
+    "remote_addr": "10.0.0.2",
+    "server_protocol": "HTTP/1.1",
+}
+
+
+@pytest.mark.parametrize("bad", ["\r", "\n", "\x00", b"\r\n", b"\x00"])
+@pytest.mark.parametrize("where", list(TEXT_ARGUMENTS))
+def test_cr_lf_nul_refused_in_every_text_argument(where: str, bad: str | bytes) -> None:
+    good = TEXT_ARGUMENTS[where]
+    value = good.encode() + bad if isinstance(bad, bytes) else good + bad
+    with pytest.raises(LocalProtocolError, match=f"^{where} contains CR, LF or NUL"):
+        params(**{where: value})
+    params(**{where: good})  # and the same without it is fine
+
+
+@pytest.mark.parametrize("where", ["server_port", "remote_port"])
+def test_cr_lf_nul_refused_in_ports(where: str) -> None:
+    with pytest.raises(LocalProtocolError, match=f"^{where} contains CR, LF or NUL"):
+        params(**{where: "80\r\nX-Injected: 1"})
+    assert params(**{where: 8080})[where.upper()] == "8080"
+
+
+@pytest.mark.parametrize("bad", ["\r", "\n", "\x00", b"\n"])
+def test_cr_lf_nul_refused_in_extra_names_and_values(bad: str | bytes) -> None:
+    text = bad.decode() if isinstance(bad, bytes) else bad
+    with pytest.raises(LocalProtocolError, match=r"^extra param PATH_INFO contains CR, LF or NUL"):
+        params(extra={"PATH_INFO": "/x" + text})
+    with pytest.raises(LocalProtocolError, match=r"^extra param name contains CR, LF or NUL"):
+        params(extra={"PATH" + text: "/x"})
+    with pytest.raises(LocalProtocolError, match="extra param"):
+        params(extra={b"PATH_INFO": b"/x" + text.encode()})
+
+
+_ANY_TEXT = st.text(st.sampled_from("ab/.:_- \r\n\x00\t\xe9"), max_size=6)
+
+
+@given(
+    st.fixed_dictionaries({name: _ANY_TEXT for name in TEXT_ARGUMENTS}),
+    st.lists(st.tuples(st.sampled_from(["X-A", "X_A", "Host"]), _ANY_TEXT), max_size=3),
+    st.dictionaries(_ANY_TEXT, _ANY_TEXT, max_size=2),
+    st.booleans(),
+)
+def test_no_value_ever_written_holds_cr_lf_or_nul(
+    texts: dict[str, str],
+    headers: list[tuple[str, str]],
+    extra: dict[str, str],
+    underscores: bool,
+) -> None:
+    try:
+        written = params(headers=headers, extra=extra, underscores_in_headers=underscores, **texts)
+    except LocalProtocolError:
+        return
+    for name, value in written.items():
+        for text in (name, value):
+            assert not set(text) & {"\r", "\n", "\x00"}, (name, value)
 
 
 @pytest.mark.parametrize("name", ["", "X Header", "X:Y", "X-\xe9", "X\r\nY", "(x)", b"X\x00"])

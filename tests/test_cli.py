@@ -145,6 +145,36 @@ def test_request_sends_data_headers_and_params(
     assert params["DOCUMENT_ROOT"] == "/srv/www"
 
 
+def test_request_sends_headers_with_underscores_as_typed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # build_params drops underscored names by default, as nginx does for
+    # headers relayed from clients; on the command line the user typed them.
+    with Server(show, str(tmp_path / "show.sock")) as server:
+        argv = ["request", str(server.address), "/srv/www/show.php"]
+        argv += ["-H", "X_Api_Key: k1", "-H", "X-Trace_Id: t1"]
+        assert main(argv) == 0
+    params = json.loads(capsys.readouterr().out)["params"]
+    assert params["HTTP_X_API_KEY"] == "k1"
+    assert params["HTTP_X_TRACE_ID"] == "t1"
+
+
+@pytest.mark.parametrize(
+    ("option", "complaint"),
+    [
+        (["-p", "PATH_INFO=/a\nb"], "extra param PATH_INFO contains CR, LF or NUL"),
+        (["-H", "X-A: a\rb"], "control characters"),
+    ],
+)
+def test_request_refuses_line_breaks_in_what_it_sends(
+    demo: str, option: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["request", demo, "/srv/x", *option]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert one_line(err).startswith("fcgi request: ") and complaint in err
+
+
 def test_request_method_and_uri(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with Server(show, "127.0.0.1:0") as server:
         argv = ["request", str(server.address), "/srv/index.php", "-X", "DELETE"]

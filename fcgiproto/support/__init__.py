@@ -36,13 +36,14 @@ from ._liveness import Liveness
 from ._memory import ApplicationPeer, MemoryPeer, PeerAnswer
 from ._pool import PoolState
 from ._response import (
+    DEFAULT_MAX_RESPONSE_SIZE,
     Response,
     ResponseState,
-    gather_answer,
+    WholeAnswer,
     raise_for_protocol_status,
     receive_from,
     recipient,
-    whole_answer,
+    response_too_large,
 )
 from ._timeout import PROBE_WAIT, Deadline, Timeout, TimeoutInput, probe_wait
 
@@ -53,6 +54,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_REQUESTS",
+    "DEFAULT_MAX_RESPONSE_SIZE",
     "DEFAULT_MAX_UNSENT_SIZE",
     "DEFAULT_MULTIPLEX",
     "DEFAULT_PARAMS_TIMEOUT",
@@ -77,10 +79,10 @@ __all__ = [
     "ServerOptions",
     "Timeout",
     "TimeoutInput",
+    "WholeAnswer",
     "check_output",
     "close_output",
     "failure_report",
-    "gather_answer",
     "listen_address",
     "log_bytes",
     "output_chunks",
@@ -89,5 +91,5 @@ __all__ = [
     "raise_for_protocol_status",
     "receive_from",
     "recipient",
-    "whole_answer",
+    "response_too_large",
 ]

@@ -20,6 +20,7 @@ from fcgiproto import (
     ReadError,
     RemoteProtocolError,
     RequestError,
+    ResponseTooLarge,
     StderrData,
     StdoutData,
     UnknownRole,
@@ -29,14 +30,22 @@ from fcgiproto.cgi import ResponseHead, ResponseParser, authorizer_variables
 from ._address import Address
 
 __all__ = [
+    "DEFAULT_MAX_RESPONSE_SIZE",
     "Response",
     "ResponseState",
-    "gather_answer",
+    "WholeAnswer",
     "raise_for_protocol_status",
     "receive_from",
     "recipient",
-    "whole_answer",
+    "response_too_large",
 ]
+
+#: How much stdout, and separately how much stderr, a client holds of one
+#: answer. request() holds a whole answer in memory: 64 MiB is far above any
+#: page or API answer, and low enough that a few runaway answers at once do
+#: not exhaust a process; larger answers are for stream(), which holds only
+#: what waits unread, or for a raised limit. 0 turns the limit off.
+DEFAULT_MAX_RESPONSE_SIZE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -82,30 +91,78 @@ class Response:
         return authorizer_variables(self.headers)
 
 
-def gather_answer(
-    events: list[Event], stdout: list[bytes], stderr: list[bytes]
-) -> EndRequest | None:
-    """Add a request's output to `stdout` and `stderr`; its END_REQUEST once it comes.
+def response_too_large(
+    stream: str, limit: int, address: Address, request_id: int, *, unread: bool = False
+) -> ResponseTooLarge:
+    """The error for a stream of an answer past max_response_size: which, whose, what limit.
 
-    For connections that carry one request: every event is that request's.
+    `unread`: the bytes waiting for a stream()'s reader, rather than a whole answer.
     """
-    end = None
-    for event in events:
-        if isinstance(event, StdoutData):
-            stdout.append(event.data)
-        elif isinstance(event, StderrData):
-            stderr.append(event.data)
-        elif isinstance(event, EndRequest):
-            end = event
-    return end
+    if unread:
+        return ResponseTooLarge(
+            f"{address}: request {request_id} has more than {limit} bytes of {stream} "
+            f"waiting to be read (max_response_size); read it as it comes, or raise the limit"
+        )
+    return ResponseTooLarge(
+        f"{address}: request {request_id} sent more than {limit} bytes of {stream} "
+        f"(max_response_size)"
+    )
 
 
-def whole_answer(
-    stdout: list[bytes], stderr: list[bytes], end: EndRequest, address: Address
-) -> Response:
-    """The Response of a finished request, or the RequestError its END_REQUEST means."""
-    raise_for_protocol_status(end, address)
-    return Response(b"".join(stdout), b"".join(stderr), end.app_status, end.protocol_status)
+class WholeAnswer:
+    """A request's answer gathered whole, as request() returns it, each stream bounded.
+
+    `max_size` bounds stdout and stderr, each; 0 means no bound. The chunk
+    that would take a stream past it raises ResponseTooLarge as it arrives,
+    before it is kept: what is held never exceeds the limit, whatever the
+    application sends. Both clients gather whole answers here and only here.
+    """
+
+    __slots__ = ("_stderr", "_stderr_size", "_stdout", "_stdout_size", "address", "max_size")
+
+    def __init__(self, max_size: int, address: Address) -> None:
+        self.max_size = max_size
+        self.address = address
+        self._stdout: list[bytes] = []
+        self._stderr: list[bytes] = []
+        self._stdout_size = self._stderr_size = 0
+
+    @property
+    def got_output(self) -> bool:
+        """Whether any byte of stdout or stderr arrived."""
+        return bool(self._stdout_size or self._stderr_size)
+
+    def take(self, events: list[Event], request_id: int = 1) -> EndRequest | None:
+        """Keep the stdout and stderr in `events`; the request's END_REQUEST once it comes.
+
+        Every data event is taken as the request's: on a connection of its
+        own, or from its inbox on a shared one.
+        """
+        end = None
+        limit = self.max_size
+        for event in events:
+            if type(event) is StdoutData:
+                size = self._stdout_size + len(event.data)
+                if limit and size > limit:
+                    raise response_too_large("stdout", limit, self.address, request_id)
+                self._stdout.append(event.data)
+                self._stdout_size = size
+            elif type(event) is StderrData:
+                size = self._stderr_size + len(event.data)
+                if limit and size > limit:
+                    raise response_too_large("stderr", limit, self.address, request_id)
+                self._stderr.append(event.data)
+                self._stderr_size = size
+            elif isinstance(event, EndRequest) and event.request_id == request_id:
+                end = event
+        return end
+
+    def response(self, end: EndRequest) -> Response:
+        """The Response of the finished request, or the RequestError its END_REQUEST means."""
+        raise_for_protocol_status(end, self.address)
+        return Response(
+            b"".join(self._stdout), b"".join(self._stderr), end.app_status, end.protocol_status
+        )
 
 
 Waiter = TypeVar("Waiter")
@@ -169,17 +226,30 @@ def first_header(
 class ResponseState:
     """The answer to a request in progress, as both adapters keep it: events in, no I/O.
 
-    Raw stdout waits in a queue until read; stderr gathers whole; the CGI head
-    is parsed from stdout when asked for, and the body parts that came with it
-    wait for the body's reader.
+    Raw stdout waits in a queue until read; stderr waits in `stderr` until
+    read with the stderr iterator, which takes it out; the CGI head is parsed
+    from stdout when asked for, and the body parts that came with it wait for
+    the body's reader. Adapters read from the transport only when their
+    caller asks for more, so a caller reading one stream holds back the
+    application (the transport's flow control); what piles up meanwhile on
+    the other stream is bounded by `max_size` (0: no bound), past which
+    ResponseTooLarge is raised.
+
+    With `whole`, nothing waits to be read: stdout and stderr go to a
+    WholeAnswer (`_answer`), which bounds each in total, for request().
     """
 
-    def __init__(self) -> None:
+    def __init__(self, address: Address, max_size: int, *, whole: bool = False) -> None:
+        self._address = address
+        self._max_size = max_size
+        self._answer = WholeAnswer(max_size, address) if whole else None
         self._stdout: deque[bytes] = deque()
+        self._stdout_size = 0  # bytes waiting in _stdout
         self._end: EndRequest | None = None
         self._head: ResponseHead | None = None
         self._parser: ResponseParser | None = None
         self._body: deque[bytes] = deque()
+        #: The stderr that arrived and was not taken by the stderr iterator.
         self.stderr = bytearray()
         self.app_status: int | None = None
         self.protocol_status: ProtocolStatus | None = None
@@ -208,19 +278,52 @@ class ResponseState:
 
     @property
     def _got_output(self) -> bool:
+        if self._answer is not None and self._answer.got_output:
+            return True
         return bool(self._stdout or self.stderr or self._end)
 
-    def _take(self, events: list[Event], request_id: int, address: Address) -> None:
+    def _take(self, events: list[Event], request_id: int) -> None:
+        if self._answer is not None:
+            end = self._answer.take(events, request_id)
+            if end is not None:
+                self._ended(end)
+            return
+        limit = self._max_size
         for event in events:
             if type(event) is StdoutData:
+                size = self._stdout_size + len(event.data)
+                if limit and size > limit:
+                    raise response_too_large(
+                        "stdout", limit, self._address, request_id, unread=True
+                    )
                 self._stdout.append(event.data)
+                self._stdout_size = size
             elif type(event) is StderrData:
+                if limit and len(self.stderr) + len(event.data) > limit:
+                    raise response_too_large(
+                        "stderr", limit, self._address, request_id, unread=True
+                    )
                 self.stderr += event.data
             elif isinstance(event, EndRequest) and event.request_id == request_id:
-                self._end = event
-                self.app_status = event.app_status
-                self.protocol_status = event.protocol_status
-                raise_for_protocol_status(event, address)
+                self._ended(event)
+
+    def _ended(self, end: EndRequest) -> None:
+        self._end = end
+        self.app_status = end.app_status
+        self.protocol_status = end.protocol_status
+        raise_for_protocol_status(end, self._address)
+
+    def _pop_stdout(self) -> bytes:
+        """The oldest stdout chunk waiting to be read (there must be one)."""
+        chunk = self._stdout.popleft()
+        self._stdout_size -= len(chunk)
+        return chunk
+
+    def _pop_stderr(self) -> bytes:
+        """All the stderr waiting to be read, taken out."""
+        chunk = bytes(self.stderr)
+        del self.stderr[:]
+        return chunk
 
     def _feed_head(self, chunk: bytes | None) -> None:
         """Parse more of the head from stdout (None: stdout ended)."""
