@@ -36,6 +36,7 @@ from ._state import (
     BEGUN,
     DROP,
     END,
+    END_EARLY,
     ENDED,
     IDLE,
     RECEIVE,
@@ -159,7 +160,9 @@ class ServerConnection(Connection):
         protocol_status: ProtocolStatus = ProtocolStatus.REQUEST_COMPLETE,
     ) -> None:
         """End the request: close STDOUT (and STDERR if used), then END_REQUEST."""
-        request, target, _ = self._local_move(request_id, END)
+        current = self._requests.get(request_id)
+        move = END if current is None or current.received.all_closed() else END_EARLY
+        request, target, _ = self._local_move(request_id, move)
         if not 0 <= app_status <= 0xFFFFFFFF:
             raise LocalProtocolError(f"app_status {app_status} does not fit in 32 bits")
         try:
@@ -172,7 +175,8 @@ class ServerConnection(Connection):
             out.append(HEADER.pack(FCGI_VERSION, _STDERR, request_id, 0, 0))
         out.append(record(_END_REQUEST, request_id, body))
         del self._requests[request_id]
-        self._ended.add(request_id)  # ENDED, the target: its late records are dropped
+        if target == ENDED:  # its late records are dropped; IDLE needs no memory
+            self._ended.add(request_id)
         self._settle(request_id, target, None)
         if not request.keep_conn:
             self._closing = True

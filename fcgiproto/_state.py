@@ -20,9 +20,18 @@ sent all its input; REFUSE is a BEGIN_REQUEST the application turns down):
              for the life of the connection (Go's late reply after an abort).
     server   IDLE or ENDED --BEGIN--> BEGUN --ABORT--> ABORTED
              IDLE or ENDED --REFUSE--> ENDED              (answered at once)
-             BEGUN or ABORTED --END--> ENDED
+             BEGUN --END or END_EARLY--> ENDED
+             ABORTED --END_EARLY--> ENDED
+             ABORTED --END--> IDLE      (aborted with all its input in: nothing more can come)
              BEGUN and ABORTED: SEND and RECEIVE go on; a second ABORT is dropped.
              ENDED: RECEIVE and ABORT are dropped until the id begins again.
+
+An ENDED id is remembered, so that its late records are dropped; IDLE ones
+cost nothing. A client may race an ABORT against the end of a request it has
+sent whole, or still be sending its input; but once it has aborted and sent
+all its input, nothing more can come for the id. A client that never reuses an
+aborted id (ours retires it) would otherwise leave one remembered id per abort
+on a multiplexed connection, up to all 65,535 of them.
 
 IDLE is an id never used or, on the client, one that ended normally: records
 for it are the peer's error. A request is in `active_requests` while it is
@@ -149,10 +158,12 @@ SERVER = Lifecycle(
         (BEGUN, RECEIVE): (BEGUN, GO),
         (BEGUN, ABORT): (ABORTED, GO),
         (BEGUN, END): (ENDED, GO),
+        (BEGUN, END_EARLY): (ENDED, GO),
         (ABORTED, SEND): (ABORTED, GO),
         (ABORTED, RECEIVE): (ABORTED, GO),
         (ABORTED, ABORT): (ABORTED, DROP),
-        (ABORTED, END): (ENDED, GO),
+        (ABORTED, END): (IDLE, GO),
+        (ABORTED, END_EARLY): (ENDED, GO),
         (ENDED, BEGIN): (BEGUN, GO),
         (ENDED, REFUSE): (ENDED, GO),
         (ENDED, RECEIVE): (ENDED, DROP),
