@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from fcgiproto import (
@@ -302,3 +305,23 @@ def test_active_requests_are_those_begun_and_not_ended() -> None:
     assert pair.server.active_requests == {first, second}
     pair.server.end_request(first)
     assert pair.server.active_requests == {second}
+
+
+def test_a_connection_killed_by_a_protocol_error_is_freed_without_the_gc() -> None:
+    # Kept as the exception, the error's traceback would hold the frames that
+    # raised it, and they the connection: a cycle per broken connection.
+    server = ServerConnection()
+    server.receive_data(raw_record(BEGIN, 1, begin_body()))
+    alive = weakref.ref(server)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(RemoteProtocolError, match="closed the connection with request 1"):
+            server.receive_data(b"")
+        with pytest.raises(RemoteProtocolError, match="closed the connection with request 1"):
+            server.receive_data(b"more")
+        del server
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()
