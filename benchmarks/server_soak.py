@@ -280,6 +280,7 @@ class Sampler:
         self.out = open(config["samples"], "a", buffering=1)  # noqa: SIM115  (closed in run)
         self.snapshots: dict[str, Any] = {}
         self.types: dict[str, Counter[str]] = {}
+        self.cycle_report: dict[str, Any] = {}
         self.started = time.monotonic()
         self.thread = threading.Thread(target=self.run, name="soak sampler", daemon=True)
 
@@ -331,10 +332,23 @@ class Sampler:
                 ]
             )
 
+    def cycles(self, seconds: float) -> None:
+        """What the gc found in reference cycles over `seconds`, by type."""
+        gc.collect()
+        gc.set_debug(0)
+        found = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
+        gc.garbage.clear()
+        self.cycle_report = {
+            "seconds": round(seconds, 1),
+            "objects": sum(found.values()),
+            "types": found.most_common(20),
+        }
+
     def run(self) -> None:
         every = self.config["every"]
         warmup, seconds = self.config["warmup"], self.config["seconds"]
         marked = set()
+        cycles_from = 0.0
         tick = 0
         while True:
             tick += 1
@@ -344,15 +358,26 @@ class Sampler:
             t = time.monotonic() - self.started
             phase = "load" if t <= seconds else "after"
             self.sample(phase)
+            if "cycles" in marked and "cycles done" not in marked:
+                marked.add("cycles done")
+                self.cycles(t - cycles_from)
             if t >= warmup and "warm" not in marked:
                 marked.add("warm")
                 self.mark("warm")
+                if self.config["cycles"]:
+                    # Keep what the gc frees until the next sample, to see what it is.
+                    marked.add("cycles")
+                    cycles_from = t
+                    gc.collect()
+                    gc.set_debug(gc.DEBUG_SAVEALL)
             if t >= seconds - every and "end" not in marked and "warm" in marked:
                 marked.add("end")
                 self.mark("end")
 
     def summary(self) -> dict[str, Any]:
         report: dict[str, Any] = {"modes": dict(self.counts.by_mode)}
+        if self.cycle_report:
+            report["cycles"] = self.cycle_report
         if "warm" in self.types and "end" in self.types:
             grown = self.types["end"].copy()
             grown.subtract(self.types["warm"])
@@ -705,6 +730,7 @@ def run_kind(args: argparse.Namespace, base: Path, kind: str, src: Path, server_
         "tracemalloc": args.tracemalloc,
         "frames": args.frames,
         "malloc_trim": args.malloc_trim,
+        "cycles": args.cycles,
         "samples": str(work / "samples.jsonl"),
         "report": str(work / "report.json"),
         "ready": str(work / "ready"),
@@ -874,6 +900,13 @@ def describe(result: dict, seconds: float, warmup: float) -> str:
                 f"    {entry['size_diff'] / 1024:+.1f} KiB {entry['count_diff']:+,} blocks via "
                 + " <- ".join(reversed(entry["frames"][-4:]))
             )
+    if report.get("cycles"):
+        cycles = report["cycles"]
+        lines.append(
+            f"  in reference cycles over {cycles['seconds']:.0f} s after the warm-up: "
+            f"{cycles['objects']:,} objects; "
+            + ", ".join(f"{count:,} {name}" for name, count in cycles["types"][:12])
+        )
     if report.get("logs"):
         lines.append(
             "  server log messages: "
@@ -894,6 +927,9 @@ def main() -> None:
     parser.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--frames", type=int, default=8, help="frames tracemalloc keeps")
     parser.add_argument("--malloc-trim", action="store_true")
+    parser.add_argument(
+        "--cycles", action="store_true", help="after the warm-up, what falls into reference cycles"
+    )
     parser.add_argument("--tasks", type=int, default=12, help="asyncio tasks on one AsyncClient")
     parser.add_argument("--threads", type=int, default=4, help="threads on one shared Client")
     parser.add_argument("--seed", type=int, default=1)
