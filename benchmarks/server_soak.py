@@ -89,6 +89,8 @@ OPS = {
     "log": 6,
     "values": 3,
 }
+#: RSS growth (MB/min) that counts as flat: a sample's noise is about 1 MB.
+FLAT = 0.1
 #: Besides every slow request, this share of the others is cancelled at random too.
 CANCEL_RATE = 0.08
 
@@ -880,8 +882,12 @@ def describe(result: dict, seconds: float, warmup: float) -> str:
             f"{b:+.3f} MB/min"
         )
     a, b = slope(samples, *first), slope(samples, *last)
-    levels = b <= max(0.25 * a, 0.02) if a > 0 else b <= 0.02
-    lines.append(f"  levels off: {'yes' if levels else 'NO'} (RSS, last third against first)")
+    # Flat within the noise (0.1 MB/min: 2 MB over a 20 minute run), or a quarter of the growth.
+    levels = b <= max(0.25 * a, FLAT)
+    lines.append(
+        f"  levels off: {'yes' if levels else 'NO'} (RSS growth in the last third at most "
+        f"{FLAT} MB/min or a quarter of the first third's)"
+    )
     report = result["report"]
     if report.get("types_grown"):
         lines.append("  live objects that grew, warm-up -> end (type, growth, count at end):")
@@ -938,6 +944,7 @@ def main() -> None:
         "--server-env", action="append", default=[], help="NAME=VALUE for the server process"
     )
     parser.add_argument("--out", help="write the samples and reports here (JSON)")
+    parser.add_argument("--show", help="print the reports of an earlier run's --out file")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -948,6 +955,11 @@ def main() -> None:
         load_main(json.loads(args.load))
         return
 
+    if args.show:
+        for result in json.loads(Path(args.show).read_text()):
+            config = result["config"]
+            print(describe(result, config["seconds"], config["warmup"]))
+        return
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = set(kinds) - set(KINDS)
     if unknown:
