@@ -60,7 +60,10 @@ class Connection:
         self._rid = 0
         self._left = 0  # content bytes of the current record still to come
         self._padding = 0  # padding bytes after the current record's content
-        self._error: RemoteProtocolError | None = None
+        # The message of the protocol error that killed the connection. Not
+        # the exception itself: its traceback holds the frames that raised it,
+        # and they hold this connection, a cycle only the gc would break.
+        self._error: str | None = None
         self._peer_closed = False
         # Header prefixes of the streams whose data records the tables let
         # through unchanged: such a record needs no further checks. Only
@@ -83,7 +86,7 @@ class Connection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the peer; b"" means the peer closed the connection."""
         if self._error is not None:
-            raise RemoteProtocolError(str(self._error))
+            raise RemoteProtocolError(self._error)
         if self._peer_closed:
             raise LocalProtocolError("receive_data() after the peer closed the connection")
         events: list[Event] = []
@@ -103,7 +106,7 @@ class Connection:
                     else:
                         self._parse(view.tobytes(), events)
         except RemoteProtocolError as exc:
-            self._error = exc
+            self._error = str(exc)
             raise
         return events
 

@@ -36,6 +36,7 @@ from ._state import (
     BEGUN,
     DROP,
     END,
+    END_EARLY,
     ENDED,
     IDLE,
     RECEIVE,
@@ -123,8 +124,9 @@ class ServerConnection(Connection):
         self.max_params_pairs = max_params_pairs
         self._requests: dict[int, _Request] = {}
         # Ids whose request ended (or was refused) while the client may still
-        # be sending for it: their records are dropped until a new BEGIN_REQUEST.
-        self._ended: set[int] = set()
+        # be sending for it, and their state (ENDED or DONE): their records are
+        # dropped until a new BEGIN_REQUEST. The others are IDLE.
+        self._ended: dict[int, int] = {}
         self._closing = False
 
     @property
@@ -159,7 +161,9 @@ class ServerConnection(Connection):
         protocol_status: ProtocolStatus = ProtocolStatus.REQUEST_COMPLETE,
     ) -> None:
         """End the request: close STDOUT (and STDERR if used), then END_REQUEST."""
-        request, target, _ = self._local_move(request_id, END)
+        current = self._requests.get(request_id)
+        move = END if current is None or current.received.all_closed() else END_EARLY
+        request, target, _ = self._local_move(request_id, move)
         if not 0 <= app_status <= 0xFFFFFFFF:
             raise LocalProtocolError(f"app_status {app_status} does not fit in 32 bits")
         try:
@@ -172,7 +176,8 @@ class ServerConnection(Connection):
             out.append(HEADER.pack(FCGI_VERSION, _STDERR, request_id, 0, 0))
         out.append(record(_END_REQUEST, request_id, body))
         del self._requests[request_id]
-        self._ended.add(request_id)  # ENDED, the target: its late records are dropped
+        if target != IDLE:  # its late records are dropped; IDLE needs no memory
+            self._ended[request_id] = target
         self._settle(request_id, target, None)
         if not request.keep_conn:
             self._closing = True
@@ -182,7 +187,7 @@ class ServerConnection(Connection):
         if self._error is not None or self._peer_closed:
             self._check_sendable()
         request = self._requests.get(request_id)
-        state = (ENDED if request_id in self._ended else IDLE) if request is None else request.state
+        state = self._ended.get(request_id, IDLE) if request is None else request.state
         step = SERVER.steps.get(state << 3 | move)
         if step is None:
             raise LocalProtocolError(f"request {request_id} {SERVER.refusal(state, True)}")
@@ -194,7 +199,7 @@ class ServerConnection(Connection):
     def _received(self, rtype: int, rid: int, clen: int, move: int) -> _Request | None:
         """Apply the peer's `move` to request `rid`; the request, or None to drop the record."""
         request = self._requests.get(rid)
-        state = (ENDED if rid in self._ended else IDLE) if request is None else request.state
+        state = self._ended.get(rid, IDLE) if request is None else request.state
         step = SERVER.steps.get(state << 3 | move)
         if step is None:
             raise RemoteProtocolError(
@@ -202,6 +207,8 @@ class ServerConnection(Connection):
                 f"{SERVER.refusal(state, False)}"
             )
         if step[1] == DROP:
+            if step[0] == IDLE:  # a crossing ABORT: nothing more can come for it
+                del self._ended[rid]
             return None
         assert request is not None  # only a request in flight takes the peer's moves
         request.state = step[0]
@@ -259,17 +266,17 @@ class ServerConnection(Connection):
         else:
             refusal = None
         current = self._requests.get(rid)
-        state = (ENDED if rid in self._ended else IDLE) if current is None else current.state
+        state = self._ended.get(rid, IDLE) if current is None else current.state
         if SERVER.steps.get(state << 3 | (REFUSE if refusal else BEGIN)) is None:
             raise RemoteProtocolError(
                 f"BEGIN_REQUEST for request {rid}, {SERVER.refusal(state, False)}"
             )
         if refusal is not None:
             # Its records may still come: dropped until it begins again.
-            self._ended.add(rid)
+            self._ended[rid] = ENDED
             self._out.append(record(_END_REQUEST, rid, _END_BODY.pack(0, refusal)))
             return
-        self._ended.discard(rid)
+        self._ended.pop(rid, None)
         role, keep_conn = Role(role_number), bool(flags & 1)
         self._requests[rid] = _Request(role, keep_conn)
         # No _settle(): nothing this side streams is open before PARAMS ends,

@@ -18,15 +18,27 @@ sent all its input; REFUSE is a BEGIN_REQUEST the application turns down):
              BEGUN: SEND and RECEIVE go on.  ABORTED: RECEIVE and a second ABORT
              are dropped, SEND is refused.  RETIRED: RECEIVE and END are dropped
              for the life of the connection (Go's late reply after an abort).
-    server   IDLE or ENDED --BEGIN--> BEGUN --ABORT--> ABORTED
-             IDLE or ENDED --REFUSE--> ENDED              (answered at once)
-             BEGUN or ABORTED --END--> ENDED
+    server   IDLE, ENDED or DONE --BEGIN--> BEGUN --ABORT--> ABORTED
+             IDLE, ENDED or DONE --REFUSE--> ENDED        (answered at once)
+             BEGUN --END--> DONE        (all its input in: only a crossing ABORT may come)
+             BEGUN or ABORTED --END_EARLY--> ENDED        (its input may still come)
+             ABORTED --END--> IDLE      (aborted with all its input in: nothing more can come)
+             DONE --ABORT--> IDLE       (the crossing ABORT, dropped: nothing more can come)
              BEGUN and ABORTED: SEND and RECEIVE go on; a second ABORT is dropped.
              ENDED: RECEIVE and ABORT are dropped until the id begins again.
+             DONE: RECEIVE is dropped until the id begins again.
 
-IDLE is an id never used or, on the client, one that ended normally: records
-for it are the peer's error. A request is in `active_requests` while it is
-BEGUN or ABORTED.
+An ended id is remembered (ENDED or DONE), so that its late records are
+dropped; IDLE ones cost nothing. A client may still be sending the input of a
+request that ended, or send an ABORT that crosses the END_REQUEST; once it has
+aborted and sent all its input, nothing more can come for the id. A client
+that never reuses an aborted id (ours retires it) would otherwise leave one
+remembered id per cancelled request on a multiplexed connection, up to all
+65,535 of them.
+
+IDLE is an id never used, or one after whose end nothing more can come (on
+the client, one that ended normally): records for it are the peer's error. A
+request is in `active_requests` while it is BEGUN or ABORTED.
 
 The stream table: each stream of a request is WAITING, OPEN or CLOSED.
 
@@ -56,6 +68,7 @@ __all__ = [
     "BEGUN",
     "CLIENT",
     "CLOSED",
+    "DONE",
     "DROP",
     "END",
     "ENDED",
@@ -80,7 +93,7 @@ __all__ = [
 # --- the request table ---
 
 # Request states.
-IDLE, BEGUN, ABORTED, RETIRED, ENDED = range(5)
+IDLE, BEGUN, ABORTED, RETIRED, ENDED, DONE = range(6)
 # Inputs.
 BEGIN, SEND, RECEIVE, ABORT, END, END_EARLY, REFUSE = range(7)
 # What to do with the input: carry it out, drop it silently, or (the client's
@@ -148,17 +161,23 @@ SERVER = Lifecycle(
         (BEGUN, SEND): (BEGUN, GO),
         (BEGUN, RECEIVE): (BEGUN, GO),
         (BEGUN, ABORT): (ABORTED, GO),
-        (BEGUN, END): (ENDED, GO),
+        (BEGUN, END): (DONE, GO),
+        (BEGUN, END_EARLY): (ENDED, GO),
         (ABORTED, SEND): (ABORTED, GO),
         (ABORTED, RECEIVE): (ABORTED, GO),
         (ABORTED, ABORT): (ABORTED, DROP),
-        (ABORTED, END): (ENDED, GO),
+        (ABORTED, END): (IDLE, GO),
+        (ABORTED, END_EARLY): (ENDED, GO),
         (ENDED, BEGIN): (BEGUN, GO),
         (ENDED, REFUSE): (ENDED, GO),
         (ENDED, RECEIVE): (ENDED, DROP),
         (ENDED, ABORT): (ENDED, DROP),
+        (DONE, BEGIN): (BEGUN, GO),
+        (DONE, REFUSE): (ENDED, GO),
+        (DONE, RECEIVE): (DONE, DROP),
+        (DONE, ABORT): (IDLE, DROP),
     },
-    local={IDLE: "is not active", ENDED: "is not active"},
+    local={IDLE: "is not active", ENDED: "is not active", DONE: "is not active"},
     remote={
         IDLE: "which has not begun",
         BEGUN: "which is already active",

@@ -152,6 +152,8 @@ class _Connection:
         self.requests: anyio.abc.TaskGroup | None = None
         self.dead = False  # lost, broken, or shut down: nothing more is sent
         self.closing = False  # a keep_conn=False request ended: close once it is all sent
+        self.writing = False  # the writer is in a send
+        self.writer_done = False  # the writer returns once nothing is pending
 
     async def run(self) -> None:
         try:
@@ -172,7 +174,13 @@ class _Connection:
                 requests.cancel_scope.cancel()
             if graceful:
                 await self._close_gracefully()
-            tasks.cancel_scope.cancel()
+            # The writer returns once it finds nothing to send; one stuck in a
+            # send to a peer that does not read is cancelled.
+            self.writer_done = True
+            if self.writing:
+                tasks.cancel_scope.cancel()
+            else:
+                self.wake_writer.set()
 
     def evict(self, reason: str) -> None:
         """Close the connection from outside its tasks: it waited too long, or gives way."""
@@ -361,14 +369,19 @@ class _Connection:
         while True:
             while self.pending:
                 data = self._next_write()
+                self.writing = True
                 try:
                     await self.sock.send(data)
                 except OSError as exc:
                     logger.info("connection %d lost while writing: %s", self.number, exc)
                     self._die()
                     return
+                finally:
+                    self.writing = False
                 self.sent += len(data)
                 self._progressed()
+            if self.writer_done:
+                return
             self.liveness.sending = False
             self.wake_writer = anyio.Event()
             await self.wake_writer.wait()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from fcgiproto import (
@@ -142,6 +145,64 @@ def test_abort_is_reported_once_and_late_input_for_an_ended_request_is_dropped()
     assert pair.server.receive_data(raw_record(STDIN, rid, b"late") + raw_record(ABORT, rid)) == []
 
 
+def test_cancelled_requests_sent_whole_leave_nothing_behind_on_a_multiplexed_connection() -> None:
+    # Our client retires a cancelled request's id for the life of the
+    # connection, so every cancellation brings a new id: remembering each one
+    # would grow the server by an id per cancelled request, up to 65,535.
+    pair = ConnectionPair(multiplex=True)
+    for number in range(3000):
+        rid = pair.client.send_request({"A": "b"}, stdin=b"body")
+        pair.to_server()
+        if number % 2:
+            # Aborted before the server ended it.
+            pair.client.abort_request(rid)
+            assert pair.to_server() == [AbortRequest(rid)]
+            pair.server.end_request(rid, 1)
+        else:
+            # Ended before the ABORT arrived: the two crossed on the wire.
+            pair.server.end_request(rid)
+            pair.client.abort_request(rid)
+            assert pair.to_server() == []
+        pair.to_client()
+    assert rid == 3000
+    assert pair.server._ended == {}
+    assert pair.server.active_requests == frozenset()
+    # Nothing more may come for such an id: a record for it is the client's error.
+    with pytest.raises(
+        RemoteProtocolError,
+        match="STDIN record \\(4 bytes\\) for request 3000, which has not begun",
+    ):
+        pair.server.receive_data(raw_record(STDIN, rid, b"late"))
+
+
+def test_ended_ids_stay_remembered_while_their_records_may_still_come() -> None:
+    pair = ConnectionPair(multiplex=True)
+    whole = pair.client.send_request({})
+    streaming = pair.client.begin_request()
+    pair.client.end_params(streaming)
+    pair.client.send_stdin(streaming, b"half")
+    pair.to_server()
+    pair.client.abort_request(streaming)
+    pair.to_server()
+    # Ended with its input all in, not aborted: an ABORT may cross the END_REQUEST.
+    pair.server.end_request(whole)
+    # Aborted while its STDIN was still open: the rest of it may be on the wire.
+    pair.server.end_request(streaming)
+    assert set(pair.server._ended) == {whole, streaming}
+    late = raw_record(STDIN, streaming, b"late") + raw_record(STDIN, streaming)
+    assert pair.server.receive_data(late) == []
+    assert set(pair.server._ended) == {whole, streaming}
+    # An id that ended is forgotten when the client begins it again...
+    pair.to_client()
+    assert pair.client.send_request({}) == whole
+    pair.to_server()
+    assert set(pair.server._ended) == {streaming}
+    pair.server.end_request(whole)
+    # ...or once the ABORT that crossed its end arrives: nothing more can come for it.
+    assert pair.server.receive_data(raw_record(ABORT, whole)) == []
+    assert set(pair.server._ended) == {streaming}
+
+
 def test_params_split_mid_pair_are_reassembled() -> None:
     server = ServerConnection()
     server.receive_data(raw_record(BEGIN, 1, begin_body()))
@@ -252,3 +313,23 @@ def test_active_requests_are_those_begun_and_not_ended() -> None:
     assert pair.server.active_requests == {first, second}
     pair.server.end_request(first)
     assert pair.server.active_requests == {second}
+
+
+def test_a_connection_killed_by_a_protocol_error_is_freed_without_the_gc() -> None:
+    # Kept as the exception, the error's traceback would hold the frames that
+    # raised it, and they the connection: a cycle per broken connection.
+    server = ServerConnection()
+    server.receive_data(raw_record(BEGIN, 1, begin_body()))
+    alive = weakref.ref(server)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(RemoteProtocolError, match="closed the connection with request 1"):
+            server.receive_data(b"")
+        with pytest.raises(RemoteProtocolError, match="closed the connection with request 1"):
+            server.receive_data(b"more")
+        del server
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()
