@@ -19,6 +19,7 @@ from fcgiproto import ClientConnection, ServerConnection, StdinData, StdoutData
 from fuzz import (
     _harness,
     fuzz_client,
+    fuzz_exchange,
     fuzz_pool,
     fuzz_response_parser,
     fuzz_roundtrip,
@@ -41,6 +42,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "server": fuzz_server.one_input,
     "response_parser": fuzz_response_parser.one_input,
     "roundtrip": fuzz_roundtrip.one_input,
+    "exchange": fuzz_exchange.one_input,
     "pool": fuzz_pool.one_input,
 }
 #: Targets whose setup bytes 2-3 are a _harness.Feeding, and whose seeds are captures.
