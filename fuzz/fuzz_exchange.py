@@ -111,8 +111,8 @@ VIRTUAL_LIMIT = 10_000_000.0
 MAX_STREAM_CALLS = 200_000
 #: Reads split small and writes cut short, per stream, after which the peer
 #: stops splitting and cutting: 250 KB read a byte at a time proves no more
-#: than 4 KB does, and costs a minute.
-MAX_SMALL_CALLS = 4096
+#: than half a KB does, and costs seconds.
+MAX_SMALL_CALLS = 512
 #: Answer operations one request may run.
 MAX_ANSWER_OPS = 64
 #: Made-up STDOUT an input may ask for in all (``BIG`` operations).
