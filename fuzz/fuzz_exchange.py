@@ -174,6 +174,8 @@ CLIENT_OPS = (
 ) = range(16)
 
 _HEADER = struct.Struct(">BBHHBx")
+#: BEGIN_REQUEST, ABORT_REQUEST, PARAMS, STDIN, DATA, GET_VALUES.
+CLIENT_RECORD_TYPES = frozenset({1, 2, 4, 5, 8, 9})
 
 
 def record(rtype: int, rid: int, content: bytes = b"", padding: int = 0) -> bytes:
@@ -262,6 +264,12 @@ class ScriptedPeer:
         self.write_cap = WRITE_CAPS[(behaviour >> 4) & 7]
         self.conn = ServerConnection(multiplex=self.multiplex, max_requests=4)
         self.stream: ScriptedStream | None = None
+        # Set once the client, misled by odd bytes this application sent (a
+        # second END_REQUEST, say), writes what its ServerConnection refuses:
+        # from then on only the framing of what it writes is checked
+        # (check_framing, which reads every connection independently).
+        self.lost = False
+        self.framing = bytearray()
         self.tags: dict[int, bytes] = {}
         self.waiting: deque[int] = deque()  # requests to go on with at the next write
         self.stalled: set[int] = set()
@@ -273,10 +281,16 @@ class ScriptedPeer:
     def receive(self, data: bytes) -> PeerAnswer:
         """Take what the client wrote; the answers go on the stream's schedule."""
         self.read_bytes += len(data)
+        self.check_framing(data)
+        if self.lost:
+            return b"", False
         try:
             events = self.conn.receive_data(data)
         except RemoteProtocolError as exc:
-            raise Violation(f"the client wrote what an application refuses: {exc}") from exc
+            if self.index not in self.world.dirty:
+                raise Violation(f"the client wrote what an application refuses: {exc}") from exc
+            self.lose()
+            return b"", False
         self.flush()  # GET_VALUES answers, refusals
         due: list[int] = []
         for event in events:
@@ -302,12 +316,37 @@ class ScriptedPeer:
             self.answer(rid)
         return b"", False
 
+    def lose(self) -> None:
+        """The application lost track of the connection: it reads on, and answers nothing."""
+        self.lost = True
+        if self.world.good:
+            self.schedule(None)
+
+    def check_framing(self, data: bytes) -> None:
+        """What a client writes is records of a client's types, whatever it believes."""
+        self.framing += data
+        while len(self.framing) >= 8:
+            version, rtype, _, clen, plen = _HEADER.unpack_from(self.framing)
+            if version != 1 or rtype not in CLIENT_RECORD_TYPES:
+                raise Violation(f"the client wrote a record of version {version}, type {rtype}")
+            if len(self.framing) < 8 + clen + plen:
+                return
+            del self.framing[: 8 + clen + plen]
+
     # --- what it answers ---
 
     def answer(self, rid: int) -> None:
         """Run the script's answer for request rid until it ends, stalls or waits."""
-        if rid not in self.conn.active_requests or rid in self.stalled:
+        if self.lost or rid not in self.conn.active_requests or rid in self.stalled:
             return
+        try:
+            self.run_answer(rid)
+        except LocalProtocolError:
+            # The request is not in a state to be answered (its PARAMS have
+            # not ended): the application cannot answer it, the client waits.
+            self.stalled.add(rid)
+
+    def run_answer(self, rid: int) -> None:
         script, world = self.world.script, self.world
         sent = world.sent.setdefault(self.tags.get(rid, b"?"), Sent(self.index))
         for _ in range(MAX_ANSWER_OPS):
@@ -421,6 +460,8 @@ class ScriptedPeer:
         self.write_cap = None
         self.close_after = False
         self.ignore_values = False
+        if self.lost:
+            self.schedule(None)  # an application that lost track closes
         if self.stream is not None:
             self.stream.split = None
             for at, data in self.stream.schedule:
