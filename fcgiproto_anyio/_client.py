@@ -548,6 +548,7 @@ class _MuxExchange:
         self.address = mux.address
         self.rid = 0
         self.inbox: AsyncInbox | None = None
+        self.body_wanted = True  # until the application ends the request
 
     async def begin(
         self,
@@ -565,11 +566,13 @@ class _MuxExchange:
         )
 
     async def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
-        await self.mux.send_stdin(self.rid, chunk, deadline, limits.write)
+        if not await self.mux.send_stdin(self.rid, chunk, deadline, limits.write):
+            self.body_wanted = False
 
     async def events(self, deadline: Deadline, limits: Timeout, refill: Refill) -> list[Event]:
-        # The reader gathers the response meanwhile: send the whole body first.
-        while await refill():
+        # The reader gathers the response meanwhile: send the whole body first,
+        # unless the application ends the request before it has all of it.
+        while self.body_wanted and await refill():
             pass
         assert self.inbox is not None
         return await self.mux.events(self.inbox, deadline, limits.read)

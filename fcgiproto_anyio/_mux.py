@@ -159,16 +159,25 @@ class AsyncMuxConnection:
 
     async def send_stdin(
         self, rid: int, chunk: bytes | None, deadline: Deadline, write_timeout: float | None
-    ) -> None:
-        """Send a piece of the body, or its end when chunk is None."""
+    ) -> bool:
+        """Send a piece of the body, or its end when chunk is None.
+
+        False, sending nothing, once the application has ended the request:
+        it may answer before reading the whole body (or refuse it with
+        OVERLOADED), and the reader may take that END_REQUEST while the
+        body is still being sent.
+        """
         with self._lock:
             self._check()
+            if rid not in self.proto.active_requests:
+                return False
             if chunk is None:
                 self.proto.end_stdin(rid)
             else:
                 self.proto.send_stdin(rid, chunk)
             data = self.proto.data_to_send()
         await self._write(data, deadline, write_timeout)
+        return True
 
     async def get_values(
         self, names: list[str], deadline: Deadline, limit: float | None

@@ -549,6 +549,7 @@ class _MuxExchange:
         self.address = mux.address
         self.rid = 0
         self.inbox: Inbox | None = None
+        self.body_wanted = True  # until the application ends the request
 
     def begin(
         self,
@@ -564,11 +565,13 @@ class _MuxExchange:
         self.rid, self.inbox = self.mux.begin(params, stdin, role, deadline, limits.write, max_size)
 
     def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
-        self.mux.send_stdin(self.rid, chunk, deadline, limits.write)
+        if not self.mux.send_stdin(self.rid, chunk, deadline, limits.write):
+            self.body_wanted = False
 
     def events(self, deadline: Deadline, limits: Timeout, refill: Refill) -> list[Event]:
-        # The reader gathers the response meanwhile: send the whole body first.
-        while refill():
+        # The reader gathers the response meanwhile: send the whole body first,
+        # unless the application ends the request before it has all of it.
+        while self.body_wanted and refill():
             pass
         assert self.inbox is not None
         return self.mux.events(self.inbox, deadline, limits.read)

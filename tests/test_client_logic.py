@@ -9,7 +9,7 @@ proof of behaviour on the wire.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
@@ -236,3 +236,49 @@ def test_cancelled_while_waiting_for_the_pool_gives_the_turn_on() -> None:
             assert (await client.request({"NAME": "next"})).body == b"next"
 
     run_with_mock_clock(main)
+
+
+class AnswersAtParams:
+    """A multiplexing application that answers each request once its PARAMS end, body unread.
+
+    As an application that refuses a request (OVERLOADED) or knows its answer
+    without the body: its END_REQUEST can reach the client's reader while the
+    client is still sending the body.
+    """
+
+    def __init__(self) -> None:
+        self.conn = fcgiproto.ServerConnection(multiplex=True, max_requests=10)
+
+    def receive(self, data: bytes) -> PeerAnswer:
+        for event in self.conn.receive_data(data):
+            if isinstance(event, fcgiproto.Params):
+                self.conn.send_stdout(event.request_id, OK + b"early")
+                self.conn.end_request(event.request_id)
+        return self.conn.data_to_send(), False
+
+
+def endless_body() -> Iterator[bytes]:
+    while True:
+        yield b"x" * 100
+
+
+def test_a_shared_connection_stops_sending_a_body_the_application_no_longer_wants() -> None:
+    # Found by fuzz/fuzz_exchange.py: the body went on after the END_REQUEST,
+    # and the next piece raised LocalProtocolError("request 1 is not active").
+    async def main() -> None:
+        backend = AsyncMemoryBackend(AnswersAtParams)
+        async with AsyncClient(ADDRESS, backend=backend, multiplex=True) as client:
+            r = await client.request({}, stdin=endless_body())
+            assert r.body == b"early"
+            assert (await client.request({}, stdin=[b"a", b"b"])).body == b"early"
+            assert len(backend.streams) == 1
+
+    run_with_mock_clock(main)
+
+
+def test_blocking_shared_connection_stops_sending_a_body_the_application_no_longer_wants() -> None:
+    backend = MemoryBackend(AnswersAtParams)
+    with Client(ADDRESS, backend=backend, multiplex=True) as client:
+        assert client.request({}, stdin=endless_body()).body == b"early"
+        assert client.request({}, stdin=[b"a", b"b"]).body == b"early"
+    assert len(backend.streams) == 1

@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 from fcgiproto import ClientConnection, ServerConnection, StdinData, StdoutData
-from fuzz import _harness, fuzz_client, fuzz_response_parser, fuzz_roundtrip, fuzz_server
+from fuzz import (
+    _harness,
+    fuzz_client,
+    fuzz_exchange,
+    fuzz_pool,
+    fuzz_response_parser,
+    fuzz_roundtrip,
+    fuzz_server,
+)
 from tests.helpers import begin_body, raw_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +42,11 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "server": fuzz_server.one_input,
     "response_parser": fuzz_response_parser.one_input,
     "roundtrip": fuzz_roundtrip.one_input,
+    "exchange": fuzz_exchange.one_input,
+    "pool": fuzz_pool.one_input,
 }
+#: Targets whose setup bytes 2-3 are a _harness.Feeding, and whose seeds are captures.
+FED_TARGETS = ("client", "server", "response_parser")
 #: Setup bytes 2-3 that make a target feed its payload one byte at a time...
 BYTEWISE = _harness.Feeding(_harness.BYTEWISE).encode()
 #: ...or, for the big captures, 256 bytes at a time, which is faster.
@@ -87,7 +99,7 @@ def is_seed(path: Path) -> bool:
 @needs_corpus
 @pytest.mark.parametrize(
     ("target", "path"),
-    [(t, p) for t, p in corpus_files() if t != "roundtrip" and is_seed(p)],
+    [(t, p) for t, p in corpus_files() if t in FED_TARGETS and is_seed(p)],
     ids=lambda v: v.name if isinstance(v, Path) else v,
 )
 def test_corpus_replays_cleanly_fed_in_small_pieces(target: str, path: Path) -> None:
