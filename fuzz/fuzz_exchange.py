@@ -18,8 +18,7 @@ Input: 4 setup bytes, then a byte ``n``, then ``n & 31`` client operations of
 
 - byte 0: bits 0-1 ``multiplex=`` (None: probe, False, True, None); bits
   2-4 ``max_connections - 1``; bits 5-6 ``max_keepalive`` (None, 0, 1, 2);
-  bit 7 run the client operations in reverse order of their start times
-  (nothing else: a bit for mutations to flip).
+  bit 7 unused.
 - byte 1: bits 0-1 read timeout (2, 0.5, 30, 5 s), bits 2-3 total (None, 3,
   60, 10 s), bits 4-5 pool timeout (10, 0, 1, 3 s), bits 6-7 keep-alive
   expiry (5, 0.5, 60, 1 s). Connect and write timeouts are 5 s.
@@ -30,17 +29,20 @@ Input: 4 setup bytes, then a byte ``n``, then ``n & 31`` client operations of
   waited for), bit 4 the body is given as pieces and its source raises
   ``BodyFailure`` half-way, bits 5-6 the body as bytes, a list, a generator,
   an async generator. ``a``: body size (``a * 37`` bytes) or a count; ``b``:
-  how a stream is read (see ``read_stream``); ``c``: delays.
+  how a stream is read (see ``Run.stream``); ``c``: delays.
 - the application's script: each connection takes one byte of behaviour
   when it opens (``PEER_*`` bits); each request, once its body ended (or at
   its PARAMS, with ``PEER_EARLY``), runs answer operations ``op arg`` (see
-  ``answer``) until one ends it. Once the script runs out the application is
+  ``ScriptedPeer.run_answer``) until one ends it. Once the script runs out the application is
   well-behaved: a CGI head, then END_REQUEST.
 
 Checks: client calls raise nothing but fcgiproto's errors (or the body
-source's own failure), LocalProtocolError only from a closed client; every
-byte the client writes parses as FastCGI an application accepts (the
-application side is fcgiproto's ServerConnection); a request or stream that
+source's own failure), LocalProtocolError only from a closed client or a
+misuse the input asks for; every byte the client writes parses as FastCGI
+an application accepts (the application side is fcgiproto's
+ServerConnection), or, once the application sent it odd bytes (a second
+END_REQUEST can mislead it), at least as whole records of a client's
+types; a request or stream that
 succeeds on a connection the application wrote nothing odd to gets exactly
 the STDOUT, STDERR and app status the application sent; a stream holds at
 most a read or two of stdout; nothing hangs (a virtual-time limit, and a

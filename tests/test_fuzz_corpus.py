@@ -123,6 +123,12 @@ def test_the_targets_take_any_bytes() -> None:
 # request's streams but not the record being read, so the rest of a STDOUT or
 # STDIN record begun in an earlier chunk, and the records of that stream after
 # it in the same chunk, were still delivered for the aborted or ended request.
+#
+# mux-body-after-end (fuzz_exchange): on a multiplexed connection the request
+# sent its whole streamed body before looking at its inbox; an application that
+# answered (or refused with OVERLOADED) before reading it ended the request
+# meanwhile, and the next piece raised LocalProtocolError from request(). The
+# reproductions against the API are in tests/test_client_logic.py.
 
 
 def crashers() -> list[Any]:
