@@ -127,6 +127,9 @@ class ServerConnection(Connection):
         # be sending for it, and their state (ENDED or DONE): their records are
         # dropped until a new BEGIN_REQUEST. The others are IDLE.
         self._ended: dict[int, int] = {}
+        #: Content bytes of records dropped because their request was over:
+        #: body a web server was still sending when the request ended, or more.
+        self.dropped_size = 0
         self._closing = False
 
     @property
@@ -209,6 +212,7 @@ class ServerConnection(Connection):
         if step[1] == DROP:
             if step[0] == IDLE:  # a crossing ABORT: nothing more can come for it
                 del self._ended[rid]
+            self.dropped_size += clen
             return None
         assert request is not None  # only a request in flight takes the peer's moves
         request.state = step[0]

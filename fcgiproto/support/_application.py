@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_MULTIPLEX",
     "DEFAULT_PARAMS_TIMEOUT",
     "DEFAULT_SEND_TIMEOUT",
+    "DROPPED_TOO_MUCH",
     "ERROR_STATUS",
     "INTERNAL_ERROR",
     "OUTPUT_TYPES",
@@ -50,6 +51,7 @@ __all__ = [
     "ServerOptions",
     "check_output",
     "close_output",
+    "dropped_too_much",
     "failure_report",
     "listen_address",
     "log_bytes",
@@ -361,6 +363,22 @@ class ServerOptions:
         # changes only the answer.
         proto.max_requests = self.max_requests
         return proto
+
+
+#: Why a server closed a connection for which dropped_too_much() was true.
+DROPPED_TOO_MUCH = "it kept sending the body of requests that are over"
+
+
+def dropped_too_much(proto: ServerConnection, options: ServerOptions) -> bool:
+    """Whether the peer sent too much for requests already over; servers then close.
+
+    A request answered 413, aborted or refused may still have body on its way
+    from a well-behaved web server, so a server reads on and drops it rather
+    than close (nginx sends the whole body before it reads the answer). A peer
+    that never stops would keep the server busy for nothing: past
+    max_body_size of such bytes (at least 1 MiB) on one connection, it goes.
+    """
+    return proto.dropped_size > max(options.max_body_size, 1 << 20)
 
 
 class RequestSlots:
