@@ -366,7 +366,7 @@ class Sampler:
             if t >= warmup and "warm" not in marked:
                 marked.add("warm")
                 self.mark("warm")
-                if self.config["cycles"]:
+                if self.config.get("cycles"):
                     # Keep what the gc frees until the next sample, to see what it is.
                     marked.add("cycles")
                     cycles_from = t
