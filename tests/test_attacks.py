@@ -156,12 +156,10 @@ def test_answers_stop_the_reading_when_the_client_does_not_read_them(
     good = GoodClient(server)
     with flood, good.running():
         assert flood.blocked.wait(30)
-        taken = flood.sent
         time.sleep(0.5)
-        # The server stopped reading. A loaded machine may leave it a second
-        # behind, so `blocked` can come early; a server reading on would take
-        # megabytes in these 0.5 s, not a few records more.
-        assert flood.sent - taken < MiB, (taken, flood.sent)
+        # The server stopped reading; over TCP the kernel may still widen the
+        # flood's buffers a few times, so what counts is how much it took.
+        taken = flood.sent
     assert good.failures == []
     # What the kernel buffers on both sides, plus max_unsent_size of answers:
     # far below the 64 MiB the flood would send to a server that read on.
