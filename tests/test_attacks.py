@@ -122,7 +122,7 @@ def good_client_during(address: Address, attack: Any, hold: float = HOLD) -> Goo
         with good.running():
             time.sleep(hold)
     assert good.failures == [], good.failures
-    assert len(good.latencies) >= 3  # it did make requests
+    assert len(good.latencies) >= 2  # it did make requests, behind the backlog and after
     return good
 
 

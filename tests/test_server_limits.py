@@ -36,7 +36,7 @@ from fcgiproto.support import ServerOptions
 from fcgiproto_socket import Client
 
 SHORT = 0.5  # the timeouts set here
-PATIENCE = 5.0  # far beyond them: what a test waits before calling it a hang
+PATIENCE = 15.0  # far beyond them: what a test waits before calling it a hang
 ROOMY = 3.0  # where a timeout must not strike: far from what a loaded machine may take
 
 
