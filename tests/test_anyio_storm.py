@@ -75,7 +75,10 @@ async def test_a_thousand_cancelled_requests_leave_the_shared_connection_sound(
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as storm:
                     for number in range(1000):
-                        storm.start_soon(one, number, rng.random() * 0.8)
+                        # One in four is never cut, so that completions land
+                        # among the cancellations however loaded the machine.
+                        patience = 30.0 if number % 4 == 0 else rng.random() * 0.8
+                        storm.start_soon(one, number, patience)
                 # Afterwards the same connection still serves, concurrently and in turn.
                 async with anyio.create_task_group() as after:
                     for number in range(1000, 1020):
