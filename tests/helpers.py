@@ -6,6 +6,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from fcgiproto import (
     ClientConnection,
@@ -116,3 +117,29 @@ class ConnectionPair:
     def to_client(self) -> list[Event]:
         wire = self.server.data_to_send()
         return merge_stream_events(self.client.receive_data(wire)) if wire else []
+
+
+@contextmanager
+def serving_blocking(app: Any, address: str, **options: Any) -> Iterator[Any]:
+    """fcgiproto_socket's Server running `app` for the block; its bound address."""
+    from fcgiproto_socket import Server
+
+    with Server(app, address, **options) as server:
+        yield server.address
+
+
+@contextmanager
+def serving_anyio(app: Any, address: str, **options: Any) -> Iterator[Any]:
+    """fcgiproto_anyio's serve running `app` on asyncio in a portal; its bound address."""
+    import functools
+
+    from anyio.from_thread import start_blocking_portal
+
+    from fcgiproto_anyio import serve
+
+    with start_blocking_portal("asyncio") as portal:
+        future, bound = portal.start_task(functools.partial(serve, app, address, **options))
+        try:
+            yield bound
+        finally:
+            future.cancel()

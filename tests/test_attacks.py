@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from anyio.from_thread import start_blocking_portal
 from attacks import (
     EndlessStdin,
     GoodClient,
@@ -39,9 +38,9 @@ from attacks import (
     request,
     rss,
 )
+from helpers import serving_anyio, serving_blocking
 
-from fcgiproto_anyio import serve as anyio_serve
-from fcgiproto_socket import Address, Server
+from fcgiproto_socket import Address
 
 #: How long each attack holds while the good client makes its requests.
 HOLD = 1.5
@@ -51,28 +50,10 @@ BACKLOG_PATIENCE = 30.0
 PATIENCE = 10.0
 
 
-@contextlib.contextmanager
-def blocking(address: str, **options: Any) -> Iterator[Address]:
-    with Server(blocking_app, address, **options) as server:
-        yield server.address
-
-
-@contextlib.contextmanager
-def asynchronous(address: str, **options: Any) -> Iterator[Address]:
-    with start_blocking_portal("asyncio") as portal:
-        future, bound = portal.start_task(
-            functools.partial(anyio_serve, async_app, address, **options)
-        )
-        try:
-            yield bound
-        finally:
-            future.cancel()
-
-
 SERVERS = {
-    "blocking": functools.partial(blocking, multiplex=False),
-    "blocking-mux": functools.partial(blocking, multiplex=True),
-    "anyio": asynchronous,
+    "blocking": functools.partial(serving_blocking, blocking_app, multiplex=False),
+    "blocking-mux": functools.partial(serving_blocking, blocking_app, multiplex=True),
+    "anyio": functools.partial(serving_anyio, async_app),
 }
 
 

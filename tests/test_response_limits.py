@@ -22,6 +22,7 @@ from typing import Any
 import peers
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from helpers import serving_anyio, serving_blocking
 from targets import MiB
 
 import fcgiproto
@@ -36,8 +37,7 @@ from fcgiproto.support import (
     parse_address,
 )
 from fcgiproto_anyio import AsyncClient
-from fcgiproto_anyio import serve as anyio_serve
-from fcgiproto_socket import Address, Client, MemoryBackend, Response, Server
+from fcgiproto_socket import Address, Client, MemoryBackend, Response
 from fcgiproto_socket._mux import Inbox
 
 TIMEOUT = 20.0
@@ -141,25 +141,10 @@ def sized_stdout(size: int) -> bytes:
     return HEAD + b"o" * (size - len(HEAD))
 
 
-@contextlib.contextmanager
-def blocking_server(address: str, **options: Any) -> Iterator[Address]:
-    with Server(blocking_app, address, **options) as server:
-        yield server.address
-
-
-@contextlib.contextmanager
-def anyio_server(address: str, **options: Any) -> Iterator[Address]:
-    with start_blocking_portal("asyncio") as portal:
-        future, bound = portal.start_task(
-            functools.partial(anyio_serve, async_app, address, **options)
-        )
-        try:
-            yield bound
-        finally:
-            future.cancel()
-
-
-SERVERS = {"blocking": blocking_server, "anyio": anyio_server}
+SERVERS = {
+    "blocking": functools.partial(serving_blocking, blocking_app),
+    "anyio": functools.partial(serving_anyio, async_app),
+}
 
 
 # --- the three clients, behind one blocking face ---
