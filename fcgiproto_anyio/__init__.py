@@ -22,6 +22,7 @@ from fcgiproto.support import (
 )
 
 from ._backend import AnyioBackend, AnyioStream
+from ._balanced import AsyncBalancedClient, AsyncBalancedStream, NoBackendAvailable
 from ._client import AsyncClient, AsyncStreamResponse
 from ._interface import AsyncNetworkBackend, AsyncNetworkStream
 from ._memory import AsyncMemoryBackend, AsyncMemoryStream
@@ -34,12 +35,15 @@ __all__ = [
     "AnyioBackend",
     "AnyioStream",
     "App",
+    "AsyncBalancedClient",
+    "AsyncBalancedStream",
     "AsyncClient",
     "AsyncMemoryBackend",
     "AsyncMemoryStream",
     "AsyncNetworkBackend",
     "AsyncNetworkStream",
     "AsyncStreamResponse",
+    "NoBackendAvailable",
     "ParamsInput",
     "Request",
     "Response",
