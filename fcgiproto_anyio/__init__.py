@@ -24,6 +24,7 @@ from fcgiproto.support import (
 from ._backend import AnyioBackend, AnyioStream
 from ._balanced import AsyncBalancedClient, AsyncBalancedStream, NoBackendAvailable
 from ._client import AsyncClient, AsyncStreamResponse
+from ._gateway import LocalFileSystem, PhpGateway
 from ._interface import AsyncNetworkBackend, AsyncNetworkStream
 from ._memory import AsyncMemoryBackend, AsyncMemoryStream
 from ._server import App, Request, serve
@@ -43,8 +44,10 @@ __all__ = [
     "AsyncNetworkBackend",
     "AsyncNetworkStream",
     "AsyncStreamResponse",
+    "LocalFileSystem",
     "NoBackendAvailable",
     "ParamsInput",
+    "PhpGateway",
     "Request",
     "Response",
     "Timeout",

@@ -119,6 +119,10 @@ class _TrackedBody:
         self.taken = True
         return chunk
 
+    async def aclose(self) -> None:
+        """Close the caller's generator, if it was one, when the request ends early."""
+        await self.pieces.aclose()
+
 
 class AsyncBalancedClient:
     """One client over several FastCGI applications (php-fpm pools, hosts).
@@ -208,7 +212,8 @@ class AsyncBalancedClient:
     ) -> None:
         self._stop.set()
         with shield():
-            for client in self.clients:
+            # Each client holds a task group: leave them in the reverse order.
+            for client in reversed(self.clients):
                 await client.__aexit__(exc_type, exc, tb)
         await self._background.__aexit__(exc_type, exc, tb)
 

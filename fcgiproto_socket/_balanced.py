@@ -120,6 +120,10 @@ class _TrackedBody:
         self.taken = True
         return chunk
 
+    def close(self) -> None:
+        """Close the caller's generator, if it was one, when the request ends early."""
+        self.pieces.close()
+
 
 class BalancedClient:
     """One client over several FastCGI applications (php-fpm pools, hosts).
@@ -209,7 +213,8 @@ class BalancedClient:
     ) -> None:
         self._stop.set()
         with shield():
-            for client in self.clients:
+            # Each client holds a task group: leave them in the reverse order.
+            for client in reversed(self.clients):
                 client.__exit__(exc_type, exc, tb)
         self._background.__exit__(exc_type, exc, tb)
 
