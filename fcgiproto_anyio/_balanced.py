@@ -40,7 +40,7 @@ from fcgiproto.support import (
 from ._backend import AnyioBackend
 from ._client import AsyncClient, AsyncStreamResponse
 from ._interface import AsyncNetworkBackend, AsyncNetworkStream
-from ._primitives import AsyncBackground, AsyncFlag, Body, BodyPieces, current_time, shield
+from ._primitives import AsyncBackground, AsyncFlag, Body, BodyPieces, current_time
 
 __all__ = ["AsyncBalancedClient", "AsyncBalancedStream", "NoBackendAvailable"]
 
@@ -211,10 +211,10 @@ class AsyncBalancedClient:
         tb: TracebackType | None,
     ) -> None:
         self._stop.set()
-        with shield():
-            # Each client holds a task group: leave them in the reverse order.
-            for client in reversed(self.clients):
-                await client.__aexit__(exc_type, exc, tb)
+        # Each client holds a task group: leave them in the reverse order, and
+        # in no other cancel scope (a shield here would be current instead).
+        for client in reversed(self.clients):
+            await client.__aexit__(exc_type, exc, tb)
         await self._background.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:

@@ -41,7 +41,7 @@ from fcgiproto.support import (
 from ._backend import SocketBackend
 from ._client import Client, StreamResponse
 from ._interface import NetworkBackend, NetworkStream
-from ._primitives import Background, Body, BodyPieces, Flag, current_time, shield
+from ._primitives import Background, Body, BodyPieces, Flag, current_time
 
 __all__ = ["BalancedClient", "BalancedStream", "NoBackendAvailable"]
 
@@ -212,10 +212,10 @@ class BalancedClient:
         tb: TracebackType | None,
     ) -> None:
         self._stop.set()
-        with shield():
-            # Each client holds a task group: leave them in the reverse order.
-            for client in reversed(self.clients):
-                client.__exit__(exc_type, exc, tb)
+        # Each client holds a task group: leave them in the reverse order, and
+        # in no other cancel scope (a shield here would be current instead).
+        for client in reversed(self.clients):
+            client.__exit__(exc_type, exc, tb)
         self._background.__exit__(exc_type, exc, tb)
 
     def close(self) -> None:

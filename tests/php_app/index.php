@@ -68,9 +68,10 @@ case '/tick':
     }
     break;
 case '/count':
-    // Not idempotent: each run appends the request id, so a repeat shows.
+    // Each run writes "id pool" when it starts, then works: a request run
+    // twice shows twice, and one cut by a dying pool shows where it began.
+    file_put_contents(getenv('STATE_DIR') . '/count.log', ($_GET['id'] ?? '') . " $pool\n", FILE_APPEND | LOCK_EX);
     usleep((int)($_GET['us'] ?? 0));
-    file_put_contents(getenv('STATE_DIR') . '/count.log', ($_GET['id'] ?? '') . "\n", FILE_APPEND | LOCK_EX);
     echo "counted";
     break;
 case '/stderr':
