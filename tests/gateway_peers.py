@@ -38,6 +38,7 @@ class FpmPool:
         workers: int = 4,
         env: dict[str, str] | None = None,
         extra_config: Sequence[str] = (),
+        host_ini: bool = False,
     ) -> None:
         self.binary = binary
         self.name = name
@@ -81,7 +82,18 @@ class FpmPool:
         self.config_path.write_text("\n".join(lines) + "\n")
         self._proc = ManagedProcess(
             f"php-fpm {name}",
-            [binary, "-F", "-n", "-R", "-y", str(self.config_path), "-p", str(self.base)],
+            # -n: no php.ini, so the host's settings do not leak in; a real
+            # application (host_ini) gets the host's php.ini and extensions.
+            [
+                binary,
+                "-F",
+                *([] if host_ini else ["-n"]),
+                "-R",
+                "-y",
+                str(self.config_path),
+                "-p",
+                str(self.base),
+            ],
             output_log=self.base / "php-fpm.out",
             env={k: v for k, v in os.environ.items() if k != "FPM_SOCKETS"},
         )
