@@ -44,6 +44,7 @@ from fcgiproto.support import (
 )
 
 from ._balanced import AsyncBalancedClient, NoBackendAvailable
+from ._client import AsyncStreamResponse
 
 __all__ = ["LocalFileSystem", "PhpGateway"]
 
@@ -85,7 +86,24 @@ class LocalFileSystem:
         return FileKind.OTHER
 
     def realpath(self, path: bytes) -> bytes:
+        # The kernel's answer for an open O_PATH descriptor is three system
+        # calls; os.path.realpath walks the path in Python, an lstat a segment.
+        if _O_PATH:
+            try:
+                fd = os.open(path, _O_PATH | os.O_CLOEXEC)
+            except (OSError, ValueError):
+                return os.path.realpath(path)
+            try:
+                return os.readlink(b"/proc/self/fd/%d" % fd)
+            except OSError:
+                return os.path.realpath(path)
+            finally:
+                os.close(fd)
         return os.path.realpath(path)
+
+
+#: Linux's O_PATH, when /proc can name what a descriptor points at.
+_O_PATH = getattr(os, "O_PATH", 0) if os.path.isdir("/proc/self/fd") else 0
 
 
 class _ClientGone(Exception):
@@ -374,7 +392,6 @@ class PhpGateway:
             await _plain(send, 400, str(exc))
             return
         key = self._key(scope, params) if self.client.balancer.policy is Policy.HASH else None
-        started = False
         async with anyio.create_task_group() as tasks:
             state = _Exchange(tasks.cancel_scope)
             stdin: bytes | _RequestBody = _RequestBody(receive, state)
@@ -392,28 +409,71 @@ class PhpGateway:
                         for name, value in response.headers
                         if name.lower() not in _HOP_BY_HOP
                     ]
-                    started = True
-                    await send(
-                        {"type": "http.response.start", "status": status, "headers": out_headers}
-                    )
-                    async for chunk in response.aiter_body():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        if response.stderr:
-                            self._log_stderr(response.stderr, status, params)
-                    if response.stderr:
-                        self._log_stderr(response.stderr, status, params)
-                    state.answered = True
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await self._relay(scope, send, response, status, out_headers, params, state)
             except _ClientGone:
                 logger.info("client went away: %s %s", scope["method"], raw_path.decode("latin-1"))
             except FastCGIError as exc:
-                if started:
+                if state.head_sent:
                     # Too late for an error page: the client sees the body cut.
                     logger.warning("answer cut after its head: %s", exc)
                 else:
                     await self._failed(send, exc, params)
             finally:
                 tasks.cancel_scope.cancel()
+
+    async def _relay(
+        self,
+        scope: Scope,
+        send: Send,
+        response: AsyncStreamResponse,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        params: Mapping[str, str],
+        state: _Exchange,
+    ) -> None:
+        """The answer's body to the client, as it comes, one chunk held back.
+
+        A body that has all arrived with its first chunk (most pages) goes
+        out with a Content-Length in one message; a longer one streams, the
+        last chunk riding with the end of the body. Each saves the ASGI
+        server a write.
+        """
+        body = response.aiter_body()
+        pending: list[bytes] = []
+        async for chunk in body:
+            pending.append(chunk)
+            if response.app_status is None:
+                break  # more is coming: stream it
+        else:
+            if (
+                scope["method"] != "HEAD"
+                and status not in (204, 304)
+                and not any(name == b"content-length" for name, _ in headers)
+            ):
+                length = sum(len(chunk) for chunk in pending)
+                headers.append((b"content-length", str(length).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            state.head_sent = True
+            self._take_stderr(response, status, params)
+            state.answered = True
+            await send({"type": "http.response.body", "body": b"".join(pending)})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        state.head_sent = True
+        held = b"".join(pending)
+        async for chunk in body:
+            await send({"type": "http.response.body", "body": held, "more_body": True})
+            held = chunk
+            self._take_stderr(response, status, params)
+        self._take_stderr(response, status, params)
+        state.answered = True
+        await send({"type": "http.response.body", "body": held, "more_body": False})
+
+    def _take_stderr(
+        self, response: AsyncStreamResponse, status: int, params: Mapping[str, str]
+    ) -> None:
+        if response.stderr:
+            self._log_stderr(response.stderr, status, params)
 
     async def _failed(self, send: Send, exc: FastCGIError, params: Mapping[str, str]) -> None:
         if isinstance(exc, NoBackendAvailable):
@@ -478,6 +538,7 @@ class _Exchange:
 
     def __init__(self, cancel: anyio.CancelScope) -> None:
         self.body_done = anyio.Event()
+        self.head_sent = False
         self.answered = False
         self.cancel = cancel
 
