@@ -14,7 +14,7 @@ import logging
 import mimetypes
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from email.utils import formatdate
 from types import TracebackType
 from typing import Any, Literal
@@ -50,8 +50,9 @@ __all__ = ["LocalFileSystem", "PhpGateway"]
 
 logger = logging.getLogger("fcgiproto.php")
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
+# The ASGI types as Starlette and uvicorn spell them.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
