@@ -21,6 +21,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import anyio
+import anyio.lowlevel
 
 from fcgiproto import (
     ConnectTimeout,
@@ -399,7 +400,7 @@ class PhpGateway:
             if not has_length:
                 state.body_done.set()
                 stdin = b""
-            tasks.start_soon(state.watch_disconnect, receive)
+            tasks.start_soon(state.watch_disconnect, receive, name="fcgiproto disconnect watcher")
             try:
                 async with self.client.stream(
                     params, stdin, key=key, timeout=self.timeout
@@ -420,7 +421,14 @@ class PhpGateway:
                 else:
                     await self._failed(send, exc, params)
             finally:
-                tasks.cancel_scope.cancel()
+                if state.answered:
+                    # ASGI servers answer receive() with http.disconnect once
+                    # the response is sent: one turn of the loop lets the
+                    # watcher end by itself, with no cancel (anyio formats a
+                    # task's repr into every cancel's reason: tens of us).
+                    await anyio.lowlevel.checkpoint()
+                if not state.watcher_done:
+                    tasks.cancel_scope.cancel()
 
     async def _relay(
         self,
@@ -541,6 +549,7 @@ class _Exchange:
         self.body_done = anyio.Event()
         self.head_sent = False
         self.answered = False
+        self.watcher_done = False
         self.cancel = cancel
 
     async def watch_disconnect(self, receive: Receive) -> None:
@@ -549,13 +558,16 @@ class _Exchange:
         Leaving the FastCGI stream early closes its connection, which is how
         php-fpm learns to stop (it ignores FCGI_ABORT_REQUEST).
         """
-        await self.body_done.wait()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not self.answered:
-                    self.cancel.cancel()
-                return
+        try:
+            await self.body_done.wait()
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not self.answered:
+                        self.cancel.cancel()
+                    return
+        finally:
+            self.watcher_done = True
 
 
 async def _plain(
