@@ -19,6 +19,7 @@ from fcgiproto import (
     FastCGIError,
     Overloaded,
     ParamsInput,
+    PoolTimeout,
     ReadError,
     RemoteProtocolError,
     Role,
@@ -49,6 +50,9 @@ DEFAULT_TIMEOUT = Timeout()
 #: Failures that blame the backend (passive health). A read timeout blames
 #: the script, a pool timeout this process: neither takes a backend out.
 _BACKEND_FAILURES = (ConnectError, ConnectTimeout, ReadError, WriteError, RemoteProtocolError)
+#: Failures after which the application surely never saw the request.
+_NOTHING_SENT = (ConnectError, ConnectTimeout, Overloaded, PoolTimeout)
+_RETRIABLE = (*_BACKEND_FAILURES, Overloaded, PoolTimeout)
 #: The bytes that arrived for the attempt running in this context (task or
 #: thread): a stream() has a connection of its own, read by its caller, so
 #: what its connection reads belongs to that attempt.
@@ -141,8 +145,10 @@ class BalancedClient:
         health_expect, a body containing it).
     :param max_tries: attempts per request (None: one per backend).
 
-    Retries never repeat work: a connection that could not be opened is
-    retried on the next backend, always; any other failure only for an
+    Retries never repeat work: a request that never left (no connection
+    could be opened, the backend's pool had none free within the pool
+    timeout, or it answered OVERLOADED) is retried on the next backend,
+    always; any other failure only for an
     idempotent method (or ``idempotent=True``), only when no byte of the
     body was taken from an iterable and no byte of the answer arrived. A read
     timeout is never retried: the script may still be running.
@@ -258,9 +264,10 @@ class BalancedClient:
                 )
             except FastCGIError as exc:
                 self._failed(index, exc)
-                # An application that answers OVERLOADED did not run the request.
-                connect_failed = isinstance(exc, (ConnectError, ConnectTimeout, Overloaded))
-                retry = isinstance(exc, (*_BACKEND_FAILURES, Overloaded)) and may_retry(
+                # An application that answers OVERLOADED did not run the
+                # request, nor one whose pool had no connection to give.
+                connect_failed = isinstance(exc, _NOTHING_SENT)
+                retry = isinstance(exc, _RETRIABLE) and may_retry(
                     connect_failed=connect_failed,
                     idempotent=safe,
                     body_sent=tracked is not None and tracked.taken,
@@ -396,9 +403,10 @@ class BalancedStream:
             except FastCGIError as exc:
                 balanced.balancer.finished(index)
                 balanced._failed(index, exc)
-                # An application that answers OVERLOADED did not run the request.
-                connect_failed = isinstance(exc, (ConnectError, ConnectTimeout, Overloaded))
-                retry = isinstance(exc, (*_BACKEND_FAILURES, Overloaded)) and may_retry(
+                # An application that answers OVERLOADED did not run the
+                # request, nor one whose pool had no connection to give.
+                connect_failed = isinstance(exc, _NOTHING_SENT)
+                retry = isinstance(exc, _RETRIABLE) and may_retry(
                     connect_failed=connect_failed,
                     idempotent=self._idempotent,
                     body_sent=self._tracked is not None and self._tracked.taken,

@@ -21,6 +21,7 @@ from gateway_peers import FpmPool, Gateway, copy_app, wait_for
 from peers import find_php_fpm, require_peer
 
 from fcgiproto_socket import Client
+from fcgiproto_socket._cli import main
 
 pytestmark = pytest.mark.peer
 
@@ -190,6 +191,13 @@ def test_stderr_is_logged_at_error_level_for_a_5xx(http: httpx.Client, gateway: 
     assert wait_for(lambda: "a warning the gateway must log" in gateway.output())
     line = next(ln for ln in gateway.output().splitlines() if "a warning the gateway" in ln)
     assert line.startswith("ERROR:") and "status 500" in line
+    # uvicorn's access log, beside it
+    assert '"GET /stderr HTTP/1.1" 500' in gateway.output()
+
+
+def test_fcgi_php_command_line() -> None:
+    assert main(["php", "--help"]) == 0
+    assert main(["php", "--root", "/"]) != 0  # --upstream is required
 
 
 def test_env_option_reaches_the_script(site: Site, pool: FpmPool) -> None:
