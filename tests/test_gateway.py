@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,6 +200,22 @@ def test_stderr_is_logged_at_error_level_for_a_5xx(http: httpx.Client, gateway: 
 def test_fcgi_php_command_line() -> None:
     assert main(["php", "--help"]) == 0
     assert main(["php", "--root", "/"]) != 0  # --upstream is required
+
+
+def test_fcgi_php_without_uvicorn_names_the_extra(tmp_path: Path) -> None:
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'uvicorn':\n"
+        "            raise ModuleNotFoundError('No module named uvicorn', name='uvicorn')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from fcgiproto_socket._cli import main\n"
+        "sys.exit(main(['php', '--root', '/', '--upstream', 'unix:/nowhere.sock']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "pip install 'fcgiproto-ng[php]'" in done.stderr
 
 
 def test_env_option_reaches_the_script(site: Site, pool: FpmPool) -> None:

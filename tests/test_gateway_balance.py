@@ -216,3 +216,31 @@ def test_blocking_balanced_client_skips_a_dead_pool(make_pools: object) -> None:
             response = client.request(params)
             assert response.header("x-pool") == "b"
         assert client.balancer.backends[0].total == 1  # tried once, then out
+
+
+def test_blocking_balanced_client_health_checks_in_a_thread(tmp_path: Path) -> None:
+    """The generated blocking client runs its health checks on a thread of its own."""
+    from fcgiproto_socket import Request, Server
+
+    def app(request: Request) -> bytes:
+        if request.params.get("SCRIPT_NAME") == "/ping":
+            return b"Content-Type: text/plain\r\n\r\npong"
+        return b"Content-Type: text/plain\r\n\r\nok"
+
+    dead = f"unix:{tmp_path / 'dead.sock'}"
+    with (
+        Server(app, "127.0.0.1:0") as server,
+        BalancedClient(
+            [dead, server.address],
+            policy="first",
+            health_path="/ping",
+            health_expect="pong",
+            health_interval=0.1,
+            fail_timeout=600,
+        ) as client,
+    ):
+        assert wait_for(lambda: not client.balancer.backends[0].checked_healthy, timeout=5)
+        assert client.balancer.backends[1].checked_healthy
+        response = client.request({"REQUEST_METHOD": "POST", "SCRIPT_NAME": "/x"})
+        assert response.body == b"ok"
+        assert client.balancer.backends[0].total == 0  # never tried: the check took it out
