@@ -9,6 +9,7 @@ it on fd 0. Every front then answers the same HTTP requests.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -18,11 +19,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import webapp
-import webservers
+import webservers as web
 
 from fcgiproto_socket import Request, Server
 
@@ -55,7 +55,7 @@ class Backend:
 
 @dataclass
 class Front:
-    server: webservers.WebServer
+    server: web.WebServer
     #: Whether the application is one the web server started.
     spawned: bool
 
@@ -92,24 +92,24 @@ FRONTS = [
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webservers.WebServers]:
-    factory = webservers.WebServers(lambda name: tmp_path_factory.mktemp(name))
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[web.WebServers]:
+    factory = web.WebServers(lambda name: tmp_path_factory.mktemp(name))
     try:
         yield factory
     finally:
         factory.close()
 
 
-def start_front(kind: str, servers: webservers.WebServers, stack: Any) -> Front:
-    web, _, how = kind.partition("-")
+def start_front(kind: str, servers: web.WebServers, stack: contextlib.ExitStack) -> Front:
+    software, _, how = kind.partition("-")
     if how in ("fcgid", "spawn"):
-        app = webservers.install_app(
+        app = web.install_app(
             servers.directory("app") / "app",
             TESTS / "spawned_app.py",
             files=[TESTS / "webapp.py"],
             packages=["fcgiproto"],
         )
-        if web == "apache":
+        if software == "apache":
             return Front(servers.apache_fcgid(app), spawned=True)
         return Front(servers.lighttpd(app=app), spawned=True)
     if how.endswith("unix"):
@@ -118,23 +118,21 @@ def start_front(kind: str, servers: webservers.WebServers, stack: Any) -> Front:
     else:
         address = "127.0.0.1:0"
     # HAProxy multiplexes; the others send one request at a time per connection.
-    server = stack.enter_context(Server(Backend(), address, multiplex=web == "haproxy"))
+    server = stack.enter_context(Server(Backend(), address, multiplex=software == "haproxy"))
     if how.endswith("unix"):
-        webservers.share_socket(path)
+        web.share_socket(path)
         bound = address
     else:
         bound = f"{server.address.host}:{server.address.port}"
-    if web == "apache":
+    if software == "apache":
         return Front(servers.apache_proxy(bound), spawned=False)
-    if web == "lighttpd":
+    if software == "lighttpd":
         return Front(servers.lighttpd(bound), spawned=False)
     return Front(servers.haproxy(bound), spawned=False)
 
 
 @pytest.fixture(scope="module", params=FRONTS)
-def front(request: pytest.FixtureRequest, servers: webservers.WebServers) -> Iterator[Front]:
-    import contextlib
-
+def front(request: pytest.FixtureRequest, servers: web.WebServers) -> Iterator[Front]:
     with contextlib.ExitStack() as stack:
         yield start_front(request.param, servers, stack)
 
@@ -214,8 +212,8 @@ def test_spawned_app_runs_as_the_web_servers_user(front: Front) -> None:
     front.check(response)
     document = json.loads(body)
     assert document["pid"] != os.getpid()
-    user = webservers.web_user()
-    if isinstance(front.server, webservers.ApacheFcgid) and user is not None:
+    user = web.web_user()
+    if isinstance(front.server, web.ApacheFcgid) and user is not None:
         # Apache never runs its children, or what they start, as root.
         assert document["uid"] == user.uid
     else:
@@ -223,11 +221,13 @@ def test_spawned_app_runs_as_the_web_servers_user(front: Front) -> None:
 
 
 def test_haproxy_multiplexes_concurrent_requests_on_one_connection(
-    servers: webservers.WebServers,
+    webservers: web.WebServers,
 ) -> None:
     backend = Backend()
     with Server(backend, "127.0.0.1:0", multiplex=True) as server:
-        haproxy = servers.haproxy(f"{server.address.host}:{server.address.port}", max_reqs=TOGETHER)
+        haproxy = webservers.haproxy(
+            f"{server.address.host}:{server.address.port}", max_reqs=TOGETHER
+        )
         front = Front(haproxy, spawned=False)
         # One request first, so that HAProxy has a connection open when the
         # others come; without it, those that come before it is open each
