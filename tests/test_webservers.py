@@ -137,6 +137,15 @@ def front(request: pytest.FixtureRequest, servers: web.WebServers) -> Iterator[F
         yield start_front(request.param, servers, stack)
 
 
+@pytest.fixture(autouse=True)
+def _web_server_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Printed after every test; pytest shows it only for a test that failed.
+    yield
+    if "front" in request.fixturenames:
+        front: Front = request.getfixturevalue("front")
+        print(f"=== {front.server.name} on {front.server.base_url} ===\n{front.server.logs()}")
+
+
 def test_get_with_query_and_headers_reaches_the_app(front: Front) -> None:
     response, body = front.request(
         "GET", "/params?name=value&x=%20y&x=2", headers={"X-Custom": "some value", "Cookie": "a=b"}
@@ -197,7 +206,12 @@ def test_head_has_the_headers_and_no_body(front: Front) -> None:
     assert body == b""
     assert response.getheader("Content-Type") == "application/octet-stream"
     length = response.getheader("Content-Length")
-    assert length in (None, "100000")
+    if isinstance(front.server, web.ApacheProxyFcgi):
+        # Apache 2.4.59 and later ignore a FastCGI app's Content-Length
+        # (CVE-2024-24795) and send GET responses chunked; earlier ones pass it.
+        assert length in (None, "100000")
+    else:
+        assert length == "100000"
 
 
 def test_unknown_page_is_the_apps_404(front: Front) -> None:

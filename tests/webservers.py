@@ -352,7 +352,9 @@ class ApacheProxyFcgi(Apache):
     ``enablereuse=on`` keeps connections to the application open between
     requests (one request at a time on each: mod_proxy_fcgi never
     multiplexes). ``ProxyFCGIBackendType GENERIC`` sends SCRIPT_FILENAME as
-    the path, not php-fpm's "proxy:fcgi://..." form.
+    the path, not php-fpm's "proxy:fcgi://..." form. Since 2.4.59 Apache
+    drops the application's Content-Length and answers chunked (CVE-2024-24795;
+    ``SetEnv ap_trust_cgilike_cl`` would trust it); mod_fcgid keeps it.
     """
 
     name = "apache mod_proxy_fcgi"
