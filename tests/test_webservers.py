@@ -166,6 +166,16 @@ def test_get_with_query_and_headers_reaches_the_app(front: Front) -> None:
     assert document["body_length"] == 0
 
 
+def test_the_path_arrives_split_into_script_name_and_path_info(front: Front) -> None:
+    # How it is split differs (see tests/webservers.py); together they are the decoded path.
+    response, body = front.request("GET", "/params/sub%20dir/x?q=1")
+    front.check(response)
+    params = json.loads(body)["params"]
+    assert params["SCRIPT_NAME"] + params.get("PATH_INFO", "") == "/params/sub dir/x"
+    assert params["REQUEST_URI"] == "/params/sub%20dir/x?q=1"
+    assert params["QUERY_STRING"] == "q=1"
+
+
 def test_post_body_reaches_the_app_whole(front: Front) -> None:
     body = os.urandom(1024 * 1024 + 7)
     response, answer = front.request(

@@ -7,8 +7,8 @@ a copy of these files.
 
 Routes, by the path of REQUEST_URI (every web server here sends it):
 
-- ``/params``: JSON with the params as received, the body's length, and the
-  uid and pid of the process that answered.
+- ``/params`` (and any path below it): JSON with the params as received, the
+  body's length, and the uid and pid of the process that answered.
 - ``/echo``: the body back, with X-Body-Length and X-Body-Sha256.
 - ``/big?n=N``: N bytes of BIG_PATTERN with a Content-Length, in 64 KiB chunks.
 - anything else: 404.
@@ -49,7 +49,7 @@ def respond(params: Mapping[str, str], body: bytes) -> Iterator[bytes]:
         yield first.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
         return
     path, query = path_and_query(params)
-    if path == "/params":
+    if path == "/params" or path.startswith("/params/"):
         document = {
             "params": dict(params),
             "body_length": len(body),

@@ -16,6 +16,20 @@ they connect to is made writable for all (``share_socket``), and a spawned
 application runs from a copy of its files (``install_app``) by an interpreter
 that user can execute. nginx, lighttpd and HAProxy stay in one process as the
 user who started them.
+
+What each sends an application mounted at "/", for GET /a/b%20c?q=1 (all
+send REQUEST_URI "/a/b%20c?q=1" and QUERY_STRING "q=1"):
+
+- Apache mod_proxy_fcgi and HAProxy: SCRIPT_NAME "/a/b c", no PATH_INFO (as
+  nginx does with Debian's fastcgi_params).
+- Apache mod_fcgid (the script aliased at "/") and lighttpd (with
+  fix-root-scriptname): SCRIPT_NAME "", PATH_INFO "/a/b c".
+- HAProxy's SERVER_NAME is the Host header, port included ("127.0.0.1:8080");
+  the others send the host alone.
+- A HEAD response with a body: HAProxy 2.6 answers 502 (RFC 3875 asks the
+  web server to discard it); Apache mod_proxy_fcgi and lighttpd discard it.
+- Apache 2.4.59+ mod_proxy_fcgi drops the application's Content-Length and
+  answers chunked; mod_fcgid, lighttpd and HAProxy keep it.
 """
 
 from __future__ import annotations
@@ -382,18 +396,28 @@ class ApacheProxyFcgi(Apache):
 class ApacheFcgid(Apache):
     """Apache with mod_fcgid, which starts ``app`` itself and hands it a socket on fd 0.
 
-    mod_fcgid's process manager runs the program as Apache's user, with only
-    the environment FcgidInitialEnv gives it, one request at a time per
-    process; it listens on a Unix socket under FcgidIPCDir, which it makes
-    and gives to that user.
+    Deployed as mod_fcgid applications are: a script, ``app.fcgi`` (here one
+    that execs ``app``'s command), mounted at "/" by ``Alias / .../app.fcgi/``,
+    so that the whole path is PATH_INFO and SCRIPT_NAME is "" (with a
+    ``<Location />`` and ``FcgidWrapper ... virtual`` instead, Apache would
+    make the path's first segment SCRIPT_NAME). mod_fcgid's process manager
+    runs the script as Apache's user, with only the environment
+    FcgidInitialEnv gives it, one request at a time per process; it listens
+    on a Unix socket under FcgidIPCDir, which it makes and gives to that user.
     """
 
     name = "apache mod_fcgid"
-    modules = (*Apache.modules, "fcgid")
+    modules = (*Apache.modules, "alias", "fcgid")
 
     def __init__(self, binary: str, base: Path, app: SpawnedApp) -> None:
         super().__init__(binary, base)
         self.app = app
+        self.script_dir = base / "fcgi-bin"
+        self.script_dir.mkdir(exist_ok=True)
+        self.script_dir.chmod(0o755)
+        self.script = self.script_dir / "app.fcgi"
+        self.script.write_text(f"#!/bin/sh\nexec {app.command}\n")
+        self.script.chmod(0o755)
 
     def _config(self) -> str:
         run = self.base / "run"
@@ -413,12 +437,11 @@ class ApacheFcgid(Apache):
             # Responses reach the client as they come, not after 64 KiB.
             "FcgidOutputBufferSize 0",
             *env,
-            "<Location />",
+            f'Alias "/" "{self.script}/"',
+            f'<Directory "{self.script_dir}">',
             "    SetHandler fcgid-script",
             "    Options +ExecCGI",
-            # virtual: run it for every URL, whether or not a file of that name exists.
-            f'    FcgidWrapper "{app.command}" virtual',
-            "</Location>",
+            "</Directory>",
         )
 
 
@@ -489,6 +512,10 @@ fastcgi.server = (
         "app" => (
 {backend}            # Every URL is the application's, whether or not a file has its name.
             "check-local" => "disable",
+            # Mounted at "/", lighttpd would make the path's first segment
+            # SCRIPT_NAME ("/app" of "/app/x", PATH_INFO "/x"); with this,
+            # SCRIPT_NAME is "" and PATH_INFO the whole path, as elsewhere.
+            "fix-root-scriptname" => "enable",
         ),
     ),
 )
