@@ -9,7 +9,8 @@ either web server sends to one process.
 
 Run from a copy of itself, webapp.py and the fcgiproto package in one
 directory (see tests/webservers.py, install_app), so that the web server's
-user can read everything it imports.
+user can read everything it imports. What it writes to stderr goes to that
+directory's app.log.
 """
 
 from __future__ import annotations
@@ -76,9 +77,6 @@ def serve_connection(conn: socket.socket) -> None:
 
 
 def main() -> None:
-    log = os.environ.get("SPAWNED_APP_LOG")
-    if log:
-        sys.stderr = open(log, "a", buffering=1)  # noqa: SIM115 (open for the process's life)
     print(f"spawned_app: started, pid {os.getpid()}, uid {os.getuid()}", file=sys.stderr)
     listener = socket.socket(fileno=0)
     while True:

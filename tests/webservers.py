@@ -183,20 +183,24 @@ class SpawnedApp:
 
 def install_app(
     dest: Path,
-    script: Path,
+    script: Path | None = None,
     *,
+    args: Sequence[str] = (),
     files: Sequence[Path] = (),
     packages: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> SpawnedApp:
     """Copy ``script``, ``files`` and the importable ``packages`` into ``dest``, readable by all.
 
-    The script runs with ``dest`` first on its sys.path, so it imports the
-    copies; the interpreter is one the web server's user can run. ``dest``
-    must be inside a reachable_dir.
+    The program is ``python [dest/script] ARGS...`` (without a script, ARGS
+    such as ``-m fcgiproto_socket serve module:app``), by an interpreter the
+    web server's user can run, with ``dest`` first on its PYTHONPATH so that
+    it imports the copies. ``packages`` must name every import that is not
+    in the standard library (dependencies too): the user may not reach our
+    environment. ``dest`` must be inside a reachable_dir.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    for path in (script, *files):
+    for path in (*([script] if script else []), *files):
         shutil.copy(path, dest / path.name)
     for name in packages:
         spec = importlib.util.find_spec(name)
@@ -213,14 +217,19 @@ def install_app(
         else:
             shutil.copy(spec.origin, dest / Path(spec.origin).name)
     _open_for_reading(dest)
-    # Neither web server passes the application's stderr on anywhere we can
-    # read: tests/spawned_app.py writes its own to this file.
+    # Neither mod_fcgid nor lighttpd passes the application's stderr on
+    # anywhere we can read: the program the web server runs is a script that
+    # sends it to a log, as a .fcgi script in a deployment would.
     log = dest / "app.log"
     log.touch()
     log.chmod(0o666)
-    environment = {"PYTHONDONTWRITEBYTECODE": "1", "SPAWNED_APP_LOG": str(log)}
+    command = [python_for(web_user()), *([str(dest / script.name)] if script else []), *args]
+    wrapper = dest / "app.fcgi"
+    wrapper.write_text(f"#!/bin/sh\nexec {shlex.join(command)} 2>>{shlex.quote(str(log))}\n")
+    wrapper.chmod(0o755)
+    environment = {"PYTHONPATH": str(dest), "PYTHONDONTWRITEBYTECODE": "1"}
     environment.update(env or {})
-    return SpawnedApp([python_for(web_user()), str(dest / script.name)], environment, log)
+    return SpawnedApp([str(wrapper)], environment, log)
 
 
 def _open_for_reading(top: Path) -> None:
@@ -396,8 +405,8 @@ class ApacheProxyFcgi(Apache):
 class ApacheFcgid(Apache):
     """Apache with mod_fcgid, which starts ``app`` itself and hands it a socket on fd 0.
 
-    Deployed as mod_fcgid applications are: a script, ``app.fcgi`` (here one
-    that execs ``app``'s command), mounted at "/" by ``Alias / .../app.fcgi/``,
+    Deployed as mod_fcgid applications are: a script (``app``'s one program,
+    or one made to exec its command), mounted at "/" by ``Alias / SCRIPT/``,
     so that the whole path is PATH_INFO and SCRIPT_NAME is "" (with a
     ``<Location />`` and ``FcgidWrapper ... virtual`` instead, Apache would
     make the path's first segment SCRIPT_NAME). mod_fcgid's process manager
@@ -412,12 +421,14 @@ class ApacheFcgid(Apache):
     def __init__(self, binary: str, base: Path, app: SpawnedApp) -> None:
         super().__init__(binary, base)
         self.app = app
-        self.script_dir = base / "fcgi-bin"
-        self.script_dir.mkdir(exist_ok=True)
-        self.script_dir.chmod(0o755)
-        self.script = self.script_dir / "app.fcgi"
-        self.script.write_text(f"#!/bin/sh\nexec {app.command}\n")
-        self.script.chmod(0o755)
+        if len(app.argv) == 1:  # a script already, as install_app makes
+            self.script = Path(app.argv[0])
+        else:
+            self.script = base / "fcgi-bin" / "app.fcgi"
+            self.script.parent.mkdir(mode=0o755, exist_ok=True)
+            self.script.write_text(f"#!/bin/sh\nexec {app.command}\n")
+            self.script.chmod(0o755)
+        self.script_dir = self.script.parent
 
     def _config(self) -> str:
         run = self.base / "run"
