@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -32,6 +35,8 @@ TIMEOUT = 30.0  # generous: every request here ends long before, unless somethin
 TESTS = Path(__file__).resolve().parent
 #: Requests HAProxy is sent at once to show that it multiplexes them.
 TOGETHER = 4
+#: What anyio imports, on some Pythons only (exceptiongroup before 3.11).
+ANYIO_DEPENDENCIES = ("sniffio", "idna", "typing_extensions", "exceptiongroup")
 
 
 class Backend:
@@ -274,3 +279,64 @@ def test_haproxy_multiplexes_concurrent_requests_on_one_connection(
         # a connection that carried two of them carried them at the same time.
         per_connection = Counter(body for _, body in answers)
         assert max(per_connection.values()) >= 2, answers
+
+
+# --- fcgi serve, started by the web server on the socket it hands over on fd 0 ---
+
+
+@pytest.fixture(scope="module")
+def fcgi_serve() -> None:
+    probe = subprocess.run(
+        [sys.executable, "-m", "fcgiproto_socket", "serve", "--help"],
+        capture_output=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        pytest.skip("this checkout has no fcgi serve")
+
+
+#: What fcgi serve imports beyond the standard library, to copy for the web server's user.
+SERVE_PACKAGES = {
+    "wsgi": ["fcgiproto", "fcgiproto_socket"],
+    "asgi": ["fcgiproto", "fcgiproto_socket", "fcgiproto_anyio", "anyio"]
+    + [name for name in ANYIO_DEPENDENCIES if importlib.util.find_spec(name) is not None],
+}
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+@pytest.mark.parametrize("software", ["apache", "lighttpd"])
+def test_fcgi_serve_started_by_the_web_server(
+    fcgi_serve: None, webservers: web.WebServers, software: str, interface: str
+) -> None:
+    app = web.install_app(
+        webservers.directory("app") / "app",
+        args=[
+            "-m",
+            "fcgiproto_socket",
+            "serve",
+            f"webapp:{interface}_app",
+            "--interface",
+            interface,
+        ],
+        files=[TESTS / "webapp.py"],
+        packages=SERVE_PACKAGES[interface],
+    )
+    server = webservers.apache_fcgid(app) if software == "apache" else webservers.lighttpd(app=app)
+    front = Front(server, spawned=True)
+
+    response, body = front.request("GET", "/a/b%20c?q=1", headers={"X-Custom": "v"})
+    front.check(response)
+    report = json.loads(body)
+    assert (report["method"], report["path"], report["query"]) == ("GET", "/a/b c", "q=1")
+    assert report["x_custom"] == "v"
+    user = web.web_user()
+    assert report["uid"] == (user.uid if software == "apache" and user else os.geteuid())
+
+    upload = os.urandom(300_000)
+    response, body = front.request("POST", "/upload", body=upload)
+    front.check(response)
+    assert json.loads(body)["body_length"] == len(upload)
+
+    response, body = front.request("HEAD", "/a")
+    front.check(response)
+    assert body == b""

@@ -13,6 +13,9 @@ Routes, by the path of REQUEST_URI (every web server here sends it):
 - ``/big?n=N``: N bytes of BIG_PATTERN with a Content-Length, in 64 KiB chunks.
 - anything else: 404.
 
+``wsgi_app`` and ``asgi_app`` are the same kind of report as WSGI and ASGI
+applications, for ``fcgi serve``.
+
 A HEAD request gets the headers of a GET and no body, as RFC 3875 (4.3.2)
 requires of the application: HAProxy 2.6 answers 502 to a HEAD whose
 response has a body, where the RFC asks the web server to discard it.
@@ -23,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 from urllib.parse import parse_qs
 
 BIG_PATTERN = b"0123456789abcdef"
@@ -72,3 +76,66 @@ def respond(params: Mapping[str, str], body: bytes) -> Iterator[bytes]:
             yield block[: min(CHUNK, size - start)]
     else:
         yield b"Status: 404 Not Found\r\nContent-Type: text/plain\r\n\r\nno such page\n"
+
+
+# --- the same, as WSGI and ASGI applications (for fcgi serve) ---
+
+
+def _report(path: str, query: str, method: str, header: str | None, body_length: int) -> bytes:
+    document = {
+        "path": path,
+        "query": query,
+        "method": method,
+        "x_custom": header,
+        "body_length": body_length,
+        "uid": os.getuid(),
+    }
+    return json.dumps(document).encode()
+
+
+def wsgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """JSON of what the request was: path (SCRIPT_NAME + PATH_INFO), query, method, X-Custom."""
+    body = environ["wsgi.input"].read()
+    answer = _report(
+        environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+        environ.get("QUERY_STRING", ""),
+        environ["REQUEST_METHOD"],
+        environ.get("HTTP_X_CUSTOM"),
+        len(body),
+    )
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))]
+    )
+    return [answer]
+
+
+async def asgi_app(
+    scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
+) -> None:
+    """wsgi_app's answer, from an ASGI application (with lifespan)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    length = 0
+    while True:
+        message = await receive()
+        length += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    headers = dict(scope["headers"])
+    header = headers.get(b"x-custom")
+    answer = _report(
+        scope["root_path"] + scope["path"],
+        scope["query_string"].decode("latin-1"),
+        scope["method"],
+        header.decode("latin-1") if header is not None else None,
+        length,
+    )
+    head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
+    await send({"type": "http.response.start", "status": 200, "headers": head})
+    await send({"type": "http.response.body", "body": answer})
