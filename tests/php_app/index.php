@@ -5,7 +5,7 @@ $path = parse_url($_SERVER['REQUEST_URI'], PHP_URL_PATH);
 $pool = getenv('POOL') ?: '';
 header('X-Pool: ' . $pool);
 if (getenv('SLOW_POOL')) {
-    usleep(300000);
+    usleep(600000);
 }
 switch ($path) {
 case '/':
