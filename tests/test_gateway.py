@@ -345,3 +345,21 @@ def test_static_refuse_never_sends_files_to_php(site: Site, pool: FpmPool) -> No
             assert http.get("/info.php/x").status_code == 200
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("resolve", [False, True])
+def test_resolve_root_symlink(site: Site, pool: FpmPool, resolve: bool) -> None:
+    """A deploy that swaps a symlink: with the option, PHP sees the real directory."""
+    link = site.base / f"current-{resolve}"
+    if not link.exists():
+        link.symlink_to(site.root)
+    options = ["--resolve-root-symlink"] if resolve else []
+    gw = Gateway(site.base, link, [pool.address], *options).start()
+    try:
+        with httpx.Client(base_url=gw.url) as http:
+            found = server_vars(http)
+    finally:
+        gw.stop()
+    expected = site.root.resolve() if resolve else link
+    assert found["DOCUMENT_ROOT"] == str(expected)
+    assert found["SCRIPT_FILENAME"] == f"{expected}/index.php"
