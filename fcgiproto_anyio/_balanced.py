@@ -41,7 +41,7 @@ from fcgiproto.support import (
 from ._backend import AnyioBackend
 from ._client import AsyncClient, AsyncStreamResponse
 from ._interface import AsyncNetworkBackend, AsyncNetworkStream
-from ._primitives import AsyncBackground, AsyncFlag, Body, BodyPieces, current_time
+from ._primitives import AsyncBackground, AsyncFlag, Body, BodyPieces, current_time, shield
 
 __all__ = ["AsyncBalancedClient", "AsyncBalancedStream", "NoBackendAvailable"]
 
@@ -124,8 +124,16 @@ class _TrackedBody:
         return chunk
 
     async def aclose(self) -> None:
-        """Close the caller's generator, if it was one, when the request ends early."""
-        await self.pieces.aclose()
+        """Nothing: an attempt that ends must not close a body the next one may send.
+
+        The balanced client closes the caller's iterable (`close_source`)
+        once no attempt follows.
+        """
+
+    async def close_source(self) -> None:
+        """Close the caller's generator, if it was one."""
+        with shield():
+            await self.pieces.aclose()
 
 
 class AsyncBalancedClient:
@@ -248,35 +256,39 @@ class AsyncBalancedClient:
             body = tracked
         safe = _idempotent(params) if idempotent is None else idempotent
         tried: list[int] = []
-        while True:
-            index = self._choose(tried, key)
-            counter = [0]
-            token = _received.set(counter)
-            self.balancer.started(index)
-            try:
-                return await self.clients[index].request(
-                    params,
-                    body,
-                    role=role,
-                    timeout=timeout,
-                    max_response_size=max_response_size,
-                )
-            except FastCGIError as exc:
-                self._failed(index, exc)
-                # An application that answers OVERLOADED did not run the
-                # request, nor one whose pool had no connection to give.
-                connect_failed = isinstance(exc, _NOTHING_SENT)
-                retry = isinstance(exc, _RETRIABLE) and may_retry(
-                    connect_failed=connect_failed,
-                    idempotent=safe,
-                    body_sent=tracked is not None and tracked.taken,
-                    answer_started=counter[0] > 0,
-                )
-                if not retry or len(tried) >= self.max_tries:
-                    raise
-            finally:
-                self.balancer.finished(index)
-                _received.reset(token)
+        try:
+            while True:
+                index = self._choose(tried, key)
+                counter = [0]
+                token = _received.set(counter)
+                self.balancer.started(index)
+                try:
+                    return await self.clients[index].request(
+                        params,
+                        body,
+                        role=role,
+                        timeout=timeout,
+                        max_response_size=max_response_size,
+                    )
+                except FastCGIError as exc:
+                    self._failed(index, exc)
+                    # An application that answers OVERLOADED did not run the
+                    # request, nor one whose pool had no connection to give.
+                    connect_failed = isinstance(exc, _NOTHING_SENT)
+                    retry = isinstance(exc, _RETRIABLE) and may_retry(
+                        connect_failed=connect_failed,
+                        idempotent=safe,
+                        body_sent=tracked is not None and tracked.taken,
+                        answer_started=counter[0] > 0,
+                    )
+                    if not retry or len(tried) >= self.max_tries:
+                        raise
+                finally:
+                    self.balancer.finished(index)
+                    _received.reset(token)
+        finally:
+            if tracked is not None:
+                await tracked.close_source()
 
     def stream(
         self,
@@ -383,6 +395,14 @@ class AsyncBalancedStream:
         self.address: Address | None = None
 
     async def __aenter__(self) -> AsyncStreamResponse:
+        try:
+            return await self._start()
+        except BaseException:
+            if self._tracked is not None:
+                await self._tracked.close_source()
+            raise
+
+    async def _start(self) -> AsyncStreamResponse:
         balanced = self._balanced
         tried: list[int] = []
         while True:
@@ -439,6 +459,8 @@ class AsyncBalancedStream:
             self._balanced.balancer.finished(index)
             if isinstance(exc, _BACKEND_FAILURES):
                 self._balanced._failed(index, exc)
+            if self._tracked is not None:
+                await self._tracked.close_source()
 
 
 def _idempotent(params: ParamsInput) -> bool:

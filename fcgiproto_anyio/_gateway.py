@@ -14,6 +14,7 @@ import logging
 import mimetypes
 import os
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from email.utils import formatdate
 from types import TracebackType
@@ -142,6 +143,9 @@ class PhpGateway:
     :param policy, max_connections, max_fails, fail_timeout, health_path,
         health_interval, health_timeout, health_expect: the balancer's, see
         AsyncBalancedClient; max_connections is the cap per backend.
+    :param max_spooled_body: a chunked request body (no Content-Length) is
+        written to a temporary file first, since php-fpm needs its length; one
+        larger than this many bytes is refused with 413.
     :param hash_key: for policy "hash": ``"remote_addr"``, ``"uri"``,
         ``"header:NAME"`` or ``"cookie:NAME"``.
 
@@ -176,6 +180,7 @@ class PhpGateway:
         health_timeout: float = 5.0,
         health_expect: str | None = None,
         hash_key: str = "remote_addr",
+        max_spooled_body: int = 64 << 20,
     ) -> None:
         root_text = os.fspath(root)
         if not os.path.isabs(root_text):
@@ -221,6 +226,7 @@ class PhpGateway:
         self.hash_key = hash_key
         if not (hash_key in ("remote_addr", "uri") or hash_key.startswith(("header:", "cookie:"))):
             raise ValueError("hash_key must be remote_addr, uri, header:NAME or cookie:NAME")
+        self.max_spooled_body = max_spooled_body
         self._entered = False
 
     # --- life ---
@@ -283,8 +289,17 @@ class PhpGateway:
         else:
             await self._run_script(scope, receive, send, route, raw_path, query)
 
-    def _params(self, scope: Scope, route: Script, raw_path: bytes, query: bytes) -> dict[str, str]:
+    def _params(
+        self,
+        scope: Scope,
+        route: Script,
+        raw_path: bytes,
+        query: bytes,
+        spooled: _SpooledBody | None = None,
+    ) -> dict[str, str]:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if spooled is not None:  # the body now has a length and is no longer chunked
+            headers = [(n, v) for n, v in headers if n != b"transfer-encoding"]
         client = scope.get("client") or ("", 0)
         server = scope.get("server") or ("localhost", 80)
         remote_addr, remote_port, https = self._peer(
@@ -317,6 +332,7 @@ class PhpGateway:
             remote_port=remote_port,
             https=https,
             server_protocol=f"HTTP/{scope.get('http_version', '1.1')}",
+            content_length=None if spooled is None else spooled.size,
             extra=extra,
         )
         return params
@@ -383,21 +399,49 @@ class PhpGateway:
     ) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         has_length = any(name == b"content-length" for name, _ in headers)
+        spooled: _SpooledBody | None = None
         if not has_length and any(name == b"transfer-encoding" for name, _ in headers):
-            # php-fpm reads CONTENT_LENGTH bytes of body and no more; a body
-            # of unknown length would have to be spooled first.
-            await _plain(send, 411, "a request body needs a Content-Length")
-            return
+            # php-fpm reads CONTENT_LENGTH bytes of body and no more: a body
+            # of unknown length (chunked) is spooled to a file first, as
+            # nginx does, and sent with its length.
+            try:
+                spooled = await _SpooledBody.receive_all(receive, self.max_spooled_body)
+            except _ClientGone:
+                return
+            if spooled is None:
+                limit = self.max_spooled_body
+                await _plain(send, 413, f"a chunked request body may hold {limit} bytes")
+                return
         try:
-            params = self._params(scope, route, raw_path, query)
-        except LocalProtocolError as exc:
-            await _plain(send, 400, str(exc))
-            return
+            try:
+                params = self._params(scope, route, raw_path, query, spooled)
+            except LocalProtocolError as exc:
+                await _plain(send, 400, str(exc))
+                return
+            await self._exchange(scope, receive, send, params, raw_path, has_length, spooled)
+        finally:
+            if spooled is not None:
+                await spooled.aclose()
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        params: dict[str, str],
+        raw_path: bytes,
+        has_length: bool,
+        spooled: _SpooledBody | None,
+    ) -> None:
+        """The FastCGI request and its answer, while a watcher waits for the client to leave."""
         key = self._key(scope, params) if self.client.balancer.policy is Policy.HASH else None
         async with anyio.create_task_group() as tasks:
             state = _Exchange(tasks.cancel_scope)
-            stdin: bytes | _RequestBody = _RequestBody(receive, state)
-            if not has_length:
+            stdin: bytes | _RequestBody | _SpooledBody = _RequestBody(receive, state)
+            if spooled is not None:
+                state.body_done.set()
+                stdin = spooled
+            elif not has_length:
                 state.body_done.set()
                 stdin = b""
             tasks.start_soon(state.watch_disconnect, receive, name="fcgiproto disconnect watcher")
@@ -540,6 +584,54 @@ class _RequestBody:
             if chunk:
                 return chunk
         raise StopAsyncIteration
+
+
+class _SpooledBody:
+    """A chunked request body in a temporary file, read back in pieces."""
+
+    def __init__(self, file: anyio.AsyncFile[bytes], size: int) -> None:
+        self._file = file
+        self.size = size
+
+    @classmethod
+    async def receive_all(cls, receive: Receive, limit: int) -> _SpooledBody | None:
+        """The whole body, spooled; None when it is larger than `limit` bytes."""
+        # Closed by aclose(), or below when the body cannot be had.
+        file = anyio.wrap_file(tempfile.TemporaryFile())  # noqa: SIM115
+        size = 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    await file.aclose()
+                    return None
+                if chunk:
+                    await file.write(chunk)
+                if not message.get("more_body", False):
+                    break
+            await file.seek(0)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await file.aclose()
+            raise
+        return cls(file, size)
+
+    def __aiter__(self) -> _SpooledBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._file.read(_STATIC_CHUNK)
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._file.aclose()
 
 
 class _Exchange:

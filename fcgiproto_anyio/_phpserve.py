@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         health_path=args.health_path,
         health_interval=args.health_interval,
         health_timeout=args.health_timeout,
+        max_spooled_body=args.max_spooled_body,
     )
     host, port = _listen(args.listen)
     # Scripts' stderr and the gateway's own errors, beside uvicorn's lines.

@@ -42,7 +42,7 @@ from fcgiproto.support import (
 from ._backend import SocketBackend
 from ._client import Client, StreamResponse
 from ._interface import NetworkBackend, NetworkStream
-from ._primitives import Background, Body, BodyPieces, Flag, current_time
+from ._primitives import Background, Body, BodyPieces, Flag, current_time, shield
 
 __all__ = ["BalancedClient", "BalancedStream", "NoBackendAvailable"]
 
@@ -125,8 +125,16 @@ class _TrackedBody:
         return chunk
 
     def close(self) -> None:
-        """Close the caller's generator, if it was one, when the request ends early."""
-        self.pieces.close()
+        """Nothing: an attempt that ends must not close a body the next one may send.
+
+        The balanced client closes the caller's iterable (`close_source`)
+        once no attempt follows.
+        """
+
+    def close_source(self) -> None:
+        """Close the caller's generator, if it was one."""
+        with shield():
+            self.pieces.close()
 
 
 class BalancedClient:
@@ -249,35 +257,39 @@ class BalancedClient:
             body = tracked
         safe = _idempotent(params) if idempotent is None else idempotent
         tried: list[int] = []
-        while True:
-            index = self._choose(tried, key)
-            counter = [0]
-            token = _received.set(counter)
-            self.balancer.started(index)
-            try:
-                return self.clients[index].request(
-                    params,
-                    body,
-                    role=role,
-                    timeout=timeout,
-                    max_response_size=max_response_size,
-                )
-            except FastCGIError as exc:
-                self._failed(index, exc)
-                # An application that answers OVERLOADED did not run the
-                # request, nor one whose pool had no connection to give.
-                connect_failed = isinstance(exc, _NOTHING_SENT)
-                retry = isinstance(exc, _RETRIABLE) and may_retry(
-                    connect_failed=connect_failed,
-                    idempotent=safe,
-                    body_sent=tracked is not None and tracked.taken,
-                    answer_started=counter[0] > 0,
-                )
-                if not retry or len(tried) >= self.max_tries:
-                    raise
-            finally:
-                self.balancer.finished(index)
-                _received.reset(token)
+        try:
+            while True:
+                index = self._choose(tried, key)
+                counter = [0]
+                token = _received.set(counter)
+                self.balancer.started(index)
+                try:
+                    return self.clients[index].request(
+                        params,
+                        body,
+                        role=role,
+                        timeout=timeout,
+                        max_response_size=max_response_size,
+                    )
+                except FastCGIError as exc:
+                    self._failed(index, exc)
+                    # An application that answers OVERLOADED did not run the
+                    # request, nor one whose pool had no connection to give.
+                    connect_failed = isinstance(exc, _NOTHING_SENT)
+                    retry = isinstance(exc, _RETRIABLE) and may_retry(
+                        connect_failed=connect_failed,
+                        idempotent=safe,
+                        body_sent=tracked is not None and tracked.taken,
+                        answer_started=counter[0] > 0,
+                    )
+                    if not retry or len(tried) >= self.max_tries:
+                        raise
+                finally:
+                    self.balancer.finished(index)
+                    _received.reset(token)
+        finally:
+            if tracked is not None:
+                tracked.close_source()
 
     def stream(
         self,
@@ -384,6 +396,14 @@ class BalancedStream:
         self.address: Address | None = None
 
     def __enter__(self) -> StreamResponse:
+        try:
+            return self._start()
+        except BaseException:
+            if self._tracked is not None:
+                self._tracked.close_source()
+            raise
+
+    def _start(self) -> StreamResponse:
         balanced = self._balanced
         tried: list[int] = []
         while True:
@@ -440,6 +460,8 @@ class BalancedStream:
             self._balanced.balancer.finished(index)
             if isinstance(exc, _BACKEND_FAILURES):
                 self._balanced._failed(index, exc)
+            if self._tracked is not None:
+                self._tracked.close_source()
 
 
 def _idempotent(params: ParamsInput) -> bool:

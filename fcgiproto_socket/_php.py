@@ -65,6 +65,13 @@ def add_php_command(commands: Any) -> None:
         default="least_conn",
     )
     php.add_argument("--hash-key", default="remote_addr")
+    php.add_argument(
+        "--max-spooled-body",
+        type=int,
+        default=64 << 20,
+        metavar="BYTES",
+        help="largest chunked request body, spooled to a file for its length (413 past it)",
+    )
     php.add_argument("--max-connections", type=int, default=8, help="cap per upstream")
     php.add_argument("--max-fails", type=int, default=1)
     php.add_argument("--fail-timeout", type=_seconds, default=10.0)

@@ -143,6 +143,26 @@ def test_multipart_upload_of_20_mib(http: httpx.Client) -> None:
     assert response.text == f"{len(data)} {hashlib.sha256(data).hexdigest()}"
 
 
+def test_chunked_request_body_is_spooled_and_sent_with_its_length(http: httpx.Client) -> None:
+    """php-fpm reads CONTENT_LENGTH bytes; a chunked body gets one, as nginx gives it."""
+    pieces = [os.urandom(100_000) for _ in range(30)]
+    whole = b"".join(pieces)
+    response = http.post("/input", content=iter(pieces))  # an iterator: sent chunked
+    assert response.status_code == 200, response.text
+    assert response.text == f"{len(whole)} {hashlib.sha256(whole).hexdigest()} {len(whole)} -"
+
+
+def test_chunked_request_body_past_the_limit_is_413(site: Site, pool: FpmPool) -> None:
+    gw = Gateway(site.base, site.root, [pool.address], "--max-spooled-body", "1000").start()
+    try:
+        with httpx.Client(base_url=gw.url) as http:
+            response = http.post("/input", content=iter([b"x" * 600, b"y" * 600]))
+            assert response.status_code == 413
+            assert http.post("/input", content=iter([b"x" * 600])).text.startswith("600 ")
+    finally:
+        gw.stop()
+
+
 def test_download_of_100_mib_streams_in_constant_memory(
     http: httpx.Client, gateway: Gateway
 ) -> None:

@@ -54,6 +54,11 @@ case '/download':
         flush();
     }
     break;
+case '/input':
+    $body = file_get_contents('php://input');
+    echo strlen($body) . " " . hash('sha256', $body) . " " . ($_SERVER['CONTENT_LENGTH'] ?? '')
+        . " " . ($_SERVER['HTTP_TRANSFER_ENCODING'] ?? '-');
+    break;
 case '/slow':
     sleep((int)($_GET['s'] ?? 1));
     echo "slept";
