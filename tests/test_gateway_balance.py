@@ -188,6 +188,27 @@ def test_active_health_brings_a_pool_back(make_pools: object, tmp_path: Path) ->
         gw.stop()
 
 
+def test_hash_of_a_cookie_keeps_a_session_on_its_pool(make_pools: object, tmp_path: Path) -> None:
+    pools: Pools = make_pools(["a", "b", "c"])  # type: ignore[operator]
+    gw = Gateway(
+        tmp_path, pools.root, pools.addresses(), "--policy", "hash", "--hash-key", "cookie:sid"
+    ).start()
+    try:
+        with httpx.Client(base_url=gw.url, timeout=30) as http:
+
+            def pool_of(sid: str) -> set[str]:
+                return {
+                    http.get("/", headers={"Cookie": f"other=1; sid={sid}"}).headers["x-pool"]
+                    for _ in range(5)
+                }
+
+            homes = [pool_of(f"user{i}") for i in range(12)]
+    finally:
+        gw.stop()
+    assert all(len(home) == 1 for home in homes)  # each session sticks to one pool
+    assert len(set().union(*homes)) >= 2  # and the sessions spread over the pools
+
+
 def test_every_pool_down_is_503(make_pools: object, tmp_path: Path) -> None:
     pools: Pools = make_pools(["a"])  # type: ignore[operator]
     gw = Gateway(tmp_path, pools.root, pools.addresses()).start()
@@ -216,6 +237,9 @@ def test_blocking_balanced_client_skips_a_dead_pool(make_pools: object) -> None:
             response = client.request(params)
             assert response.header("x-pool") == "b"
         assert client.balancer.backends[0].total == 1  # tried once, then out
+        with client.stream(params, stdin=iter([b"a=1"])) as streamed:
+            assert streamed.header("x-pool") == "b"
+            assert b"".join(streamed.iter_body()).startswith(b"home of b")
 
 
 def test_blocking_balanced_client_health_checks_in_a_thread(tmp_path: Path) -> None:
