@@ -172,12 +172,6 @@ class Gateway:
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
 
-    def peak_rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM")
-
 
 def wait_for(predicate: object, timeout: float = 10.0) -> bool:
     """Poll `predicate()` until true or `timeout` seconds pass."""

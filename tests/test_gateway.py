@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,11 +137,27 @@ def test_form_post(http: httpx.Client) -> None:
     assert response.text == "hello Ann Lee age 33"
 
 
-def test_multipart_upload_of_20_mib(http: httpx.Client) -> None:
+def test_multipart_upload_of_20_mib(http: httpx.Client, gateway: Gateway) -> None:
     data = os.urandom(20 << 20)
-    response = http.post("/upload", files={"file": ("big.bin", data)})
+    before = gateway.rss_kib()
+    samples = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            samples.append(gateway.rss_kib())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        response = http.post("/upload", files={"file": ("big.bin", data)})
+    finally:
+        done.set()
+        sampler.join()
     assert response.status_code == 200, response.text
     assert response.text == f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+    # The body streamed through: the gateway never held a good part of it.
+    assert (max(samples) - before) / 1024 < 10, (before, max(samples))
 
 
 def test_chunked_request_body_is_spooled_and_sent_with_its_length(http: httpx.Client) -> None:
