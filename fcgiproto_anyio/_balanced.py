@@ -279,7 +279,7 @@ class AsyncBalancedClient:
                         connect_failed=connect_failed,
                         idempotent=safe,
                         body_sent=tracked is not None and tracked.taken,
-                        answer_started=counter[0] > 0,
+                        answer_started=self._answer_started(index, counter),
                     )
                     if not retry or len(tried) >= self.max_tries:
                         raise
@@ -317,6 +317,14 @@ class AsyncBalancedClient:
             raise NoBackendAvailable(f"every backend is down ({names})")
         tried.append(index)
         return index
+
+    def _answer_started(self, index: int, counter: list[int]) -> bool:
+        """Whether bytes of the answer arrived for the attempt that `counter` counted.
+
+        On a multiplexed connection a reader task reads for everyone, out of
+        the attempt's sight: assume they did.
+        """
+        return counter[0] > 0 or bool(self.clients[index].multiplex)
 
     def _failed(self, index: int, exc: BaseException) -> None:
         if isinstance(exc, _BACKEND_FAILURES):
@@ -429,6 +437,7 @@ class AsyncBalancedStream:
                     connect_failed=connect_failed,
                     idempotent=self._idempotent,
                     body_sent=self._tracked is not None and self._tracked.taken,
+                    # A stream has a connection of its own, read by this task.
                     answer_started=counter[0] > 0,
                 )
                 if not retry or len(tried) >= balanced.max_tries:
