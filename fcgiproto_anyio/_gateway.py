@@ -131,8 +131,10 @@ class PhpGateway:
     :param capture_stderr: log what scripts write to stderr (logger
         ``fcgiproto.php``): WARNING, or ERROR when the status is 4xx or 5xx.
         False drops it.
-    :param dial_timeout, read_timeout, write_timeout: seconds to connect, to
-        wait for the next bytes of an answer, to hand a backend more body.
+    :param dial_timeout, read_timeout, write_timeout, pool_timeout: seconds
+        to connect, to wait for the next bytes of an answer, to hand a backend
+        more body, to wait for a connection when a backend is at its cap (then
+        the next backend is tried).
     :param static: ``"serve"`` files under the root that are not scripts, or
         ``"refuse"`` them (403); never sent to PHP either way.
     :param trusted_proxies: addresses or networks (``10.0.0.0/8``) whose
