@@ -58,6 +58,10 @@ _GET_VALUES, _GET_VALUES_RESULT, _UNKNOWN_TYPE = 9, 10, 11
 _MAX_REQUEST_ID = 0xFFFF
 _END_BODY = struct.Struct(">IB3x")
 _BEGIN_BODY = struct.Struct(">HB5x")
+#: A whole BEGIN_REQUEST record (header and body) in one pack.
+_BEGIN_RECORD = struct.Struct(">BBHHBxHB5x")
+#: The empty records that end two streams, back to back (PARAMS then STDIN).
+_TWO_EMPTY = struct.Struct(">BBH4xBBH4x")
 
 _SEND_STREAMS = {
     Role.RESPONDER: Layout((_PARAMS,), (_STDIN,)),
@@ -201,13 +205,15 @@ class ClientConnection(Connection):
         request = _Request(role, keep_conn)
         sent = request.sent
         out: list[bytes | memoryview] = [
-            record(_BEGIN_REQUEST, rid, _BEGIN_BODY.pack(role, 1 if keep_conn else 0))
+            _BEGIN_RECORD.pack(FCGI_VERSION, _BEGIN_REQUEST, rid, 8, 0, role, 1 if keep_conn else 0)
         ]
         out += encode_pair_records(_PARAMS, rid, params)
-        out.append(_empty(_PARAMS, rid))
         if stdin:
+            out.append(_empty(_PARAMS, rid))
             out += encode_stream_records(_STDIN, rid, _frozen(stdin))
-        out.append(_empty(_STDIN, rid))
+            out.append(_empty(_STDIN, rid))
+        else:
+            out.append(_TWO_EMPTY.pack(FCGI_VERSION, _PARAMS, rid, FCGI_VERSION, _STDIN, rid))
         sent.move(_PARAMS, True)
         sent.move(_STDIN, True)
         if data is not None:
@@ -310,6 +316,8 @@ class ClientConnection(Connection):
 
     @staticmethod
     def _check_role(role: Role | int) -> Role:
+        if type(role) is Role:
+            return role
         try:
             return Role(role)
         except ValueError:
