@@ -69,6 +69,17 @@ _SEND_STREAMS = {
     Role.FILTER: Layout((_PARAMS,), (_STDIN,), (_DATA,)),
 }
 _RECEIVE_STREAMS = Layout((_STDOUT, _STDERR))
+
+
+def _sent_whole(layout: Layout) -> dict[int, int]:
+    """The send streams of a request once send_request() has ended PARAMS and STDIN."""
+    streams = Streams(layout)
+    streams.move(_PARAMS, True)
+    streams.move(_STDIN, True)
+    return streams.states
+
+
+_SENT_WHOLE = {role: _sent_whole(layout) for role, layout in _SEND_STREAMS.items()}
 _PROTOCOL_STATUSES = tuple(ProtocolStatus)
 
 
@@ -214,9 +225,12 @@ class ClientConnection(Connection):
             out.append(_empty(_STDIN, rid))
         else:
             out.append(_TWO_EMPTY.pack(FCGI_VERSION, _PARAMS, rid, FCGI_VERSION, _STDIN, rid))
-        sent.move(_PARAMS, True)
-        sent.move(_STDIN, True)
-        if data is not None:
+        if data is None:
+            # Where the moves below lead from a fresh request, worked out once.
+            sent.states = dict(_SENT_WHOLE[role])
+        else:
+            sent.move(_PARAMS, True)
+            sent.move(_STDIN, True)
             self._check_stream(rid, request, _DATA, False)
             if data:
                 out += encode_stream_records(_DATA, rid, _frozen(data))
