@@ -484,12 +484,19 @@ class AsyncClient:
         """Close idle connections as they expire, without waiting for the next call.
 
         An idle kept-alive connection pins a php-fpm worker; one the client will
-        not reuse must give it back. Runs while there are idle connections.
+        not reuse must give it back. Runs while connections are open: with
+        none idle it looks again after keepalive_expiry, when the first one
+        released since could expire at the earliest (with no expiry to wait
+        for, it ends, and the next release starts it). Ending there cost
+        the async client a task per request, started at one release and gone
+        by the next, since the task first runs once its connection is taken
+        again.
         """
         while True:
             with self._lock:
                 due = self._pool.next_expiry()
-                if self._pool.closed or due is None:
+                none_to_expire = not self._pool.open or self.keepalive_expiry <= 0
+                if self._pool.closed or (due is None and none_to_expire):
                     self._reaper_running = False
                     return
                 now = current_time()
@@ -503,7 +510,7 @@ class AsyncClient:
                     for conn in expired:
                         await conn.aclose()
             else:
-                await self._reaper_wake.wait(due - now)
+                await self._reaper_wake.wait(self.keepalive_expiry if due is None else due - now)
 
 
 class _SoloExchange:
