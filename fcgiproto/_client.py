@@ -10,12 +10,12 @@ from typing import ClassVar
 from ._connection import Connection
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
-    EndRequest,
     Event,
     GetValuesResult,
     StderrData,
     StdoutData,
     UnknownType,
+    end_request_maker,
     stream_event_maker,
 )
 from ._records import (
@@ -81,6 +81,7 @@ def _sent_whole(layout: Layout) -> dict[int, int]:
 
 _SENT_WHOLE = {role: _sent_whole(layout) for role, layout in _SEND_STREAMS.items()}
 _PROTOCOL_STATUSES = tuple(ProtocolStatus)
+_new_end_request = end_request_maker()
 
 
 class _Request:
@@ -423,7 +424,7 @@ class ClientConnection(Connection):
                 f"request {rid} ended before its input was sent whole; the application "
                 "may still read it, so the connection cannot carry another request"
             )
-        events.append(EndRequest(rid, app_status, _PROTOCOL_STATUSES[status]))
+        events.append(_new_end_request(rid, app_status, _PROTOCOL_STATUSES[status]))
 
     def _on_foreign_record(self, rtype: int, rid: int, clen: int) -> None:
         if rtype in RecordType._value2member_map_:
