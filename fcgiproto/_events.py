@@ -141,3 +141,21 @@ def stream_event_maker(cls: type[Event]) -> Callable[[int, bytes], Event]:
         return event
 
     return make
+
+
+def end_request_maker() -> Callable[[int, int, ProtocolStatus], EndRequest]:
+    """A fast constructor of EndRequest, equal to calling it (see stream_event_maker)."""
+    new = object.__new__
+    slots = vars(EndRequest)
+    set_request_id = slots["request_id"].__set__
+    set_app_status = slots["app_status"].__set__
+    set_protocol_status = slots["protocol_status"].__set__
+
+    def make(request_id: int, app_status: int, protocol_status: ProtocolStatus) -> EndRequest:
+        event = new(EndRequest)
+        set_request_id(event, request_id)
+        set_app_status(event, app_status)
+        set_protocol_status(event, protocol_status)
+        return event
+
+    return make

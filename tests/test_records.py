@@ -88,3 +88,23 @@ def test_stream_is_cut_into_records_of_at_most_65528_bytes() -> None:
 def test_param_names_and_values_must_be_str_or_bytes() -> None:
     with pytest.raises(LocalProtocolError, match="param value must be str or bytes, not int"):
         encode_pair_records(4, 1, {"A": 1})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"A": "", "": "b", "REQUEST_METHOD": "GET"},
+        {"A" * 127: "v" * 127},  # the longest one-byte lengths
+        {"A" * 128: "v", "B": "w"},  # a four-byte length
+        {"NAME": "caf\xe9"},  # not ASCII: UTF-8
+        {"NAME": b"\xff raw", "OTHER": "text"},  # bytes among str
+        {f"NAME_{i}": "x" * 100 for i in range(700)},  # more than one record
+    ],
+)
+def test_a_dict_encodes_as_the_same_pairs_given_one_by_one(
+    params: dict[str, str | bytes],
+) -> None:
+    # A dict of short ASCII str takes a shortcut; it must put on the wire
+    # exactly what the general loop puts there for the same pairs.
+    assert encode_pair_records(4, 1, params) == encode_pair_records(4, 1, list(params.items()))

@@ -89,8 +89,11 @@ class PoolState(Generic[C]):
 
     def _expired(self, now: float) -> list[C]:
         limit = now - self.keepalive_expiry
-        if all(since > limit for _, since in self.idle):
-            return []
+        for _, since in self.idle:
+            if since <= limit:
+                break
+        else:
+            return []  # the common case: nothing expired, nothing rebuilt
         stale = [conn for conn, since in self.idle if since <= limit]
         self.idle = [(conn, since) for conn, since in self.idle if since > limit]
         self.open -= len(stale)

@@ -159,10 +159,19 @@ class WholeAnswer:
 
     def response(self, end: EndRequest) -> Response:
         """The Response of the finished request, or the RequestError its END_REQUEST means."""
-        raise_for_protocol_status(end, self.address)
-        return Response(
-            b"".join(self._stdout), b"".join(self._stderr), end.app_status, end.protocol_status
+        if end.protocol_status is not ProtocolStatus.REQUEST_COMPLETE:
+            raise_for_protocol_status(end, self.address)
+        # Response's fields set straight into its __dict__: what its frozen
+        # dataclass __init__ does, without four object.__setattr__ calls, once
+        # per request.
+        response = object.__new__(Response)
+        response.__dict__.update(
+            stdout=b"".join(self._stdout),
+            stderr=b"".join(self._stderr),
+            app_status=end.app_status,
+            protocol_status=end.protocol_status,
         )
+        return response
 
 
 Waiter = TypeVar("Waiter")
