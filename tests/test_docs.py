@@ -89,6 +89,14 @@ def test_docs_example_runs_against_php_fpm(block: Block, php_fpm: peers.PhpFpm) 
     _run(block, code.replace(PHP_DOCROOT, str(php_fpm.docroot)))
 
 
+def test_the_php_scripts_shown_are_those_the_examples_run() -> None:
+    page = (DOCS / "php-fpm.md").read_text(encoding="utf-8")
+    shown = re.findall(r"```php\n<\?php // /var/www/html/([\w.]+)[^\n]*\n(.*?)```", page, re.DOTALL)
+    assert shown
+    for name, body in shown:
+        assert peers.PHP_SCRIPTS[name] == "<?php\n" + body, name
+
+
 def test_docs_examples_pass_mypy_strict(tmp_path: Path) -> None:
     """A user who copies an example gets code that mypy --strict accepts."""
     mypy = pytest.importorskip("mypy.api")
