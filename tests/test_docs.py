@@ -10,7 +10,9 @@ Every ```python block under docs/ runs, as a program of its own (``__name__`` is
 - ``<!-- docs-test: skip REASON -->``: the block is not run (a fragment, or
   one that needs what no test can give it). Few blocks may say so.
 
-The blocks that run also pass ``mypy --strict``, as the README's do.
+The blocks that run also pass ``mypy --strict``, as the README's do. A ```sh
+block marked ``php-fpm`` holds ``fcgi`` commands, each run against the fixture
+and required to succeed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +76,7 @@ def _run(block: Block, code: str) -> None:
 
 
 def test_the_docs_have_examples_and_few_are_skipped() -> None:
-    assert RUN and PHP
+    assert RUN and PHP and COMMANDS
     assert len(BLOCKS) - len(RUN) - len(PHP) <= MAX_SKIPPED
 
 
@@ -87,6 +90,36 @@ def test_docs_example_runs_against_php_fpm(block: Block, php_fpm: peers.PhpFpm) 
     assert PHP_FPM_SOCKET in block.code, "a php-fpm example names the socket it uses"
     code = block.code.replace(PHP_FPM_SOCKET, f"unix:{php_fpm.unix_path}")
     _run(block, code.replace(PHP_DOCROOT, str(php_fpm.docroot)))
+
+
+_COMMANDS = re.compile(r"^<!-- docs-test: php-fpm -->\n```sh\n(.*?)^```", re.MULTILINE | re.DOTALL)
+COMMANDS = [
+    (str(path.relative_to(ROOT)), line)
+    for path in sorted(DOCS.rglob("*.md"))
+    for block in _COMMANDS.findall(path.read_text(encoding="utf-8"))
+    for line in block.splitlines()
+    if line.strip()
+]
+
+
+@pytest.mark.parametrize(("page", "command"), COMMANDS, ids=[c for _, c in COMMANDS])
+def test_docs_command_succeeds_against_php_fpm(
+    page: str, command: str, php_fpm: peers.PhpFpm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fcgiproto_socket._cli import main
+
+    argv = shlex.split(command, comments=True)
+    assert argv[0] == "fcgi", f"{page}: a command block holds fcgi commands"
+    argv = [
+        arg.replace(PHP_FPM_SOCKET, f"unix:{php_fpm.unix_path}").replace(
+            PHP_DOCROOT, str(php_fpm.docroot)
+        )
+        for arg in argv[1:]
+    ]
+    status = main(argv)
+    out, err = capsys.readouterr()
+    assert status == 0, f"{page}: {command} exited {status}: {err}"
+    assert out
 
 
 def test_the_php_scripts_shown_are_those_the_examples_run() -> None:
