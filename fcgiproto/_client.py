@@ -181,6 +181,7 @@ class ClientConnection(Connection):
         self._out.extend(records)
 
     def end_params(self, request_id: int) -> None:
+        """Queue the empty PARAMS record that ends the name/value pairs."""
         self._end_stream(request_id, _PARAMS)
 
     def send_stdin(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
@@ -188,6 +189,7 @@ class ClientConnection(Connection):
         self._send_stream(request_id, _STDIN, data)
 
     def end_stdin(self, request_id: int) -> None:
+        """Queue the empty STDIN record that ends the request body."""
         self._end_stream(request_id, _STDIN)
 
     def send_data(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
@@ -195,6 +197,7 @@ class ClientConnection(Connection):
         self._send_stream(request_id, _DATA, data)
 
     def end_data(self, request_id: int) -> None:
+        """Queue the empty FCGI_DATA record that ends the filter data."""
         self._end_stream(request_id, _DATA)
 
     def send_request(

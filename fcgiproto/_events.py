@@ -77,6 +77,8 @@ class UnknownType(Event):
 
 @dataclass(frozen=True, slots=True)
 class BeginRequest(Event):
+    """A request begins; `keep_conn` False means close the connection once it ends."""
+
     request_id: int
     role: Role
     keep_conn: bool
@@ -95,12 +97,16 @@ class Params(Event):
 
 @dataclass(frozen=True, slots=True)
 class StdinData(Event):
+    """Some bytes of a request's STDIN stream (the request body), as they arrive."""
+
     request_id: int
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class StdinEnd(Event):
+    """The request's STDIN stream ended: the whole body has arrived."""
+
     request_id: int
 
 
@@ -114,6 +120,8 @@ class FilterData(Event):
 
 @dataclass(frozen=True, slots=True)
 class FilterDataEnd(Event):
+    """The request's FCGI_DATA stream ended (filter role)."""
+
     request_id: int
 
 

@@ -45,6 +45,8 @@ MAX_PAIR_LENGTH = 0x7FFFFFFF
 
 
 class RecordType(IntEnum):
+    """The record types of FastCGI 1.0; `UnknownType.record_type` may hold any other."""
+
     BEGIN_REQUEST = 1
     ABORT_REQUEST = 2
     END_REQUEST = 3
@@ -59,12 +61,16 @@ class RecordType(IntEnum):
 
 
 class Role(IntEnum):
+    """What the application is asked to do: answer, authorize, or filter FCGI_DATA."""
+
     RESPONDER = 1
     AUTHORIZER = 2
     FILTER = 3
 
 
 class ProtocolStatus(IntEnum):
+    """How END_REQUEST says a request ended; anything but REQUEST_COMPLETE is a refusal."""
+
     REQUEST_COMPLETE = 0
     CANT_MPX_CONN = 1
     OVERLOADED = 2

@@ -67,18 +67,22 @@ class Response:
 
     @property
     def status(self) -> int:
+        """The HTTP status: `Status:`, else 302 for a `Location` alone, else 200."""
         return self._head_and_body[0].status
 
     @property
     def reason(self) -> str:
+        """The reason phrase of `Status:`, or the standard one for the status."""
         return self._head_and_body[0].reason
 
     @property
     def headers(self) -> list[tuple[str, str]]:
+        """The CGI response headers, in order, `Status:` taken out."""
         return self._head_and_body[0].headers
 
     @property
     def body(self) -> bytes:
+        """Stdout after the CGI head."""
         return self._head_and_body[1]
 
     def header(self, name: str, default: str | None = None) -> str | None:
@@ -265,20 +269,24 @@ class ResponseState:
 
     @property
     def head(self) -> ResponseHead:
+        """The parsed CGI head; LocalProtocolError until it has been read."""
         if self._head is None:
             raise LocalProtocolError("the head of the response has not been read")
         return self._head
 
     @property
     def status(self) -> int:
+        """The HTTP status: `Status:`, else 302 for a `Location` alone, else 200."""
         return self.head.status
 
     @property
     def reason(self) -> str:
+        """The reason phrase of `Status:`, or the standard one for the status."""
         return self.head.reason
 
     @property
     def headers(self) -> list[tuple[str, str]]:
+        """The CGI response headers, in order, `Status:` taken out."""
         return self.head.headers
 
     def header(self, name: str, default: str | None = None) -> str | None:
