@@ -34,6 +34,7 @@ from ._application import (
     log_bytes,
     output_chunks,
 )
+from ._gateway import ASGI_VERSION, asgi_scope, cgi_head, request_path, url_scheme, wsgi_environ
 from ._liveness import Liveness
 from ._memory import ApplicationPeer, MemoryPeer, PeerAnswer
 from ._pool import PoolState
@@ -51,6 +52,7 @@ from ._timeout import PROBE_WAIT, Deadline, Timeout, TimeoutInput, probe_wait
 
 __all__ = [
     "ALL_ROLES",
+    "ASGI_VERSION",
     "BODY_TOO_LARGE",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_BODY_SIZE",
@@ -83,6 +85,8 @@ __all__ = [
     "Timeout",
     "TimeoutInput",
     "WholeAnswer",
+    "asgi_scope",
+    "cgi_head",
     "check_output",
     "close_output",
     "dropped_too_much",
@@ -95,5 +99,8 @@ __all__ = [
     "raise_for_protocol_status",
     "receive_from",
     "recipient",
+    "request_path",
     "response_too_large",
+    "url_scheme",
+    "wsgi_environ",
 ]

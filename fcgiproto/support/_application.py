@@ -355,13 +355,12 @@ class ServerOptions:
             max_connections=self.max_connections,
             max_params_size=self.max_params_size,
             max_params_pairs=self.max_params_pairs,
+            # Without multiplexing, a second request that comes anyway waits
+            # for the first to end (as php-fpm has it) instead of being
+            # refused: HAProxy sends one even after FCGI_MPXS_CONNS=0. The
+            # servers run one request of such a connection at a time.
+            serial=not self.multiplex,
         )
-        # The core answers FCGI_MAX_REQS with its cap per connection, which it
-        # makes 1 without multiplexing. The spec's FCGI_MAX_REQS is the
-        # application's; a second request on such a connection is refused
-        # with CANT_MPX_CONN before this cap is looked at, so raising it back
-        # changes only the answer.
-        proto.max_requests = self.max_requests
         return proto
 
 
