@@ -190,7 +190,7 @@ class _Response:
         if exc_info is not None and exc_info[0] is not None:
             try:
                 if self.head_sent:
-                    raise exc_info[1].with_traceback(exc_info[2])  # type: ignore[union-attr]
+                    raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
         elif self.head is not None:
