@@ -21,6 +21,7 @@ from fcgiproto.support import (
     TimeoutInput,
 )
 
+from ._asgi import ASGIApp, ClientDisconnected, serve_asgi
 from ._backend import AnyioBackend, AnyioStream
 from ._client import AsyncClient, AsyncStreamResponse
 from ._interface import AsyncNetworkBackend, AsyncNetworkStream
@@ -29,6 +30,7 @@ from ._server import App, Request, serve
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
+    "ASGIApp",
     "Address",
     "AddressInput",
     "AnyioBackend",
@@ -40,10 +42,12 @@ __all__ = [
     "AsyncNetworkBackend",
     "AsyncNetworkStream",
     "AsyncStreamResponse",
+    "ClientDisconnected",
     "ParamsInput",
     "Request",
     "Response",
     "Timeout",
     "TimeoutInput",
     "serve",
+    "serve_asgi",
 ]

@@ -190,6 +190,10 @@ class AsyncExchange:
         """
         return await self._connection.receive_body(self._state)
 
+    def end(self) -> None:
+        """End the request now (END_REQUEST with app_status), though the app goes on."""
+        self._connection.end_now(self._state, self.app_status)
+
     async def wait_over(self) -> None:
         """Return once the request is aborted, its connection lost, or it ended."""
         state = self._state
@@ -485,6 +489,9 @@ class _Connection:
             finally:
                 liveness.body_waits -= 1
 
+    def end_now(self, state: _State, app_status: int) -> None:
+        self._end(state, app_status)
+
     def log_nowait(self, state: RequestState, data: bytes) -> None:
         """Queue STDERR for a request without waiting for it to be sent."""
         if state.ended or self.dead:
@@ -699,7 +706,7 @@ class _Server:
                 with anyio.move_on_after(AT_CAP_RECHECK):
                     await self.connection_ended.wait()
                 continue
-            sock = await _accept(listener)
+            sock = await _accept(listener, self.options)
             if sock is None:
                 continue
             connection = _Connection(self, sock, next(self.numbers))
@@ -818,15 +825,19 @@ class _Socket:
         self.sock.close()
 
 
-async def _accept(listener: socket.socket) -> _Socket | None:
+async def _accept(listener: socket.socket, options: ServerOptions) -> _Socket | None:
     """The connection waiting on a listening socket; None if there is none after all."""
     try:
-        sock, _ = listener.accept()
+        sock, peer = listener.accept()
     except (BlockingIOError, InterruptedError):
         return None
     except OSError as exc:  # out of file descriptors, ...: the client waits in the backlog
         logger.warning("accepting a connection failed: %s", exc)
         await anyio.sleep(ACCEPT_RETRY)
+        return None
+    if not options.peer_allowed(peer):
+        logger.warning("refused a connection from %s: not in allowed_peers", peer[0])
+        sock.close()
         return None
     sock.setblocking(False)
     if sock.family != socket.AF_UNIX:

@@ -836,11 +836,15 @@ class _Listener:
 
     def _accept(self) -> None:
         try:
-            sock, _ = self.sock.accept()
+            sock, peer = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # out of file descriptors, ...: the client waits in the backlog
             logger.warning("accepting a connection on %s failed: %s", self.address, exc)
+            return
+        if not self.options.peer_allowed(peer):
+            logger.warning("refused a connection from %s: not in allowed_peers", peer[0])
+            sock.close()
             return
         sock.setblocking(True)
         if sock.family != socket.AF_UNIX:

@@ -15,7 +15,7 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeAlias
 
@@ -314,6 +314,7 @@ def serve_wsgi(
     params_timeout: float = DEFAULT_PARAMS_TIMEOUT,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    allowed_peers: Collection[str] | None = None,
     ready: Callable[[Address], object] | None = None,
     stop: threading.Event | None = None,
 ) -> None:
@@ -334,7 +335,9 @@ def serve_wsgi(
     or a lost connection stops the app's iterable at its next chunk, and its
     close() is called.
 
-    The limits are serve()'s, with its defaults; `max_body_size` bounds a
+    TCP connections from outside `allowed_peers` (FCGI_WEB_SERVER_ADDRS, as
+    fcgiproto.support.web_server_addrs reads it) are closed at once. The
+    limits are serve()'s, with its defaults; `max_body_size` bounds a
     request's whole body as it streams (413 up front when CONTENT_LENGTH says
     more, or once more arrives if the app has sent nothing yet). A second
     request on a busy connection that does not multiplex waits for the first.
@@ -355,6 +358,7 @@ def serve_wsgi(
         idle_timeout=idle_timeout,
         send_timeout=send_timeout,
         roles=(Role.RESPONDER,),
+        allowed_peers=allowed_peers,
     )
     if threads is not None and (type(threads) is not int or threads < 1):
         raise ValueError(f"threads must be an int of at least 1, not {threads!r}")

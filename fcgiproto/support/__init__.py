@@ -33,6 +33,7 @@ from ._application import (
     listen_address,
     log_bytes,
     output_chunks,
+    web_server_addrs,
 )
 from ._gateway import ASGI_VERSION, asgi_scope, cgi_head, request_path, url_scheme, wsgi_environ
 from ._liveness import Liveness
@@ -102,5 +103,6 @@ __all__ = [
     "request_path",
     "response_too_large",
     "url_scheme",
+    "web_server_addrs",
     "wsgi_environ",
 ]
