@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
@@ -391,3 +392,43 @@ async def serve_asgi(
             tasks.cancel_scope.cancel()  # the lifespan shuts down
     finally:
         root.removeHandler(handler)
+
+
+def run_asgi_process(
+    app: ASGIApp,
+    *,
+    sock: socket.socket,
+    backend: str = "asyncio",
+    max_requests: int = 0,
+    **options: Any,
+) -> None:
+    """What `fcgi serve` runs in a process serving an ASGI app: serve_asgi on `sock`.
+
+    SIGTERM and SIGINT drain (see serve_asgi's `stop`); so does serving
+    `max_requests` requests (0: no limit), for the process to be replaced.
+    """
+
+    async def main() -> None:
+        stop = anyio.Event()
+        served = 0
+
+        async def counted(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+            nonlocal served
+            if scope["type"] == "http":
+                served += 1
+                if served >= max_requests:
+                    stop.set()
+            await app(scope, receive, send)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_stop_on_signals, stop)
+            await serve_asgi(counted if max_requests else app, sock=sock, stop=stop, **options)
+            tasks.cancel_scope.cancel()
+
+    anyio.run(main, backend=backend)
+
+
+async def _stop_on_signals(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            stop.set()

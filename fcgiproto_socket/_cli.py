@@ -22,7 +22,7 @@ from fcgiproto import (
 from fcgiproto.cgi import build_params
 from fcgiproto.support import Address
 
-from . import _demo
+from . import _demo, _serve_cli
 from ._client import MANAGEMENT_VARIABLES, Client
 from ._server import Server, serve
 
@@ -217,6 +217,8 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive, default=5.0, metavar="S", help="seconds (default: 5)"
     )
     ping.set_defaults(run=_ping_command)
+
+    _serve_cli.add_parser(commands)
     return parser
 
 
