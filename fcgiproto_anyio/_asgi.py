@@ -399,13 +399,15 @@ def run_asgi_process(
     *,
     sock: socket.socket,
     backend: str = "asyncio",
-    max_requests: int = 0,
+    recycle_after: int = 0,
+    stopped: threading.Event | None = None,
     **options: Any,
 ) -> None:
     """What `fcgi serve` runs in a process serving an ASGI app: serve_asgi on `sock`.
 
     SIGTERM and SIGINT drain (see serve_asgi's `stop`); so does serving
-    `max_requests` requests (0: no limit), for the process to be replaced.
+    `recycle_after` requests (0: no limit), for the process to be replaced.
+    `stopped` is set by the caller's own handlers of those signals, up to now.
     """
 
     async def main() -> None:
@@ -416,19 +418,27 @@ def run_asgi_process(
             nonlocal served
             if scope["type"] == "http":
                 served += 1
-                if served >= max_requests:
+                if served >= recycle_after:
                     stop.set()
             await app(scope, receive, send)
 
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(_stop_on_signals, stop)
-            await serve_asgi(counted if max_requests else app, sock=sock, stop=stop, **options)
+            await tasks.start(_stop_on_signals, stop, stopped)
+            await serve_asgi(counted if recycle_after else app, sock=sock, stop=stop, **options)
             tasks.cancel_scope.cancel()
 
     anyio.run(main, backend=backend)
 
 
-async def _stop_on_signals(stop: anyio.Event) -> None:
+async def _stop_on_signals(
+    stop: anyio.Event,
+    stopped: threading.Event | None,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        if stopped is not None and stopped.is_set():  # a signal came before we listened
+            stop.set()
+        task_status.started()
         async for _ in signals:
             stop.set()

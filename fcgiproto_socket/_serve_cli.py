@@ -274,6 +274,22 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace, sock: socket.socket, *, multiprocess: bool) -> int:
     """Serve in this process until a signal, or --max-requests; the exit status."""
+    # A signal while the app loads (which can take seconds) drains as soon as it serves.
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        return _load_and_serve(args, sock, multiprocess, stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _load_and_serve(
+    args: argparse.Namespace, sock: socket.socket, multiprocess: bool, stop: threading.Event
+) -> int:
     try:
         app = load_app(args.app, factory=args.factory, app_dir=args.app_dir)
     except _Usage:
@@ -300,12 +316,13 @@ def _serve(args: argparse.Namespace, sock: socket.socket, *, multiprocess: bool)
             app,
             sock=sock,
             backend=args.loop,
-            max_requests=max_requests,
+            recycle_after=max_requests,
+            stopped=stop,
             lifespan=args.lifespan,
             **options,
         )
         return 0
-    _serve_wsgi(app, sock, args.threads, max_requests, multiprocess, options)
+    _serve_wsgi(app, sock, args.threads, max_requests, multiprocess, options, stop)
     return 0
 
 
@@ -316,12 +333,8 @@ def _serve_wsgi(
     max_requests: int,
     multiprocess: bool,
     options: dict[str, Any],
+    stop: threading.Event,
 ) -> None:
-    stop = threading.Event()
-    previous = {
-        signum: signal.signal(signum, lambda *_: stop.set())
-        for signum in (signal.SIGTERM, signal.SIGINT)
-    }
     served = 0
     lock = threading.Lock()
 
@@ -333,18 +346,14 @@ def _serve_wsgi(
                 stop.set()
         return app(environ, start_response)
 
-    try:
-        serve_wsgi(
-            counted if max_requests else app,
-            sock=sock,
-            threads=threads,
-            multiprocess=multiprocess,
-            stop=stop,
-            **options,
-        )
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    serve_wsgi(
+        counted if max_requests else app,
+        sock=sock,
+        threads=threads,
+        multiprocess=multiprocess,
+        stop=stop,
+        **options,
+    )
 
 
 class _Master:

@@ -368,6 +368,7 @@ class _Connection:
 
     def _dispatch(self, state: _State) -> None:
         assert state.params is not None
+        logger.debug("connection %d: request %d starts", self.number, state.request_id)
         request: Request | Exchange
         if self.streaming:
             request = Exchange(self, state)
@@ -639,6 +640,7 @@ class _Connection:
                 return
             if not self.served and now - self.liveness.last_activity < DRAIN_FRESH_GRACE:
                 return
+            logger.debug("closing connection %d: idle while draining", self.number)
             self._die()
 
     def _shutdown(self) -> None:
@@ -850,6 +852,7 @@ class _Listener:
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = _Connection(self, sock, next(self._numbers))
+        logger.debug("accepted connection %d", connection.number)
         thread = threading.Thread(
             target=connection.run, name=f"fcgi-connection-{connection.number}", daemon=True
         )
