@@ -403,11 +403,16 @@ def test_a_stop_drains_requests_in_progress() -> None:
     bound: list[Address] = []
     ready = threading.Event()
     stop = threading.Event()
+
+    def on_ready(address: Address) -> None:
+        bound.append(address)
+        ready.set()
+
     thread = threading.Thread(
         target=serve_wsgi,
         args=(app, "127.0.0.1:0"),
         kwargs={
-            "ready": lambda a: (bound.append(a), ready.set()),
+            "ready": on_ready,
             "stop": stop,
             "graceful_timeout": WAIT,
         },
