@@ -222,6 +222,7 @@ class Lifespan:
         self._from_app_ready = anyio.Event()
         self._ended = anyio.Event()
         self._error: BaseException | None = None
+        self.failure: LifespanFailed | None = None
         # The app's lifespan task outlives the cancellation that stops the
         # server: it is told to shut down, and cancelled only if it does not.
         self._app_scope = anyio.CancelScope(shield=True)
@@ -244,6 +245,12 @@ class Lifespan:
                     )
                 else:
                     logger.info("the ASGI app does not support lifespan: served without it")
+            except LifespanFailed as exc:
+                # Raised by serve_asgi, out of its task group (no exception group around it).
+                self.failure = exc
+                self._app_scope.cancel()
+                task_status.started()
+                return
             except BaseException:
                 self._app_scope.cancel()
                 raise
@@ -371,27 +378,32 @@ async def serve_asgi(
     handler = RequestLogHandler(threading.get_ident())
     root = logging.getLogger()
     root.addHandler(handler)
+    failure: LifespanFailed | None = None
     try:
         async with anyio.create_task_group() as tasks:
             state: dict[str, Any] | None = None
             if lifespan != "off":
                 cycle = Lifespan(app, lifespan)
                 await tasks.start(cycle.run)
+                failure = cycle.failure
                 state = cycle.state if cycle.supported else None
-            gateway = Gateway(app, root_path=root_path, state=state)
-            await run_server(
-                gateway,
-                options,
-                address=address,
-                sock=sock,
-                streaming=True,
-                stop=stop,
-                graceful_timeout=graceful_timeout,
-                task_status=task_status,
-            )
+            if failure is None:
+                gateway = Gateway(app, root_path=root_path, state=state)
+                await run_server(
+                    gateway,
+                    options,
+                    address=address,
+                    sock=sock,
+                    streaming=True,
+                    stop=stop,
+                    graceful_timeout=graceful_timeout,
+                    task_status=task_status,
+                )
             tasks.cancel_scope.cancel()  # the lifespan shuts down
     finally:
         root.removeHandler(handler)
+    if failure is not None:
+        raise failure  # out of the task group: not wrapped in an exception group
 
 
 def run_asgi_process(
