@@ -224,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.threads is not None and args.interface == "asgi":
         raise _Usage("--threads is for WSGI apps")
+    if ":" not in args.app.strip(":"):
+        raise _Usage(f"the app must be given as MODULE:APP, not {args.app!r}")
     owned_path: tuple[str, int] | None = None
     if args.bind is not None:
         sock, address, inode = _bind(listen_address(args.bind))
@@ -293,7 +295,10 @@ def _load_and_serve(
     try:
         app = load_app(args.app, factory=args.factory, app_dir=args.app_dir)
     except _Usage:
-        raise
+        if not multiprocess:
+            raise
+        logger.exception("could not load %s", args.app)  # a worker: the master gives up
+        return BOOT_FAILED
     except Exception:
         logger.exception("could not load %s", args.app)
         return BOOT_FAILED
