@@ -478,3 +478,30 @@ async def test_a_stop_drains_requests_in_progress() -> None:
                 stop.set()
         assert bodies == [b"0123456789"]
     # serve_asgi returned by itself: the task group ended without a cancel.
+
+
+async def test_a_body_that_stops_coming_hits_idle_timeout() -> None:
+    """An app waiting for body waits on the client: idle_timeout closes the connection."""
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while True:
+            message = await receive()
+            seen.append(message["type"])
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                return
+
+    async with (
+        asgi_server(app, lifespan="off", idle_timeout=0.5) as bound,
+        Raw.connect(bound) as raw,
+    ):
+        rid = raw.conn.begin_request()
+        raw.conn.send_params(rid, params("POST", content_length=10_000))
+        raw.conn.end_params(rid)
+        raw.conn.send_stdin(rid, b"x" * 100)
+        await raw.send()
+        with anyio.fail_after(5):
+            assert await raw.closed_by_peer()
+    assert seen == ["http.request", "http.disconnect"]

@@ -431,3 +431,27 @@ def test_a_stop_drains_requests_in_progress() -> None:
     assert not thread.is_alive()
     with pytest.raises(OSError):
         socket.create_connection((bound[0].host, bound[0].port), timeout=1).close()
+
+
+def test_a_body_that_stops_coming_hits_idle_timeout() -> None:
+    """An app waiting for body waits on the client: idle_timeout closes the connection."""
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        got.append(environ["wsgi.input"].read(10_000))
+        done.set()
+        start_response("200 OK", [])
+        return [b"late"]
+
+    with wsgi_server(app, idle_timeout=0.5) as bound, Raw(bound) as raw:
+        rid = raw.conn.begin_request()
+        raw.conn.send_params(rid, params("POST", content_length=10_000))
+        raw.conn.end_params(rid)
+        raw.conn.send_stdin(rid, b"x" * 100)
+        raw.send()
+        started = time.monotonic()
+        assert raw.closed_by_peer()
+        assert time.monotonic() - started < 5
+        assert done.wait(WAIT)
+    assert got == [b"x" * 100]
