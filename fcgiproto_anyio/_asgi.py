@@ -148,11 +148,17 @@ class _Cycle:
         if not isinstance(body, OUTPUT_TYPES):
             raise TypeError(f"http.response.body body must be bytes, not {type(body).__name__}")
         more = bool(message.get("more_body", False))
-        if not await self._write(body):
+        if more:
+            if not await self._write(body):
+                raise ClientDisconnected("the client is gone")
+            return
+        self.complete = True
+        if not self.head_sent:
+            assert self.head is not None
+            self.head_sent = True
+            body = self.head + body
+        if not await exchange.finish(body):
             raise ClientDisconnected("the client is gone")
-        if not more:
-            self.complete = True
-            exchange.end()
 
     async def _write(self, body: bytes | bytearray | memoryview) -> bool:
         exchange = self.exchange
