@@ -968,7 +968,8 @@ async def serve(
     Each connection has a task, and each request a task of its own: with
     `multiplex` a connection carries many requests at once, without it (the
     default: nginx, Apache and Caddy never multiplex, and a client that can
-    asks first) one at a time. An ABORT_REQUEST cancels that request's task
+    asks first) one at a time: a second request sent anyway (HAProxy does)
+    waits for the first to end. An ABORT_REQUEST cancels that request's task
     and ends the request at once with app_status 1; the connection's other
     requests go on. A request's stdin and filter data are held in memory
     until the app runs, up to `max_body_size` bytes (more is answered 413 at

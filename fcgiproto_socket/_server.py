@@ -986,7 +986,8 @@ def serve(
 
     Each connection has a thread. Without `multiplex` (the default: nginx,
     Apache and Caddy never multiplex, and a client that can asks first) a
-    connection carries one request at a time and the handler runs in that
+    connection carries one request at a time (a second one sent anyway, as
+    HAProxy does, waits for the first to end) and the handler runs in that
     thread, so an ABORT_REQUEST is read only after it returns (web servers
     close the connection instead, which stops a streaming handler at its next
     chunk). With `multiplex` a connection carries many requests at once, each
