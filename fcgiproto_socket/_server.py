@@ -186,11 +186,7 @@ class Exchange:
         method = self.params.get("REQUEST_METHOD", "")
         uri = self.params.get("REQUEST_URI") or self.params.get("SCRIPT_NAME", "")
         what = " ".join(part for part in (method, uri) if part)
-        return f"<Exchange {self.request_id} on connection {self.number}: {what}>"
-
-    @property
-    def number(self) -> int:
-        return self.connection_id
+        return f"<Exchange {self.request_id} on connection {self.connection_id}: {what}>"
 
 
 StreamHandler: TypeAlias = "Callable[[Exchange], None]"

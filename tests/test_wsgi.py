@@ -155,8 +155,14 @@ def test_environ_split_by_the_web_server_is_kept() -> None:
     assert environ["QUERY_STRING"] == ""
 
 
-def test_the_body_streams_in_as_it_arrives() -> None:
-    """The app runs before the body is all there, and reads it piece by piece."""
+@pytest.mark.parametrize("multiplex", [False, True])
+def test_the_body_streams_in_as_it_arrives(multiplex: bool) -> None:
+    """The app runs before the body is all there, and reads it piece by piece.
+
+    A slow reader: the server reads no further ahead than a bound meanwhile
+    (pulled by the app itself, or pushed by the reading thread when the
+    connection multiplexes).
+    """
     pieces: list[bytes] = []
     app_started = threading.Event()
 
@@ -164,6 +170,7 @@ def test_the_body_streams_in_as_it_arrives() -> None:
         app_started.set()
         while chunk := environ["wsgi.input"].read(65536):
             pieces.append(chunk)
+            time.sleep(0.001)
         start_response("200 OK", [])
         return [str(sum(map(len, pieces))).encode()]
 
@@ -173,7 +180,10 @@ def test_the_body_streams_in_as_it_arrives() -> None:
         for _ in range(100):
             yield b"y" * 100_000
 
-    with wsgi_server(app, max_body_size=64 << 20) as bound, Client(bound, timeout=WAIT) as c:
+    with (
+        wsgi_server(app, max_body_size=64 << 20, multiplex=multiplex) as bound,
+        Client(bound, timeout=WAIT) as c,
+    ):
         r = c.request(params("POST"), body())
     assert r.body == b"10001000"
     assert len(pieces) > 1
