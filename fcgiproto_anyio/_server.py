@@ -531,8 +531,8 @@ class _Connection:
 
         One that never carried a request is given DRAIN_FRESH_GRACE to send one.
         """
-        if self.dead or self.states or self.liveness.running:
-            return
+        if self.dead or self.states or self.liveness.running or self.sent < self.queued:
+            return  # a request in progress, or the end of one not yet sent
         if not self.served and now - self.liveness.last_activity < DRAIN_FRESH_GRACE:
             return
         self._die()

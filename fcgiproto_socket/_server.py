@@ -632,8 +632,8 @@ class _Connection:
         Called with the listener's lock held.
         """
         with self.lock:
-            if self.dead or self.states or self.ready or self.liveness.running:
-                return
+            if self.dead or self.states or self.ready or self.liveness.running or self.unsent:
+                return  # a request in progress, or the end of one not yet sent
             if not self.served and now - self.liveness.last_activity < DRAIN_FRESH_GRACE:
                 return
             logger.debug("closing connection %d: idle while draining", self.number)
