@@ -23,7 +23,9 @@ from fcgiproto.support import (
 
 from ._asgi import ASGIApp, ClientDisconnected, serve_asgi
 from ._backend import AnyioBackend, AnyioStream
+from ._balanced import AsyncBalancedClient, AsyncBalancedStream, NoBackendAvailable
 from ._client import AsyncClient, AsyncStreamResponse
+from ._gateway import LocalFileSystem, PhpGateway
 from ._interface import AsyncNetworkBackend, AsyncNetworkStream
 from ._memory import AsyncMemoryBackend, AsyncMemoryStream
 from ._server import App, Request, serve
@@ -36,6 +38,8 @@ __all__ = [
     "AnyioBackend",
     "AnyioStream",
     "App",
+    "AsyncBalancedClient",
+    "AsyncBalancedStream",
     "AsyncClient",
     "AsyncMemoryBackend",
     "AsyncMemoryStream",
@@ -43,7 +47,10 @@ __all__ = [
     "AsyncNetworkStream",
     "AsyncStreamResponse",
     "ClientDisconnected",
+    "LocalFileSystem",
+    "NoBackendAvailable",
     "ParamsInput",
+    "PhpGateway",
     "Request",
     "Response",
     "Timeout",

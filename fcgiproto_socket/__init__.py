@@ -11,6 +11,7 @@ from fcgiproto.support import (
 )
 
 from ._backend import SocketBackend, SocketStream
+from ._balanced import BalancedClient, BalancedStream, NoBackendAvailable
 from ._client import Client, StreamResponse
 from ._interface import NetworkBackend, NetworkStream
 from ._memory import MemoryBackend, MemoryStream
@@ -21,12 +22,15 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
     "Address",
     "AddressInput",
+    "BalancedClient",
+    "BalancedStream",
     "Client",
     "Handler",
     "MemoryBackend",
     "MemoryStream",
     "NetworkBackend",
     "NetworkStream",
+    "NoBackendAvailable",
     "ParamsInput",
     "Request",
     "Response",

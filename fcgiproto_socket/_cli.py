@@ -24,6 +24,7 @@ from fcgiproto.support import Address
 
 from . import _demo, _serve_cli
 from ._client import MANAGEMENT_VARIABLES, Client
+from ._php import add_php_command
 from ._server import Server, serve
 
 __all__ = ["main"]
@@ -217,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive, default=5.0, metavar="S", help="seconds (default: 5)"
     )
     ping.set_defaults(run=_ping_command)
+    add_php_command(commands)
 
     _serve_cli.add_parser(commands)
     return parser

@@ -28,11 +28,20 @@ SOURCE = ROOT / "fcgiproto_anyio"
 TARGET = ROOT / "fcgiproto_socket"
 #: The modules written once: the backend interface, a connection, the shared
 #: connection, the client with its pool and its streaming response, and the
-#: in-memory backend.
-MODULES = ("_interface.py", "_connection.py", "_mux.py", "_client.py", "_memory.py")
+#: in-memory backend; and the client over several applications.
+MODULES = (
+    "_interface.py",
+    "_connection.py",
+    "_mux.py",
+    "_client.py",
+    "_memory.py",
+    "_balanced.py",
+)
 NAMES = {
     "AnyioBackend": "SocketBackend",
     "AsyncBackground": "Background",
+    "AsyncBalancedClient": "BalancedClient",
+    "AsyncBalancedStream": "BalancedStream",
     "AsyncClient": "Client",
     "AsyncConnection": "Connection",
     "AsyncFlag": "Flag",

@@ -21,7 +21,7 @@ from fcgiproto_socket import Client
 
 TESTS = Path(__file__).resolve().parent
 WAIT = 30.0
-APPS = {"flask": "gateway_apps:flask_app", "starlette": "gateway_apps:starlette_app"}
+APPS = {"flask": "python_apps:flask_app", "starlette": "python_apps:starlette_app"}
 
 
 def serve_argv(*args: str) -> list[str]:
@@ -186,7 +186,7 @@ def test_an_app_that_cannot_be_imported_stops_the_master(sock_dir: Path, tmp_pat
 
 def test_a_bad_app_spec_is_a_usage_error(sock_dir: Path) -> None:
     result = subprocess.run(
-        serve_argv("gateway_apps", "--bind", f"unix:{sock_dir / 'x.sock'}"),
+        serve_argv("python_apps", "--bind", f"unix:{sock_dir / 'x.sock'}"),
         capture_output=True,
         timeout=WAIT,
         cwd=TESTS.parent,

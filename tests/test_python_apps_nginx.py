@@ -27,7 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 30.0
-APPS = {"flask": "gateway_apps:flask_app", "starlette": "gateway_apps:starlette_app"}
+APPS = {"flask": "python_apps:flask_app", "starlette": "python_apps:starlette_app"}
 MiB = 1 << 20
 
 

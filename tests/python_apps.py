@@ -1,6 +1,6 @@
 """A Flask app and a Starlette app with the same pages, for the WSGI and ASGI tests.
 
-`fcgi serve tests.gateway_apps:flask_app` (or :starlette_app) serves them in
+`fcgi serve tests.python_apps:flask_app` (or :starlette_app) serves them in
 a process of their own; the tests import them too. Pages:
 
 - /hello?name=   greets, echoes the X-Test header, the method, path and scheme
@@ -33,11 +33,11 @@ from starlette.responses import (
 from starlette.routing import Route
 
 DOWNLOAD_CHUNK = 64 * 1024
-app_logger = logging.getLogger("gateway_apps")
+app_logger = logging.getLogger("python_apps")
 
 # --- Flask (WSGI) ---
 
-flask_app = Flask("gateway_apps")
+flask_app = Flask("python_apps")
 
 
 @flask_app.route("/hello", methods=["GET", "HEAD"])
