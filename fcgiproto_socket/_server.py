@@ -119,11 +119,12 @@ class Request(RequestBase):
 
 
 class _State(RequestState):
-    __slots__ = ("dispatched", "unread")
+    __slots__ = ("dispatched", "unread", "wrote")
 
     def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
         super().__init__(begin, options, time.monotonic())
         self.dispatched = False
+        self.wrote = False  # some output of it was written
         #: Of a streamed request: body bytes in `stdin` its app has not read yet.
         self.unread = 0
 
@@ -494,13 +495,13 @@ class _Connection:
                     self.liveness.body_waits -= 1
         return b"".join(chunks)
 
-    def _look_for_abort(self, state: RequestState) -> None:
+    def _look_for_abort(self, state: _State) -> None:
         """Between pieces of a streamed app's output, read what came: an ABORT_REQUEST, EOF.
 
         Only where the app runs in the reading thread, and not past what may be
         read ahead of the body.
         """
-        if not isinstance(state, _State) or state.unread > BODY_READ_AHEAD:
+        if state.unread > BODY_READ_AHEAD:
             return
         with contextlib.suppress(OSError, ValueError):
             if not select.select([self.sock], [], [], 0)[0]:
@@ -519,10 +520,15 @@ class _Connection:
         """
         piece = self.options.max_unsent_size
         view = memoryview(data)
-        looks = self.streaming and not self.options.multiplex
+        # Where a streamed app runs in the reading thread, look for an abort
+        # between pieces; not before the first, which follows the request at once.
+        looks = self.streaming and not self.options.multiplex and isinstance(state, _State)
         for start in range(0, len(view), piece):
             if looks:
-                self._look_for_abort(state)
+                assert isinstance(state, _State)
+                if state.wrote:
+                    self._look_for_abort(state)
+                state.wrote = True
             with self.lock:
                 if state.ended or self.dead:
                     return False
