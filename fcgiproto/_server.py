@@ -93,8 +93,13 @@ class ServerConnection(Connection):
     Answers GET_VALUES from its configuration and unknown record types with
     UNKNOWN_TYPE by itself. A request in a role not in `roles` is ended with
     UNKNOWN_ROLE, a second concurrent one on a connection that does not
-    multiplex with CANT_MPX_CONN, and one past `max_requests` concurrent ones
+    multiplex with CANT_MPX_CONN (unless `serial`), and one past `max_requests` concurrent ones
     with OVERLOADED; none of those produce events.
+
+    With `serial` a connection that does not multiplex still takes a second
+    concurrent request (HAProxy with max-reqs sends one even after reading
+    FCGI_MPXS_CONNS=0), up to `max_requests`, for the server to answer after
+    the first, as php-fpm does; GET_VALUES still says FCGI_MPXS_CONNS=0.
     """
 
     _STREAMED: ClassVar = {
@@ -114,11 +119,13 @@ class ServerConnection(Connection):
         max_connections: int = 100,
         max_params_size: int = DEFAULT_MAX_PARAMS_SIZE,
         max_params_pairs: int = DEFAULT_MAX_PARAMS_PAIRS,
+        serial: bool = False,
     ) -> None:
         super().__init__()
         self.roles = frozenset(Role(role) for role in roles)
         self.multiplex = multiplex
-        self.max_requests = max_requests if multiplex else 1
+        self.serial = serial
+        self.max_requests = max_requests if multiplex or serial else 1
         self.max_connections = max_connections
         self.max_params_size = max_params_size
         self.max_params_pairs = max_params_pairs
@@ -266,7 +273,7 @@ class ServerConnection(Connection):
         role_number, flags = _BEGIN_BODY.unpack(content)
         if role_number not in Role._value2member_map_ or Role(role_number) not in self.roles:
             refusal = ProtocolStatus.UNKNOWN_ROLE
-        elif self._requests and not self.multiplex:
+        elif self._requests and not (self.multiplex or self.serial):
             refusal = ProtocolStatus.CANT_MPX_CONN
         elif len(self._requests) >= self.max_requests:
             refusal = ProtocolStatus.OVERLOADED

@@ -21,6 +21,7 @@ from fcgiproto.support import (
     TimeoutInput,
 )
 
+from ._asgi import ASGIApp, ClientDisconnected, serve_asgi
 from ._backend import AnyioBackend, AnyioStream
 from ._balanced import AsyncBalancedClient, AsyncBalancedStream, NoBackendAvailable
 from ._client import AsyncClient, AsyncStreamResponse
@@ -31,6 +32,7 @@ from ._server import App, Request, serve
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
+    "ASGIApp",
     "Address",
     "AddressInput",
     "AnyioBackend",
@@ -44,6 +46,7 @@ __all__ = [
     "AsyncNetworkBackend",
     "AsyncNetworkStream",
     "AsyncStreamResponse",
+    "ClientDisconnected",
     "LocalFileSystem",
     "NoBackendAvailable",
     "ParamsInput",
@@ -53,4 +56,5 @@ __all__ = [
     "Timeout",
     "TimeoutInput",
     "serve",
+    "serve_asgi",
 ]

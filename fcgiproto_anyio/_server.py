@@ -101,6 +101,17 @@ LINGER_TIMEOUT = 5.0
 ACCEPT_RETRY = 0.1
 #: At max_connections with no connection able to give way, how soon to look again.
 AT_CAP_RECHECK = 0.1
+#: A streamed request's body read ahead of its app, at most: past it the
+#: connection is not read until the app takes some.
+BODY_READ_AHEAD = 256 * 1024
+#: A streamed app told its client is gone (http.disconnect) has this long to
+#: return before it is cancelled.
+DISCONNECT_GRACE = 5.0
+#: While draining, a connection that never carried a request is closed once
+#: it was this long silent: a web server that just connected sends at once.
+DRAIN_FRESH_GRACE = 1.0
+#: How often a draining server looks for connections that went idle.
+DRAIN_POLL = 0.1
 
 _STDOUT, _STDERR = True, False
 
@@ -125,11 +136,115 @@ class Request(RequestBase):
 
 
 class _State(RequestState):
-    __slots__ = ("scope",)
+    __slots__ = ("changed", "dispatched", "scope", "unread")
 
     def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
         super().__init__(begin, options, anyio.current_time())
         self.scope: anyio.CancelScope | None = None  # set once the app's task is started
+        self.dispatched = False
+        #: Of a streamed request: body bytes its app has not taken yet.
+        self.unread = 0
+        #: Set, then replaced, when a streamed request gets body, ends or is aborted.
+        self.changed = anyio.Event()
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+
+class BodyTooLarge(OSError):
+    """A streamed request's body went past max_body_size; the server answers 413."""
+
+
+class AsyncExchange:
+    """A request whose app runs once its PARAMS are in: its body streams in, its output out.
+
+    What serve_asgi runs applications on. `receive()` waits for more of the
+    body; `write()` for the client to take the output (backpressure), and
+    returns False once the request is over: aborted, or its connection lost.
+    """
+
+    __slots__ = ("_connection", "_state", "app_status", "connection_id", "params", "started")
+
+    def __init__(self, connection: _Connection, state: _State) -> None:
+        assert state.params is not None
+        self._connection = connection
+        self._state = state
+        self.params = state.params
+        self.connection_id = connection.number
+        #: The status END_REQUEST carries.
+        self.app_status = 0
+        #: Whether any stdout was written.
+        self.started = False
+
+    @property
+    def request_id(self) -> int:
+        return self._state.request_id
+
+    @property
+    def aborted(self) -> bool:
+        """True once the web server aborted the request or the connection was lost."""
+        return self._state.aborted
+
+    @property
+    def ended(self) -> bool:
+        return self._state.ended
+
+    async def receive(self) -> tuple[bytes, bool]:
+        """The next piece of the body, and whether more follows; (b"", False) once aborted.
+
+        BodyTooLarge once the body went past max_body_size.
+        """
+        return await self._connection.receive_body(self._state)
+
+    def end(self) -> None:
+        """End the request now (END_REQUEST with app_status), though the app goes on."""
+        self._connection.end_now(self._state, self.app_status)
+
+    async def wait_over(self) -> None:
+        """Return once the request is aborted, its connection lost, or it ended."""
+        state = self._state
+        while not (state.ended or state.aborted):
+            await state.changed.wait()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send stdout, once the client took all but max_unsent_size; False once it is over."""
+        if not data:
+            return not self._state.ended
+        self.started = True
+        return await self._connection.write(self._state, _STDOUT, data)
+
+    async def finish(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send the last stdout and end the request; False if it was over already.
+
+        Up to max_unsent_size of it goes out with END_REQUEST in one write,
+        and the app does not wait for the client to take it: a response whose
+        body is small costs one send and no turn of the loop.
+        """
+        if data:
+            self.started = True
+        return await self._connection.finish(self._state, data, self.app_status)
+
+    async def log(self, message: str | bytes) -> None:
+        """Write to the request's STDERR (the web server's error log), once it is sent."""
+        data = log_bytes(message)
+        if data:
+            await self._connection.write(self._state, _STDERR, data)
+
+    def log_nowait(self, message: str | bytes) -> None:
+        """Queue a message for the request's STDERR without waiting (from the event loop)."""
+        data = log_bytes(message)
+        if data:
+            self._connection.log_nowait(self._state, data)
+
+    def __repr__(self) -> str:
+        method = self.params.get("REQUEST_METHOD", "")
+        uri = self.params.get("REQUEST_URI") or self.params.get("SCRIPT_NAME", "")
+        what = " ".join(part for part in (method, uri) if part)
+        return f"<Exchange {self.request_id} on connection {self.connection_id}: {what}>"
+
+
+StreamApp: TypeAlias = "Callable[[AsyncExchange], Awaitable[None]]"
 
 
 class _Connection:
@@ -163,6 +278,12 @@ class _Connection:
         self.closing = False  # a keep_conn=False request ended: close once it is all sent
         self.writing = False  # the writer is in a send
         self.writer_done = False  # the writer returns once nothing is pending
+        self.streaming = server.streaming
+        # Without multiplexing, requests run one at a time: the next wait here.
+        self.waiting: deque[_State] = deque()
+        self.busy = False
+        self.served = 0  # requests ended on this connection
+        self.body_taken = anyio.Event()  # set, then replaced, when a streamed app takes body
 
     async def run(self) -> None:
         try:
@@ -180,7 +301,11 @@ class _Connection:
                 graceful = await self._read_loop()
                 if not graceful:
                     self._die()
-                requests.cancel_scope.cancel()
+                if self.streaming:
+                    # Streamed apps hear of it (http.disconnect) and may return by themselves.
+                    requests.cancel_scope.deadline = anyio.current_time() + DISCONNECT_GRACE
+                else:
+                    requests.cancel_scope.cancel()
             if graceful:
                 await self._close_gracefully()
             # The writer returns once it finds nothing to send; one stuck in a
@@ -208,6 +333,8 @@ class _Connection:
         with self.read_scope:
             while not (self.dead or self.closing):
                 await self._wait_for_answers()
+                while self.streaming and not self.dead and self._body_full():
+                    await self.body_taken.wait()
                 try:
                     data = await self.sock.receive(READ_SIZE)
                 except OSError as exc:
@@ -258,6 +385,10 @@ class _Connection:
         if self.unsent_answers > self.options.max_unsent_size:
             await self._sent_up_to(self.answers[-1][0])
 
+    def _body_full(self) -> bool:
+        """Whether a streamed app has more body unread than may be read ahead."""
+        return any(state.unread > BODY_READ_AHEAD for state in self.states.values())
+
     def _route(self, event: Event) -> None:
         if isinstance(event, BeginRequest):
             if self.server.slots.admit(self.proto, event):
@@ -274,37 +405,164 @@ class _Connection:
             return
         if isinstance(event, AbortRequest):
             state.aborted = True
-            if state.scope is not None:
-                state.scope.cancel()
+            if state.scope is not None and not self.streaming:
+                state.scope.cancel()  # a streamed app hears of it instead
             self._end(state, ERROR_STATUS)
             return
-        if state.gather(event) and state.scope is None:
+        if self.streaming:
+            self._route_streamed(state, event)
+        elif state.gather(event) and not state.dispatched:
             self._dispatch(state)
         elif state.too_large:
             self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
             self._end(state, ERROR_STATUS)
 
+    def _route_streamed(self, state: _State, event: Event) -> None:
+        """Gather for a streamed request: started once PARAMS are in, its body read by its app."""
+        state.gather(event)
+        if state.too_large:
+            if not state.dispatched:
+                self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
+                self._end(state, ERROR_STATUS)
+            else:  # its app reads BodyTooLarge, and answers 413 if it can
+                state.unread = 0
+                state.wake()
+            return
+        if isinstance(event, StdinData):
+            state.unread += len(event.data)
+            state.wake()
+        elif isinstance(event, StdinEnd):
+            state.wake()
+        if state.params is not None and not state.dispatched:
+            if _declared_length(state.params) > self.options.max_body_size:
+                self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
+                self._end(state, ERROR_STATUS)
+                return
+            self._dispatch(state)
+
     def _dispatch(self, state: _State) -> None:
+        """Start a request's app, or queue it behind the one running on a plain connection."""
+        state.dispatched = True
+        if not self.options.multiplex:
+            if self.busy:
+                self.waiting.append(state)
+                return
+            self.busy = True
+        self._start(state)
+
+    def _start(self, state: _State) -> None:
         assert state.params is not None and self.requests is not None
-        request = Request(self, state)
+        request: Request | AsyncExchange
+        request = AsyncExchange(self, state) if self.streaming else Request(self, state)
         state.scope = anyio.CancelScope()
         self.liveness.app_started()
         self.requests.start_soon(
             self._respond, state, request, name=f"fcgi-request-{self.number}-{state.request_id}"
         )
 
+    def _next_waiting(self) -> None:
+        """A plain connection's request ended: start the next that waits, if any."""
+        self.busy = False
+        while self.waiting and not self.dead:
+            state = self.waiting.popleft()
+            if not state.ended:
+                self.busy = True
+                self._start(state)
+                return
+
     # --- running a request ---
 
-    async def _respond(self, state: _State, request: Request) -> None:
+    async def _respond(self, state: _State, request: Request | AsyncExchange) -> None:
         status = ERROR_STATUS
         try:
             assert state.scope is not None
             with state.scope:
                 if not state.ended:
-                    status = await self._run_app(state, request)
+                    if isinstance(request, AsyncExchange):
+                        status = await self._run_streamed(state, request)
+                    else:
+                        status = await self._run_app(state, request)
         finally:
             self._end(state, status)  # queues END_REQUEST, so `sending` is set first
             self.liveness.app_ended(anyio.current_time())
+            if not self.options.multiplex:
+                self._next_waiting()
+
+    async def _run_streamed(self, state: _State, exchange: AsyncExchange) -> int:
+        try:
+            await self.server.stream_app(exchange)
+            return exchange.app_status
+        except BodyTooLarge:
+            if not exchange.started:
+                await self.write(state, _STDOUT, BODY_TOO_LARGE)
+        except Exception:
+            # The gateways answer their app's failures themselves; this is theirs.
+            logger.exception("the gateway failed on %r", exchange)
+            await self.write(state, _STDERR, failure_report())
+            if not exchange.started:
+                await self.write(state, _STDOUT, INTERNAL_ERROR)
+        return ERROR_STATUS
+
+    async def receive_body(self, state: _State) -> tuple[bytes, bool]:
+        """The body that came for a streamed request since last asked, and whether more follows."""
+        liveness = self.liveness
+        while True:
+            if state.too_large:
+                raise BodyTooLarge(
+                    f"the request body is over max_body_size ({self.options.max_body_size})"
+                )
+            if state.stdin:
+                data = state.stdin[0] if len(state.stdin) == 1 else b"".join(state.stdin)
+                state.stdin = []
+                state.unread = 0
+                self.body_taken.set()
+                self.body_taken = anyio.Event()
+                return data, not state.stdin_done
+            if state.stdin_done or state.ended or self.dead:
+                return b"", False
+            liveness.body_waits += 1
+            try:
+                await state.changed.wait()
+            finally:
+                liveness.body_waits -= 1
+
+    def end_now(self, state: _State, app_status: int) -> None:
+        self._end(state, app_status)
+
+    async def finish(
+        self, state: _State, data: bytes | bytearray | memoryview, app_status: int
+    ) -> bool:
+        piece = self.options.max_unsent_size
+        if len(data) > piece:  # all but the last piece as any output, waiting on the client
+            cut = len(data) - piece
+            if not await self.write(state, _STDOUT, memoryview(data)[:cut]):
+                return False
+            data = memoryview(data)[cut:]
+        if state.ended or self.dead:
+            return False
+        if data:
+            self.proto.send_stdout(state.request_id, data)
+        self._end(state, app_status)  # queues stdout and END_REQUEST together
+        return True
+
+    def log_nowait(self, state: RequestState, data: bytes) -> None:
+        """Queue STDERR for a request without waiting for it to be sent."""
+        if state.ended or self.dead:
+            return
+        self.proto.send_stderr(state.request_id, data)
+        self._queue()
+
+    def drain(self, now: float) -> None:
+        """While the server drains: close the connection if it carries no request.
+
+        One that never carried a request is given DRAIN_FRESH_GRACE to send one.
+        """
+        if self.dead or self.states or self.liveness.running or self.sent < self.queued:
+            return  # a request in progress, or the end of one not yet sent
+        if not self.served and now - self.liveness.last_activity < DRAIN_FRESH_GRACE:
+            return
+        self._die()
+        self.scope.cancel()
 
     async def _run_app(self, state: _State, request: Request) -> int:
         """Run the app and send its output; the app_status to end the request with."""
@@ -377,6 +635,13 @@ class _Connection:
             del self.states[state.request_id]
             self.server.slots.give_back()
         self.proto.end_request(state.request_id, app_status)
+        self.served += 1
+        if self.streaming:
+            state.stdin = []
+            state.unread = 0
+            state.wake()
+            self.body_taken.set()
+            self.body_taken = anyio.Event()
         self._queue()
         if self.proto.closed:  # keep_conn=False: read no more, close once it is sent
             self.closing = True
@@ -454,8 +719,11 @@ class _Connection:
         self.dead = True
         for state in self.states.values():
             state.aborted = True
+            state.wake()
         self.server.slots.give_back(len(self.states))
         self.states.clear()
+        self.waiting.clear()
+        self.body_taken.set()
         self.pending.clear()
         self._progressed()
         self.read_scope.cancel()
@@ -466,11 +734,16 @@ class _Server:
 
     def __init__(
         self,
-        app: App,
+        app: App | StreamApp,
         options: ServerOptions,
         tasks: anyio.abc.TaskGroup,
+        *,
+        streaming: bool = False,
     ) -> None:
-        self.app = app
+        self.app: App = app  # type: ignore[assignment]
+        self.stream_app: StreamApp = app  # type: ignore[assignment]
+        #: Apps run once PARAMS are in, on an AsyncExchange, their body streamed.
+        self.streaming = streaming
         self.options = options
         self.tasks = tasks
         self.connections: set[_Connection] = set()
@@ -486,7 +759,7 @@ class _Server:
                 with anyio.move_on_after(AT_CAP_RECHECK):
                     await self.connection_ended.wait()
                 continue
-            sock = await _accept(listener)
+            sock = await _accept(listener, self.options)
             if sock is None:
                 continue
             connection = _Connection(self, sock, next(self.numbers))
@@ -527,6 +800,21 @@ class _Server:
                 else:
                     next_look = min(next_look, when)
             await anyio.sleep(max(next_look - now, 0.0))
+
+    async def drain(self, timeout: float) -> None:
+        """Close connections as they go idle; return once none is left, or after `timeout`."""
+        with anyio.move_on_after(timeout):
+            while self.connections:
+                now = anyio.current_time()
+                for connection in list(self.connections):
+                    connection.drain(now)
+                with anyio.move_on_after(DRAIN_POLL):
+                    await self.connection_ended.wait()
+        if self.connections:
+            logger.warning(
+                "%d connections still busy after the graceful timeout: closing them",
+                len(self.connections),
+            )
 
     async def _connection(self, connection: _Connection) -> None:
         try:
@@ -590,15 +878,19 @@ class _Socket:
         self.sock.close()
 
 
-async def _accept(listener: socket.socket) -> _Socket | None:
+async def _accept(listener: socket.socket, options: ServerOptions) -> _Socket | None:
     """The connection waiting on a listening socket; None if there is none after all."""
     try:
-        sock, _ = listener.accept()
+        sock, peer = listener.accept()
     except (BlockingIOError, InterruptedError):
         return None
     except OSError as exc:  # out of file descriptors, ...: the client waits in the backlog
         logger.warning("accepting a connection failed: %s", exc)
         await anyio.sleep(ACCEPT_RETRY)
+        return None
+    if not options.peer_allowed(peer):
+        logger.warning("refused a connection from %s: not in allowed_peers", peer[0])
+        sock.close()
         return None
     sock.setblocking(False)
     if sock.family != socket.AF_UNIX:
@@ -702,7 +994,8 @@ async def serve(
     Each connection has a task, and each request a task of its own: with
     `multiplex` a connection carries many requests at once, without it (the
     default: nginx, Apache and Caddy never multiplex, and a client that can
-    asks first) one at a time. An ABORT_REQUEST cancels that request's task
+    asks first) one at a time: a second request sent anyway (HAProxy does)
+    waits for the first to end. An ABORT_REQUEST cancels that request's task
     and ends the request at once with app_status 1; the connection's other
     requests go on. A request's stdin and filter data are held in memory
     until the app runs, up to `max_body_size` bytes (more is answered 413 at
@@ -740,16 +1033,72 @@ async def serve(
         send_timeout=send_timeout,
         roles=roles,
     )
-    listener, bound, inode = await _listen(listen_address(address))
+    await run_server(app, options, address=address, task_status=task_status)
+
+
+async def run_server(
+    app: App | StreamApp,
+    options: ServerOptions,
+    *,
+    address: AddressInput | None = None,
+    sock: socket.socket | None = None,
+    streaming: bool = False,
+    stop: anyio.Event | None = None,
+    graceful_timeout: float = 0.0,
+    task_status: anyio.abc.TaskStatus[Address] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """serve(), or with `streaming` serve_asgi's server: on `address`, or a listening `sock`.
+
+    Setting `stop` drains: no more accepting, connections closed as they go
+    idle, `graceful_timeout` seconds for the requests in progress, then return.
+    """
+    if sock is not None:  # inherited, or shared with other worker processes
+        sock.setblocking(False)
+        listener, bound, inode = sock, _sock_address(sock), 0
+    else:
+        assert address is not None
+        listener, bound, inode = await _listen(listen_address(address))
     try:
         async with anyio.create_task_group() as tasks:
-            server = _Server(app, options, tasks)
-            tasks.start_soon(server.accept_loop, listener, name=f"fcgi-accept {bound}")
+            server = _Server(app, options, tasks, streaming=streaming)
+            accepting = anyio.CancelScope()
+            tasks.start_soon(
+                _accept_until_cancelled, accepting, server, listener, name=f"fcgi-accept {bound}"
+            )
             tasks.start_soon(server.watch_loop, name=f"fcgi-watch {bound}")
             task_status.started(bound)
+            if stop is not None:
+                await stop.wait()
+                accepting.cancel()
+                # Closing the listening socket here would reset the connections
+                # still in its backlog; other processes sharing it take them.
+                await server.drain(graceful_timeout)
+                tasks.cancel_scope.cancel()
     finally:
         listener.close()
-        if bound.path is not None:
+        if bound.path is not None and inode:
             with contextlib.suppress(OSError):
                 if os.stat(bound.path).st_ino == inode:
                     os.unlink(bound.path)
+
+
+async def _accept_until_cancelled(
+    scope: anyio.CancelScope, server: _Server, listener: socket.socket
+) -> None:
+    with scope:
+        await server.accept_loop(listener)
+
+
+def _declared_length(params: dict[str, str]) -> int:
+    """The CONTENT_LENGTH a request announces; 0 if none or not a number."""
+    value = params.get("CONTENT_LENGTH", "")
+    return int(value) if value.isdigit() else 0
+
+
+def _sock_address(sock: socket.socket) -> Address:
+    """The address a listening socket was bound to (an inherited one too)."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        path = name if isinstance(name, str) else name.decode("utf-8", "surrogateescape")
+        return Address(path=path)
+    return Address(host=name[0], port=name[1])

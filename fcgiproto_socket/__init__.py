@@ -16,6 +16,7 @@ from ._client import Client, StreamResponse
 from ._interface import NetworkBackend, NetworkStream
 from ._memory import MemoryBackend, MemoryStream
 from ._server import Handler, Request, Server, serve
+from ._wsgi import WSGIApp, serve_wsgi
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
@@ -39,5 +40,7 @@ __all__ = [
     "StreamResponse",
     "Timeout",
     "TimeoutInput",
+    "WSGIApp",
     "serve",
+    "serve_wsgi",
 ]

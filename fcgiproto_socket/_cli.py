@@ -22,7 +22,7 @@ from fcgiproto import (
 from fcgiproto.cgi import build_params
 from fcgiproto.support import Address
 
-from . import _demo
+from . import _demo, _serve_cli
 from ._client import MANAGEMENT_VARIABLES, Client
 from ._php import add_php_command
 from ._server import Server, serve
@@ -219,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     ping.set_defaults(run=_ping_command)
     add_php_command(commands)
+
+    _serve_cli.add_parser(commands)
     return parser
 
 

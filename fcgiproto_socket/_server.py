@@ -23,6 +23,7 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import TypeAlias
@@ -86,6 +87,13 @@ AT_CAP_RECHECK = 0.1
 #: A blocking send returns once the kernel took it all: in pieces this big,
 #: a send that waits on the peer is seen as such within one piece.
 SEND_PIECE = 64 * 1024
+#: A streamed request's body read ahead of its app, at most: past it the
+#: connection is not read until the app takes some (a multiplexed connection
+#: waits for its slowest reader; the web server holds the rest).
+BODY_READ_AHEAD = 256 * 1024
+#: While draining, a connection that never carried a request is closed once
+#: it was this long silent: a web server that just connected sends at once.
+DRAIN_FRESH_GRACE = 1.0
 
 _STDOUT, _STDERR = True, False
 
@@ -111,11 +119,78 @@ class Request(RequestBase):
 
 
 class _State(RequestState):
-    __slots__ = ("dispatched",)
+    __slots__ = ("dispatched", "unread", "wrote")
 
     def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
         super().__init__(begin, options, time.monotonic())
         self.dispatched = False
+        self.wrote = False  # some output of it was written
+        #: Of a streamed request: body bytes in `stdin` its app has not read yet.
+        self.unread = 0
+
+
+class BodyTooLarge(OSError):
+    """A streamed request's body went past max_body_size; the server answers 413."""
+
+
+class Exchange:
+    """A request whose app runs once its PARAMS are in: its body streams in, its output out.
+
+    What serve_wsgi runs applications on. `read()` blocks for more of the
+    body; `write()` for the client to take the output (backpressure), and
+    returns False once the request is over: aborted, or its connection lost.
+    """
+
+    __slots__ = ("_connection", "_state", "app_status", "connection_id", "params", "started")
+
+    def __init__(self, connection: _Connection, state: _State) -> None:
+        assert state.params is not None
+        self._connection = connection
+        self._state = state
+        self.params = state.params
+        self.connection_id = connection.number
+        #: The status END_REQUEST carries.
+        self.app_status = 0
+        #: Whether any stdout was written.
+        self.started = False
+
+    @property
+    def request_id(self) -> int:
+        return self._state.request_id
+
+    @property
+    def aborted(self) -> bool:
+        """True once the web server aborted the request or the connection was lost."""
+        return self._state.aborted
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes of the body (all the rest if negative); b"" at its end.
+
+        b"" too once the request is aborted; BodyTooLarge past max_body_size.
+        """
+        return self._connection.read_body(self._state, size)
+
+    def write(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send stdout, once the client took all but max_unsent_size; False once it is over."""
+        if not data:
+            return not self._state.ended
+        self.started = True
+        return self._connection.write(self._state, _STDOUT, data)
+
+    def log(self, message: str | bytes) -> None:
+        """Write to the request's STDERR (the web server's error log), at once."""
+        data = log_bytes(message)
+        if data:
+            self._connection.write(self._state, _STDERR, data)
+
+    def __repr__(self) -> str:
+        method = self.params.get("REQUEST_METHOD", "")
+        uri = self.params.get("REQUEST_URI") or self.params.get("SCRIPT_NAME", "")
+        what = " ".join(part for part in (method, uri) if part)
+        return f"<Exchange {self.request_id} on connection {self.connection_id}: {what}>"
+
+
+StreamHandler: TypeAlias = "Callable[[Exchange], None]"
 
 
 class _Connection:
@@ -144,9 +219,18 @@ class _Connection:
         self.unsent = 0
         self.drained = threading.Condition(self.lock)
         self.states: dict[int, _State] = {}
+        # Requests ready for their app, in order: whole ones, or with
+        # `streaming`, those whose PARAMS are in. Without multiplexing they run
+        # one after another in this connection's thread.
+        self.ready: deque[_State] = deque()
+        self.streaming = listener.streaming
+        # A streamed request's app waits on this for more body (with multiplexing).
+        self.body_arrived = threading.Condition(self.lock)
         self.workers: set[threading.Thread] = set()
         self.liveness = Liveness(time.monotonic())
         self.dead = False
+        self.served = 0  # requests ended on this connection
+        self.accepted_at = time.monotonic()
 
     # --- the connection's thread ---
 
@@ -164,42 +248,67 @@ class _Connection:
             with self.lock:
                 # A client that sends without reading makes us answer (GET_VALUES,
                 # refusals) into a socket it does not empty: read on once it does.
-                while self.unsent > limit and not self.dead:
+                # A streamed body is not read further ahead of its app either.
+                while (self.unsent > limit or self._body_full()) and not self.dead:
                     self.drained.wait()
-            try:
-                data = self.sock.recv(READ_SIZE)
-            except OSError:
+            if not self._read_once():
                 return
-            if data:
-                self.liveness.received(time.monotonic())
-            whole: list[_State] = []
-            with self.lock:
-                if self.dead or self.proto.closed:
-                    return
-                try:
-                    events = self.proto.receive_data(data)
-                except RemoteProtocolError as exc:
-                    logger.info("closing connection %d: %s", self.number, exc)
-                    self._die()
-                    return
-                if dropped_too_much(self.proto, self.options):
-                    logger.info("closing connection %d: %s", self.number, DROPPED_TOO_MUCH)
-                    self._die()
-                    return
-                for event in events:
-                    self._route(event, whole)
-                sending = self._queue() and self.send_lock.acquire(blocking=False)
-            if sending:
-                self._send_pending()
-            if not data:
-                return
-            for state in whole:
+            while True:
+                with self.lock:
+                    if not self.ready or self.dead:
+                        break
+                    state = self.ready.popleft()
                 self._dispatch(state)
             with self.lock:
                 if self.dead or self.proto.closed:
                     return
+                if self.listener.draining and not self.states and not self.ready:
+                    return  # finished what it carried: close
 
-    def _route(self, event: Event, whole: list[_State]) -> None:
+    def _read_once(self) -> bool:
+        """Read what the socket has, route it, send what the core answers; False once over.
+
+        Called by the connection's thread, also from within a streamed app
+        when it wants more body or looks for an abort between chunks of output.
+        """
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except OSError:
+            with self.lock:
+                self._die()
+            return False
+        if data:
+            self.liveness.received(time.monotonic())
+        with self.lock:
+            if self.dead or self.proto.closed:
+                return False
+            try:
+                events = self.proto.receive_data(data)
+            except RemoteProtocolError as exc:
+                logger.info("closing connection %d: %s", self.number, exc)
+                self._die()
+                return False
+            if dropped_too_much(self.proto, self.options):
+                logger.info("closing connection %d: %s", self.number, DROPPED_TOO_MUCH)
+                self._die()
+                return False
+            for event in events:
+                self._route(event)
+            if not data:
+                # The client is gone: a streamed app still running hears of it.
+                self._die()
+            sending = self._queue() and self.send_lock.acquire(blocking=False)
+        if sending:
+            self._send_pending()
+        return bool(data)
+
+    def _body_full(self) -> bool:
+        """Whether a streamed app has more body unread than may be read ahead; `lock` is held."""
+        return self.streaming and any(
+            state.unread > BODY_READ_AHEAD for state in self.states.values()
+        )
+
+    def _route(self, event: Event) -> None:
         if isinstance(event, BeginRequest):
             listener = self.listener
             with listener.slots_lock:
@@ -218,18 +327,51 @@ class _Connection:
             state.aborted = True
             self._end(state, ERROR_STATUS)
             return
+        if self.streaming:
+            self._route_streamed(state, event)
+            return
         if state.gather(event) and not state.dispatched:
             state.dispatched = True
             self.liveness.app_started()
-            whole.append(state)
+            self.ready.append(state)
         elif state.too_large:
             self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
             self._end(state, ERROR_STATUS)
 
+    def _route_streamed(self, state: _State, event: Event) -> None:
+        """Gather for a streamed request: ready once PARAMS are in, the body read by its app."""
+        before = len(state.stdin)
+        state.gather(event)
+        if state.too_large:
+            if not state.dispatched:
+                self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
+                self._end(state, ERROR_STATUS)
+            else:  # its app reads BodyTooLarge, and answers 413 if it can
+                state.unread = 0
+                self.body_arrived.notify_all()
+            return
+        if isinstance(event, StdinData):
+            state.unread += len(event.data)
+        if len(state.stdin) != before or state.stdin_done:
+            self.body_arrived.notify_all()
+        if state.params is not None and not state.dispatched:
+            if _declared_length(state.params) > self.options.max_body_size:
+                self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
+                self._end(state, ERROR_STATUS)
+                return
+            state.dispatched = True
+            self.liveness.app_started()
+            self.ready.append(state)
+
     def _dispatch(self, state: _State) -> None:
         assert state.params is not None
-        request = Request(self, state)
-        state.stdin = state.data = []
+        logger.debug("connection %d: request %d starts", self.number, state.request_id)
+        request: Request | Exchange
+        if self.streaming:
+            request = Exchange(self, state)
+        else:
+            request = Request(self, state)
+            state.stdin = state.data = []
         if not self.listener.options.multiplex:
             self._respond(state, request)
             return
@@ -260,7 +402,10 @@ class _Connection:
 
     # --- running a request ---
 
-    def _respond(self, state: _State, request: Request) -> None:
+    def _respond(self, state: _State, request: Request | Exchange) -> None:
+        if isinstance(request, Exchange):
+            self._respond_streamed(state, request)
+            return
         status = ERROR_STATUS
         started = False
         try:
@@ -287,6 +432,82 @@ class _Connection:
                 self.send_lock.acquire()
                 self._send_pending()
 
+    def _respond_streamed(self, state: _State, exchange: Exchange) -> None:
+        status = ERROR_STATUS
+        try:
+            self.listener.stream_handler(exchange)
+            status = exchange.app_status
+        except BodyTooLarge:
+            if not exchange.started:
+                self.write(state, _STDOUT, BODY_TOO_LARGE)
+        except Exception:
+            # The gateways answer their app's failures themselves; this is theirs.
+            logger.exception("the gateway failed on %r", exchange)
+            self.write(state, _STDERR, failure_report())
+            if not exchange.started:
+                self.write(state, _STDOUT, INTERNAL_ERROR)
+        finally:
+            with self.lock:
+                self._end(state, status)
+                queued = self._queue()
+                self.liveness.app_ended(time.monotonic())
+            if queued:
+                self.send_lock.acquire()
+                self._send_pending()
+
+    def read_body(self, state: _State, size: int) -> bytes:
+        """Up to `size` bytes (all if negative) of a streamed request's body; b"" at its end."""
+        pulls = not self.options.multiplex  # the app runs in the thread that reads
+        chunks: list[bytes] = []
+        got = 0
+        with self.lock:
+            while size < 0 or got < size:
+                if state.too_large:
+                    raise BodyTooLarge(
+                        f"the request body is over max_body_size ({self.options.max_body_size})"
+                    )
+                if state.stdin:
+                    chunk = state.stdin[0]
+                    want = len(chunk) if size < 0 else min(len(chunk), size - got)
+                    if want == len(chunk):
+                        state.stdin.pop(0)
+                    else:
+                        state.stdin[0] = chunk[want:]
+                        chunk = chunk[:want]
+                    chunks.append(chunk)
+                    got += want
+                    state.unread -= want
+                    self.drained.notify_all()
+                    continue
+                if got or state.stdin_done or state.ended or self.dead:
+                    break  # what there is, as a file's read() returns it
+                self.liveness.body_waits += 1
+                try:
+                    if pulls:
+                        self.lock.release()
+                        try:
+                            self._read_once()
+                        finally:
+                            self.lock.acquire()
+                    else:
+                        self.body_arrived.wait()
+                finally:
+                    self.liveness.body_waits -= 1
+        return b"".join(chunks)
+
+    def _look_for_abort(self, state: _State) -> None:
+        """Between pieces of a streamed app's output, read what came: an ABORT_REQUEST, EOF.
+
+        Only where the app runs in the reading thread, and not past what may be
+        read ahead of the body.
+        """
+        if state.unread > BODY_READ_AHEAD:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if not select.select([self.sock], [], [], 0)[0]:
+                return
+        self._read_once()
+
     # --- output ---
 
     def write(
@@ -299,7 +520,15 @@ class _Connection:
         """
         piece = self.options.max_unsent_size
         view = memoryview(data)
+        # Where a streamed app runs in the reading thread, look for an abort
+        # between pieces; not before the first, which follows the request at once.
+        looks = self.streaming and not self.options.multiplex and isinstance(state, _State)
         for start in range(0, len(view), piece):
+            if looks:
+                assert isinstance(state, _State)
+                if state.wrote:
+                    self._look_for_abort(state)
+                state.wrote = True
             with self.lock:
                 if state.ended or self.dead:
                     return False
@@ -322,6 +551,11 @@ class _Connection:
             del self.states[state.request_id]
             self.listener.give_back(1)
         self.proto.end_request(state.request_id, app_status)
+        self.served += 1
+        state.stdin = state.data = []
+        state.unread = 0
+        self.drained.notify_all()
+        self.body_arrived.notify_all()
 
     def _queue(self) -> bool:
         """Move the protocol's output to `pending`; True if anything is pending. `lock` is held."""
@@ -372,9 +606,11 @@ class _Connection:
             state.aborted = state.ended = True
         self.listener.give_back(len(self.states))
         self.states.clear()
+        self.ready.clear()
         self.pending.clear()
         self.unsent = 0
         self.drained.notify_all()
+        self.body_arrived.notify_all()
         self._shutdown()
 
     # --- from other threads ---
@@ -395,9 +631,29 @@ class _Connection:
         with self.lock:
             return self.liveness.deadline(self.options, self.states.values())
 
+    def drain(self, now: float) -> None:
+        """While the server drains: close the connection if it carries no request.
+
+        One that never carried a request is given DRAIN_FRESH_GRACE to send one.
+        Called with the listener's lock held.
+        """
+        with self.lock:
+            if self.dead or self.states or self.ready or self.liveness.running or self.unsent:
+                return  # a request in progress, or the end of one not yet sent
+            if not self.served and now - self.liveness.last_activity < DRAIN_FRESH_GRACE:
+                return
+            logger.debug("closing connection %d: idle while draining", self.number)
+            self._die()
+
     def _shutdown(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _declared_length(params: dict[str, str]) -> int:
+    """The CONTENT_LENGTH a request announces; 0 if none or not a number."""
+    value = params.get("CONTENT_LENGTH", "")
+    return int(value) if value.isdigit() else 0
 
 
 class _Listener:
@@ -405,12 +661,24 @@ class _Listener:
 
     def __init__(
         self,
-        handler: Handler,
-        address: AddressInput,
+        handler: Handler | StreamHandler,
+        address: AddressInput | None,
         options: ServerOptions,
+        *,
+        streaming: bool = False,
+        sock: socket.socket | None = None,
+        graceful_timeout: float = 0.0,
     ) -> None:
-        self.handler = handler
+        self.handler: Handler = handler  # type: ignore[assignment]
+        self.stream_handler: StreamHandler = handler  # type: ignore[assignment]
+        #: Apps run once PARAMS are in, on an Exchange, their body streamed.
+        self.streaming = streaming
         self.options = options
+        #: Set while the server drains: no more accepting, connections close once idle.
+        self.draining = False
+        self._drain_requested: float | None = None
+        #: Setting `stop` drains for this long first (0: stops at once).
+        self.graceful_timeout = graceful_timeout
         # Requests at once across every connection; taken under its own lock,
         # which is the innermost: nothing else is acquired while it is held.
         self.slots = RequestSlots(options.max_requests)
@@ -420,7 +688,12 @@ class _Listener:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         try:
-            self.sock, self.address, self._inode = _bind(listen_address(address))
+            if sock is not None:  # inherited, or shared with other worker processes
+                sock.setblocking(False)
+                self.sock, self.address, self._inode = sock, _sock_address(sock), 0
+            else:
+                assert address is not None
+                self.sock, self.address, self._inode = _bind(listen_address(address))
         except BaseException:
             self._wake_r.close()
             self._wake_w.close()
@@ -447,6 +720,12 @@ class _Listener:
         self._stopping = True
         self._wake()
 
+    def request_drain(self, timeout: float) -> None:
+        """Stop accepting, let requests in progress end within `timeout` seconds, then stop."""
+        if self._drain_requested is None:
+            self._drain_requested = timeout
+        self._wake()
+
     def give_back(self, count: int) -> None:
         """Requests of a connection ended or were abandoned."""
         if count:
@@ -468,7 +747,16 @@ class _Listener:
         poller.register(self._wake_r, select.POLLIN)
         poller.register(self.sock, select.POLLIN)
         listening = True
-        while not self._stopping and not (stop is not None and stop.is_set()):
+        while not self._stopping:
+            if stop is not None and stop.is_set():
+                if not self.graceful_timeout:
+                    return
+                self.request_drain(self.graceful_timeout)
+            if self._drain_requested is not None:
+                if listening:
+                    poller.unregister(self.sock)
+                self._drain(poller, self._drain_requested)
+                return
             if not listening:  # waited a while, or a connection ended: look again
                 poller.register(self.sock, select.POLLIN)
                 listening = True
@@ -488,6 +776,33 @@ class _Listener:
                     poller.unregister(self.sock)
                     listening = False
                     self._next_watch = min(self._next_watch, time.monotonic() + AT_CAP_RECHECK)
+
+    def _drain(self, poller: select.poll, timeout: float) -> None:
+        """Accept no more; wait until every connection closed once idle, or `timeout` passed."""
+        self.draining = True
+        # Closing the listening socket here would reset the connections still
+        # in its backlog; other processes sharing it take them (and without
+        # any, _shutdown() closes it right after).
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            if now >= self._next_watch:
+                self._next_watch = self._watch(now)
+            with self._lock:
+                live = [c for c in self._connections if not c.dead]
+                for connection in live:
+                    connection.drain(now)
+            if not live or now >= deadline or self._stopping:
+                if live:
+                    logger.warning(
+                        "%d connections still busy after the graceful timeout: closing them",
+                        len(live),
+                    )
+                return
+            for fd, _ in poller.poll(min(POLL_INTERVAL, deadline - now) * 1000):
+                if fd == self._wake_r.fileno():
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
 
     def _watch(self, now: float) -> float:
         """Close the connections that waited too long on their peer; when to look next."""
@@ -525,16 +840,21 @@ class _Listener:
 
     def _accept(self) -> None:
         try:
-            sock, _ = self.sock.accept()
+            sock, peer = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # out of file descriptors, ...: the client waits in the backlog
             logger.warning("accepting a connection on %s failed: %s", self.address, exc)
             return
+        if not self.options.peer_allowed(peer):
+            logger.warning("refused a connection from %s: not in allowed_peers", peer[0])
+            sock.close()
+            return
         sock.setblocking(True)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = _Connection(self, sock, next(self._numbers))
+        logger.debug("accepted connection %d", connection.number)
         thread = threading.Thread(
             target=connection.run, name=f"fcgi-connection-{connection.number}", daemon=True
         )
@@ -601,6 +921,15 @@ def _bind(address: Address) -> tuple[socket.socket, Address, int]:
     return sock, Address(host=bound[0], port=bound[1]), 0
 
 
+def _sock_address(sock: socket.socket) -> Address:
+    """The address a listening socket was bound to (an inherited one too)."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        path = name if isinstance(name, str) else name.decode("utf-8", "surrogateescape")
+        return Address(path=path)
+    return Address(host=name[0], port=name[1])
+
+
 def _remove_stale_socket(path: str) -> None:
     """Remove a socket file left by a server that is gone; refuse to steal a live one."""
     try:
@@ -659,7 +988,8 @@ def serve(
 
     Each connection has a thread. Without `multiplex` (the default: nginx,
     Apache and Caddy never multiplex, and a client that can asks first) a
-    connection carries one request at a time and the handler runs in that
+    connection carries one request at a time (a second one sent anyway, as
+    HAProxy does, waits for the first to end) and the handler runs in that
     thread, so an ABORT_REQUEST is read only after it returns (web servers
     close the connection instead, which stops a streaming handler at its next
     chunk). With `multiplex` a connection carries many requests at once, each

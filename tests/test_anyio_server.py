@@ -532,22 +532,40 @@ async def test_get_values_is_answered_from_the_configuration() -> None:
     assert raw.values == {"FCGI_MAX_CONNS": "7", "FCGI_MAX_REQS": "5", "FCGI_MPXS_CONNS": "1"}
 
 
-async def test_without_multiplex_a_second_request_is_refused() -> None:
+async def test_without_multiplex_a_second_request_waits_for_the_first() -> None:
+    """HAProxy sends a second request on a busy connection even after FCGI_MPXS_CONNS=0:
+    it is answered once the first is, as php-fpm does, never alongside it."""
+    release = anyio.Event()
+    running_apps: list[str] = []
+    overlapped = False
+
     async def app(request: Request) -> bytes:
-        return HEAD
+        nonlocal overlapped
+        overlapped = overlapped or bool(running_apps)
+        running_apps.append(request.params["SCRIPT_NAME"])
+        if request.params["SCRIPT_NAME"] == "/first":
+            await release.wait()
+        running_apps.remove(request.params["SCRIPT_NAME"])
+        return HEAD + request.params["SCRIPT_NAME"].encode()
 
     async with (
         running(app, multiplex=False) as bound,
         Raw.connect(bound, multiplex=True) as raw,
     ):
         raw.conn.get_values(["FCGI_MPXS_CONNS"])
-        first = raw.conn.begin_request()  # not whole yet: it stays active
-        second = raw.conn.send_request(get())
+        first = raw.conn.send_request(get("/first"))
+        second = raw.conn.send_request(get("/second"))
         await raw.send()
-        await raw.until_ended(second)
+        while raw.values is None:
+            await raw.read()
+        await anyio.sleep(0.1)
+        assert second not in raw.ends  # waits behind the first
+        release.set()
+        await raw.until_ended(first, second)
     assert raw.values == {"FCGI_MPXS_CONNS": "0"}
-    assert raw.ends[second].protocol_status is ProtocolStatus.CANT_MPX_CONN
-    assert first not in raw.ends
+    assert not overlapped
+    assert raw.ends[second].protocol_status is ProtocolStatus.REQUEST_COMPLETE
+    assert raw.stdout[first].endswith(b"/first") and raw.stdout[second].endswith(b"/second")
 
 
 async def test_garbage_closes_only_that_connection(address: str) -> None:

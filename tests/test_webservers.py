@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -340,3 +341,46 @@ def test_fcgi_serve_started_by_the_web_server(
     response, body = front.request("HEAD", "/a")
     front.check(response)
     assert body == b""
+
+
+def test_haproxy_gets_every_request_answered_by_a_server_that_does_not_multiplex(
+    webservers: web.WebServers,
+) -> None:
+    """HAProxy with mpxs-conns and max-reqs, not asking GET_VALUES, sends a second request
+    on a busy connection to a server that does not multiplex: it is answered after the
+    first, as php-fpm does. Refused with CANT_MPX_CONN instead, HAProxy 2.6 leaves such a
+    request hanging until its server timeout (a 504)."""
+    carried: dict[int, list[int]] = {}
+    lock = threading.Lock()
+
+    def slow(request: Request) -> bytes:
+        path, _ = webapp.path_and_query(request.params)
+        if path == "/slow":
+            with lock:
+                carried.setdefault(request.connection_id, []).append(request.request_id)
+            time.sleep(0.3)
+        return b"Content-Type: text/plain\r\n\r\n%d" % request.request_id
+
+    with Server(slow, "127.0.0.1:0", multiplex=False) as server:
+        haproxy = webservers.haproxy(
+            f"{server.address.host}:{server.address.port}", max_reqs=TOGETHER, get_values=False
+        )
+        front = Front(haproxy, spawned=False)
+        response, _ = front.request("GET", "/params")  # a connection open before the others
+        front.check(response)
+        statuses: list[int] = []
+
+        def one() -> None:
+            response, _ = front.request("GET", "/slow")
+            statuses.append(response.status)
+
+        clients = [threading.Thread(target=one) for _ in range(TOGETHER)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(TIMEOUT)
+    assert statuses == [200] * TOGETHER, haproxy.logs()
+    # They were all in flight at once, on fewer connections than requests: some
+    # connection carried two at a time, one waiting for the other.
+    assert sum(map(len, carried.values())) == TOGETHER
+    assert len(carried) < TOGETHER, carried

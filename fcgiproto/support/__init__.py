@@ -33,8 +33,10 @@ from ._application import (
     listen_address,
     log_bytes,
     output_chunks,
+    web_server_addrs,
 )
 from ._balancer import IDEMPOTENT_METHODS, BackendState, Balancer, Policy, may_retry
+from ._environ import ASGI_VERSION, asgi_scope, cgi_head, request_path, url_scheme, wsgi_environ
 from ._liveness import Liveness
 from ._memory import ApplicationPeer, MemoryPeer, PeerAnswer
 from ._phproute import (
@@ -63,6 +65,7 @@ from ._timeout import PROBE_WAIT, Deadline, Timeout, TimeoutInput, probe_wait
 
 __all__ = [
     "ALL_ROLES",
+    "ASGI_VERSION",
     "BODY_TOO_LARGE",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_BODY_SIZE",
@@ -108,6 +111,8 @@ __all__ = [
     "Timeout",
     "TimeoutInput",
     "WholeAnswer",
+    "asgi_scope",
+    "cgi_head",
     "check_output",
     "close_output",
     "dropped_too_much",
@@ -121,5 +126,9 @@ __all__ = [
     "raise_for_protocol_status",
     "receive_from",
     "recipient",
+    "request_path",
     "response_too_large",
+    "url_scheme",
+    "web_server_addrs",
+    "wsgi_environ",
 ]

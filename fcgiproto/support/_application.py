@@ -9,6 +9,7 @@ their own Request on RequestBase, each with its own way of writing to STDERR.
 
 from __future__ import annotations
 
+import ipaddress
 import traceback
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ __all__ = [
     "listen_address",
     "log_bytes",
     "output_chunks",
+    "web_server_addrs",
 ]
 
 ALL_ROLES = (Role.RESPONDER, Role.AUTHORIZER, Role.FILTER)
@@ -309,6 +311,9 @@ class ServerOptions:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     send_timeout: float = DEFAULT_SEND_TIMEOUT
     roles: Collection[Role] = field(default=ALL_ROLES)
+    #: The web servers' IP addresses a TCP connection may come from (the
+    #: spec's FCGI_WEB_SERVER_ADDRS); None lets any in. Unix sockets are not checked.
+    allowed_peers: Collection[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.multiplex, bool):
@@ -340,6 +345,20 @@ class ServerOptions:
         if not roles:
             raise ValueError("roles must name at least one role")
         object.__setattr__(self, "roles", roles)
+        if self.allowed_peers is not None:
+            if isinstance(self.allowed_peers, str):
+                raise TypeError("allowed_peers must be a collection of addresses, not a str")
+            peers = frozenset(_ip(peer) for peer in self.allowed_peers)
+            object.__setattr__(self, "allowed_peers", peers)
+
+    def peer_allowed(self, peer: object) -> bool:
+        """Whether an accepted connection's peer (accept()'s address) may be served."""
+        if self.allowed_peers is None or not isinstance(peer, tuple):
+            return True  # no allowlist, or a Unix socket
+        try:
+            return _ip(str(peer[0])) in self.allowed_peers
+        except ValueError:
+            return False
 
     def values(self) -> dict[str, str]:
         """What GET_VALUES answers: the application's limits, as configured."""
@@ -358,14 +377,28 @@ class ServerOptions:
             max_connections=self.max_connections,
             max_params_size=self.max_params_size,
             max_params_pairs=self.max_params_pairs,
+            # Without multiplexing, a second request that comes anyway waits
+            # for the first to end (as php-fpm has it) instead of being
+            # refused: HAProxy sends one even after FCGI_MPXS_CONNS=0. The
+            # servers run one request of such a connection at a time.
+            serial=not self.multiplex,
         )
-        # The core answers FCGI_MAX_REQS with its cap per connection, which it
-        # makes 1 without multiplexing. The spec's FCGI_MAX_REQS is the
-        # application's; a second request on such a connection is refused
-        # with CANT_MPX_CONN before this cap is looked at, so raising it back
-        # changes only the answer.
-        proto.max_requests = self.max_requests
         return proto
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP address; an IPv4-mapped IPv6 one as the IPv4 address it is."""
+    address = ipaddress.ip_address(text.strip().split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def web_server_addrs(value: str | None) -> list[str] | None:
+    """FCGI_WEB_SERVER_ADDRS ("127.0.0.1,10.0.0.5") as allowed_peers; None when unset or empty."""
+    if not value or not value.strip():
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 #: Why a server closed a connection for which dropped_too_much() was true.

@@ -39,13 +39,16 @@ SEND_STALL_GRACE = 0.25
 class Liveness:
     """One connection's last movement, running apps and stalled send (see the module)."""
 
-    __slots__ = ("last_activity", "running", "send_stalled_since", "sending")
+    __slots__ = ("body_waits", "last_activity", "running", "send_stalled_since", "sending")
 
     def __init__(self, now: float) -> None:
         #: When a byte last arrived, a send last moved, or an app last ended.
         self.last_activity = now
         #: Applications running for this connection's requests.
         self.running = 0
+        #: Of those, the ones waiting for more of their request body: they
+        #: wait on the peer, so idle_timeout and eviction treat them as idle.
+        self.body_waits = 0
         #: Output is queued that the kernel has not taken yet.
         self.sending = False
         #: When the send in progress started waiting on the peer; None if none does.
@@ -88,7 +91,7 @@ class Liveness:
             when = self.send_stalled_since + options.send_timeout
             if earliest is None or when < earliest[0]:
                 earliest = (when, "the client stopped reading")
-        if not self.running:
+        if self.running <= self.body_waits:
             when = self.last_activity + options.idle_timeout
             if earliest is None or when < earliest[0]:
                 earliest = (when, "the client sent nothing for too long")
@@ -100,6 +103,8 @@ class Liveness:
         # they lower `running`: an app that just ended with its last output
         # still queued is never taken for an idle connection.
         stalled = self.send_stalled_since
-        if (self.running or self.sending) and (stalled is None or now - stalled < SEND_STALL_GRACE):
+        if (self.running > self.body_waits or self.sending) and (
+            stalled is None or now - stalled < SEND_STALL_GRACE
+        ):
             return None
         return self.last_activity

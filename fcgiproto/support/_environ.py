@@ -1,0 +1,213 @@
+"""From CGI params to a WSGI environ or an ASGI http scope, and back to a CGI response head.
+
+A web server hands a FastCGI application the request as CGI variables; WSGI
+(PEP 3333) and ASGI (the HTTP connection scope) each want their own shape of
+it. Both are built here from the params a server received, with no I/O, so the
+blocking and the anyio server agree on every field.
+
+Where the path is: nginx sends the whole request path as SCRIPT_NAME and no
+PATH_INFO (``fastcgi_param SCRIPT_NAME $fastcgi_script_name``), Apache and
+lighttpd split it into the mount point and the rest. A request whose
+PATH_INFO is missing or empty is taken to be all path: the app is mounted at
+`root_path` (the server's option, "" by default), which is cut off its front.
+"""
+
+from __future__ import annotations
+
+import http
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+__all__ = [
+    "ASGI_VERSION",
+    "asgi_scope",
+    "cgi_head",
+    "request_path",
+    "url_scheme",
+    "wsgi_environ",
+]
+
+#: What the scope's "asgi" key says: ASGI 3, HTTP spec 2.4 (send() after a
+#: disconnect raises an OSError instead of being silently dropped).
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+
+
+def _raw(value: str) -> bytes:
+    """The bytes the web server sent for a param (params are decoded with surrogateescape)."""
+    return value.encode("utf-8", "surrogateescape")
+
+
+def _native(value: str) -> str:
+    """A param as PEP 3333's native string: its bytes, each as one latin-1 character."""
+    if value.isascii():
+        return value
+    return _raw(value).decode("latin-1")
+
+
+def _port(value: str | None) -> int | None:
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
+
+
+def request_path(params: Mapping[str, str], root_path: str = "") -> tuple[str, str]:
+    """(SCRIPT_NAME, PATH_INFO) as PEP 3333 means them, decoded (not yet native strings).
+
+    When the web server split them (PATH_INFO not empty), they are kept. When
+    it sent all of the path as SCRIPT_NAME (nginx's default), `root_path` is
+    the mount point: cut off the front of the path where the path starts with it.
+    """
+    script_name = params.get("SCRIPT_NAME", "")
+    path_info = params.get("PATH_INFO", "")
+    if path_info:
+        return script_name, path_info
+    path = script_name or _uri_path(params)
+    root = root_path.rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return root, path[len(root) :]
+    return "", path or "/"
+
+
+def _uri_path(params: Mapping[str, str]) -> str:
+    """The decoded path of REQUEST_URI, for a server that sent no SCRIPT_NAME nor PATH_INFO."""
+    uri = params.get("REQUEST_URI", "")
+    raw = _raw(uri).split(b"?", 1)[0]
+    return unquote_to_bytes(raw).decode("utf-8", "surrogateescape") if raw else ""
+
+
+def url_scheme(params: Mapping[str, str]) -> str:
+    """http or https: HTTPS set to anything but "off" (as CGI has it), else REQUEST_SCHEME."""
+    https = params.get("HTTPS", "").lower()
+    if https and https != "off":
+        return "https"
+    scheme = params.get("REQUEST_SCHEME", "").lower()
+    return scheme if scheme in ("http", "https") else "http"
+
+
+def wsgi_environ(
+    params: Mapping[str, str],
+    *,
+    root_path: str = "",
+    input: Any,
+    errors: Any,
+    multithread: bool,
+    multiprocess: bool,
+) -> dict[str, Any]:
+    """The PEP 3333 environ of a request: every CGI param as a native string, and wsgi.*.
+
+    The required CGI keys are there even when the web server left them out
+    (SERVER_NAME "localhost", SERVER_PORT "80" or "443", REQUEST_METHOD "GET");
+    CONTENT_TYPE and CONTENT_LENGTH only when not empty.
+    """
+    environ: dict[str, Any] = {name: _native(value) for name, value in params.items()}
+    for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if not environ.get(name):
+            environ.pop(name, None)
+    # Headers the CGI variables above carry; PEP 3333 has no HTTP_ form of them.
+    environ.pop("HTTP_CONTENT_TYPE", None)
+    environ.pop("HTTP_CONTENT_LENGTH", None)
+    scheme = url_scheme(params)
+    script_name, path_info = request_path(params, root_path)
+    environ["SCRIPT_NAME"] = _native(script_name)
+    environ["PATH_INFO"] = _native(path_info)
+    environ.setdefault("QUERY_STRING", "")
+    environ["REQUEST_METHOD"] = environ.get("REQUEST_METHOD") or "GET"
+    if not environ.get("SERVER_NAME"):
+        environ["SERVER_NAME"] = _native(
+            params.get("HTTP_HOST", "").rsplit(":", 1)[0] or "localhost"
+        )
+    if not environ.get("SERVER_PORT"):
+        environ["SERVER_PORT"] = "443" if scheme == "https" else "80"
+    environ.setdefault("SERVER_PROTOCOL", "HTTP/1.1")
+    environ["wsgi.version"] = (1, 0)
+    environ["wsgi.url_scheme"] = scheme
+    environ["wsgi.input"] = input
+    environ["wsgi.errors"] = errors
+    environ["wsgi.multithread"] = multithread
+    environ["wsgi.multiprocess"] = multiprocess
+    environ["wsgi.run_once"] = False
+    environ["wsgi.input_terminated"] = True
+    return environ
+
+
+def _http_version(protocol: str) -> str:
+    version = protocol.upper().removeprefix("HTTP/")
+    if version in ("2", "2.0"):
+        return "2"
+    if version in ("3", "3.0"):
+        return "3"
+    return version if version in ("1.0", "1.1") else "1.1"
+
+
+def asgi_scope(
+    params: Mapping[str, str], *, root_path: str = "", state: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ASGI http connection scope of a request.
+
+    `path` is the whole decoded path, `root_path` included (as the spec has
+    it since its clarification, and as Starlette expects); `raw_path` is the
+    path of REQUEST_URI as the client sent it, percent-escapes kept.
+    """
+    script_name, path_info = request_path(params, root_path)
+    uri = _raw(params.get("REQUEST_URI", ""))
+    raw_path = uri.split(b"?", 1)[0] or None
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in params.items():
+        if name.startswith("HTTP_"):
+            if name in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+                continue
+            headers.append((name[5:].lower().replace("_", "-").encode("latin-1"), _raw(value)))
+        elif name in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            headers.append((name.lower().replace("_", "-").encode("latin-1"), _raw(value)))
+    remote = params.get("REMOTE_ADDR")
+    client = [remote, _port(params.get("REMOTE_PORT")) or 0] if remote else None
+    server_host = params.get("SERVER_ADDR") or params.get("SERVER_NAME")
+    server_port = _port(params.get("SERVER_PORT"))
+    server = [server_host, server_port] if server_host and server_port is not None else None
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": dict(ASGI_VERSION),
+        "http_version": _http_version(params.get("SERVER_PROTOCOL", "HTTP/1.1")),
+        "method": (params.get("REQUEST_METHOD") or "GET").upper(),
+        "scheme": url_scheme(params),
+        "path": script_name + path_info,
+        "raw_path": raw_path,
+        "query_string": _raw(params.get("QUERY_STRING", "")),
+        "root_path": script_name,
+        "headers": headers,
+        "client": client,
+        "server": server,
+        "extensions": {},
+    }
+    if state is not None:
+        scope["state"] = dict(state)
+    return scope
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def cgi_head(status: int | str, headers: Iterable[tuple[bytes | str, bytes | str]]) -> bytes:
+    """A CGI response head: the Status line, the headers, the blank line.
+
+    `status` is an int (its reason phrase is added) or WSGI's "200 OK". Names
+    and values are bytes, or str of latin-1 characters; a CR or LF in either
+    is refused (ValueError): it would let the app forge headers.
+    """
+    if isinstance(status, int):
+        line = f"{status} {_reason(status)}".rstrip().encode("latin-1")
+    else:
+        line = status.encode("latin-1")
+    lines = [b"Status: " + line]
+    for name, value in headers:
+        raw_name = name.encode("latin-1") if isinstance(name, str) else bytes(name)
+        raw_value = value.encode("latin-1") if isinstance(value, str) else bytes(value)
+        lines.append(raw_name + b": " + raw_value)
+    if any(b"\r" in part or b"\n" in part for part in lines):
+        raise ValueError("a response header contains CR or LF")
+    return b"\r\n".join(lines) + b"\r\n\r\n"

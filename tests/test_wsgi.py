@@ -1,0 +1,467 @@
+"""serve_wsgi: PEP 3333 (checked by wsgiref.validate), streaming both ways, aborts, limits."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from wsgiref.validate import validator
+
+import pytest
+from helpers import no_new_thread_left
+from test_socket_server import Raw
+
+from fcgiproto import ProtocolStatus
+from fcgiproto.cgi import build_params
+from fcgiproto.support import Address, wsgi_environ
+from fcgiproto_socket import Client, serve_wsgi
+
+WAIT = 10.0
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    with no_new_thread_left():
+        yield
+
+
+@contextlib.contextmanager
+def wsgi_server(app: Any, address: str = "127.0.0.1:0", **options: Any) -> Iterator[Address]:
+    """serve_wsgi in a thread for the block; stopped (drained briefly) after it."""
+    bound: list[Address] = []
+    ready = threading.Event()
+    stop = threading.Event()
+    options.setdefault("graceful_timeout", 1.0)
+
+    def on_ready(address: Address) -> None:
+        bound.append(address)
+        ready.set()
+
+    thread = threading.Thread(
+        target=serve_wsgi, args=(app, address), kwargs={"ready": on_ready, "stop": stop, **options}
+    )
+    thread.start()
+    try:
+        assert ready.wait(WAIT)
+        yield bound[0]
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        assert not thread.is_alive()
+
+
+def params(method: str = "GET", path: str = "/", **options: Any) -> dict[str, str]:
+    return build_params(method, path, script_filename="/srv" + path, **options)
+
+
+def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello ", environ["PATH_INFO"].encode("latin-1")]
+
+
+# --- compliance ---
+
+
+def validated_app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+    """Uses every part of the interface wsgiref.validate checks."""
+    body = environ["wsgi.input"]
+    first = body.readline()
+    rest = body.read(int(environ.get("CONTENT_LENGTH") or 0))
+    environ["wsgi.errors"].write("to the error log\n")
+    environ["wsgi.errors"].flush()
+    write = start_response("201 Created", [("Content-Type", "text/plain"), ("X-A", "b")])
+    write(b"written ")
+    yield first
+    yield b""
+    yield rest
+    yield environ["REQUEST_METHOD"].encode()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD"])
+def test_wsgiref_validate_finds_nothing_wrong(method: str) -> None:
+    errors: list[BaseException] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        try:
+            return validator(validated_app)(environ, start_response)
+        except BaseException as exc:  # an AssertionError from the validator
+            errors.append(exc)
+            raise
+
+    body = b"line one\nthe rest" if method == "POST" else b""
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params(method, "/v", content_length=len(body) or None), body)
+    assert errors == []
+    assert r.status == 201
+    assert r.header("x-a") == "b"
+    expected = (
+        b"written line one\nthe rest" + method.encode() if body else b"written " + method.encode()
+    )
+    assert r.body == expected
+    assert r.stderr == b"to the error log\n"
+
+
+def test_environ_from_nginx_params() -> None:
+    seen: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.update(environ)
+        start_response("200 OK", [])
+        return []
+
+    p = params(
+        "POST",
+        "/app/caf\u00e9/x",
+        query="a=1&b=%20",
+        headers=[("Content-Type", "text/plain"), ("X-Thing", "v"), ("Cookie", "c=1")],
+        content_length=3,
+        https=True,
+        server_port=8443,
+    )
+    with wsgi_server(app, root_path="/app") as bound, Client(bound, timeout=WAIT) as client:
+        assert client.request(p, b"abc").status == 200
+    assert seen["SCRIPT_NAME"] == "/app"
+    assert seen["PATH_INFO"] == "/caf\u00e9/x".encode().decode("latin-1")  # PEP 3333's native str
+    assert seen["QUERY_STRING"] == "a=1&b=%20"
+    assert seen["CONTENT_TYPE"] == "text/plain"
+    assert seen["CONTENT_LENGTH"] == "3"
+    assert seen["HTTP_X_THING"] == "v"
+    assert seen["HTTP_COOKIE"] == "c=1"
+    assert seen["wsgi.url_scheme"] == "https"
+    assert seen["SERVER_PORT"] == "8443"
+    assert seen["wsgi.version"] == (1, 0)
+    assert seen["wsgi.multithread"] is True
+    assert seen["wsgi.run_once"] is False
+    assert "HTTP_CONTENT_TYPE" not in seen
+
+
+def test_environ_split_by_the_web_server_is_kept() -> None:
+    """Apache and lighttpd send SCRIPT_NAME and PATH_INFO apart."""
+    environ = wsgi_environ(
+        {"SCRIPT_NAME": "/mount", "PATH_INFO": "/page", "REQUEST_SCHEME": "https"},
+        input=None,
+        errors=None,
+        multithread=False,
+        multiprocess=False,
+    )
+    assert (environ["SCRIPT_NAME"], environ["PATH_INFO"]) == ("/mount", "/page")
+    assert environ["wsgi.url_scheme"] == "https"
+    assert (environ["SERVER_NAME"], environ["SERVER_PORT"]) == ("localhost", "443")
+    assert environ["REQUEST_METHOD"] == "GET"
+    assert environ["QUERY_STRING"] == ""
+
+
+@pytest.mark.parametrize("multiplex", [False, True])
+def test_the_body_streams_in_as_it_arrives(multiplex: bool) -> None:
+    """The app runs before the body is all there, and reads it piece by piece.
+
+    A slow reader: the server reads no further ahead than a bound meanwhile
+    (pulled by the app itself, or pushed by the reading thread when the
+    connection multiplexes).
+    """
+    pieces: list[bytes] = []
+    app_started = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        app_started.set()
+        while chunk := environ["wsgi.input"].read(65536):
+            pieces.append(chunk)
+            time.sleep(0.001)
+        start_response("200 OK", [])
+        return [str(sum(map(len, pieces))).encode()]
+
+    def body() -> Iterator[bytes]:
+        yield b"x" * 1000
+        assert app_started.wait(WAIT)  # the app runs while the body is still coming
+        for _ in range(100):
+            yield b"y" * 100_000
+
+    with (
+        wsgi_server(app, max_body_size=64 << 20, multiplex=multiplex) as bound,
+        Client(bound, timeout=WAIT) as c,
+    ):
+        r = c.request(params("POST"), body())
+    assert r.body == b"10001000"
+    assert len(pieces) > 1
+
+
+def test_a_body_declared_too_large_is_a_413_and_the_app_never_runs() -> None:
+    ran = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        ran.append(1)
+        start_response("200 OK", [])
+        return []
+
+    with wsgi_server(app, max_body_size=1000) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params("POST", content_length=5000), b"x" * 5000)
+        assert r.status == 413
+        r = client.request(params("POST", content_length=1000), b"x" * 1000)
+        assert r.status == 200
+    assert ran == [1]
+
+
+def test_a_body_that_grows_too_large_is_a_413() -> None:
+    """No CONTENT_LENGTH (a chunked upload): the app reads, and the server answers 413."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [])
+        return [b"read it all"]
+
+    with wsgi_server(app, max_body_size=100_000) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params("POST"), iter([b"x" * 60_000] * 3))
+    assert r.status == 413
+
+
+def test_an_exception_is_a_plain_500_with_the_traceback_on_stderr() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/fail":
+            raise ValueError("the secret")
+        return hello(environ, start_response)
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params("GET", "/fail"))
+        assert r.status == 500
+        assert b"secret" not in r.body and b"Traceback" not in r.body
+        assert b"ValueError: the secret" in r.stderr
+        assert client.request(params("GET", "/after")).body == b"hello /after"
+
+
+def test_the_apps_log_records_go_to_stderr_too(caplog: pytest.LogCaptureFixture) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        logging.getLogger("an.app").warning("careful: %s", environ["PATH_INFO"])
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params("GET", "/logged"))
+    assert r.stderr == b"careful: /logged\n"
+    assert "careful: /logged" in caplog.text
+
+
+def test_a_second_request_on_a_busy_plain_connection_is_answered_after_the_first() -> None:
+    """What HAProxy does with max-reqs even after FCGI_MPXS_CONNS=0."""
+    release = threading.Event()
+    running: list[str] = []
+    overlapped = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        overlapped.append(bool(running))
+        running.append(environ["PATH_INFO"])
+        if environ["PATH_INFO"] == "/first":
+            release.wait(WAIT)
+        running.remove(environ["PATH_INFO"])
+        start_response("200 OK", [])
+        return [environ["PATH_INFO"].encode()]
+
+    with wsgi_server(app) as bound, Raw(bound, multiplex=True) as raw:
+        raw.conn.get_values(["FCGI_MPXS_CONNS"])
+        first = raw.conn.send_request(params("GET", "/first"))
+        second = raw.conn.send_request(params("GET", "/second"))
+        raw.send()
+        while raw.values is None:
+            raw.read()
+        time.sleep(0.1)
+        assert second not in raw.ends
+        release.set()
+        raw.until_ended(first, second)
+    assert raw.values == {"FCGI_MPXS_CONNS": "0"}
+    assert overlapped == [False, False]
+    assert raw.ends[second].protocol_status is ProtocolStatus.REQUEST_COMPLETE
+    assert raw.stdout[first].endswith(b"/first") and raw.stdout[second].endswith(b"/second")
+
+
+class Endless:
+    """A WSGI iterable of 16 KiB chunks that notes how far it got and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.produced = 0
+        self.closed = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        while self.produced < 10_000:
+            self.produced += 1
+            time.sleep(0.001)
+            yield b"z" * 16384
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+@pytest.mark.parametrize("multiplex", [False, True])
+def test_abort_request_ends_the_iterable_and_calls_close(multiplex: bool) -> None:
+    endless = Endless()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Endless:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return endless
+
+    with wsgi_server(app, multiplex=multiplex) as bound, Raw(bound, multiplex=True) as raw:
+        rid = raw.conn.send_request(params())
+        raw.send()
+        while len(raw.stdout.get(rid, b"")) < 100_000:
+            raw.read()
+        raw.conn.abort_request(rid)
+        raw.send()
+        assert endless.closed.wait(WAIT)
+        raw.until_ended(rid)
+    assert raw.ends[rid].app_status == 1
+    assert endless.produced < 10_000
+
+
+def test_a_dropped_connection_ends_the_iterable_and_calls_close() -> None:
+    endless = Endless()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Endless:
+        start_response("200 OK", [])
+        return endless
+
+    with wsgi_server(app) as bound:
+        raw = Raw(bound)
+        rid = raw.conn.send_request(params())
+        raw.send()
+        while len(raw.stdout.get(rid, b"")) < 50_000:
+            raw.read()
+        raw.sock.close()
+        assert endless.closed.wait(WAIT)
+    assert endless.produced < 10_000
+
+
+def test_output_waits_for_a_slow_client() -> None:
+    """Backpressure: the app is never more than a bounded amount ahead of what the client read."""
+    endless = Endless()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Endless:
+        start_response("200 OK", [])
+        return endless
+
+    with wsgi_server(app, "127.0.0.1:0", max_unsent_size=64 * 1024) as bound:
+        sock = socket.create_connection((bound.host, bound.port), timeout=WAIT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        raw = Raw.__new__(Raw)
+        Raw.__init__(raw, bound)
+        raw.sock.close()
+        raw.sock = sock
+        rid = raw.conn.send_request(params())
+        raw.send()
+        time.sleep(0.5)  # the client reads nothing meanwhile
+        ahead = endless.produced * 16384
+        # Kernel buffers on both sides, and max_unsent_size: a few MiB at most,
+        # never the 160 MiB the app would produce unchecked.
+        assert ahead < 8 << 20, ahead
+        raw.conn.abort_request(rid)
+        sock.close()
+        assert endless.closed.wait(WAIT)
+
+
+def test_threads_caps_the_apps_running_at_once() -> None:
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    with wsgi_server(app, threads=2) as bound, Client(bound, timeout=WAIT) as client:
+        results: list[int] = []
+        workers = [
+            threading.Thread(target=lambda: results.append(client.request(params()).status))
+            for _ in range(6)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(WAIT)
+    assert results == [200] * 6
+    assert most == 2
+
+
+@pytest.mark.parametrize(("allowed", "served"), [(["127.0.0.1"], True), (["10.9.8.7"], False)])
+def test_allowed_peers(allowed: list[str], served: bool) -> None:
+    with wsgi_server(hello, allowed_peers=allowed) as bound, Raw(bound) as raw:
+        raw.conn.send_request(params())
+        raw.send()
+        if served:
+            raw.until_ended(1)
+        else:
+            assert raw.closed_by_peer()
+
+
+def test_a_stop_drains_requests_in_progress() -> None:
+    started = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        started.set()
+        for i in range(10):
+            time.sleep(0.05)
+            yield b"%d" % i
+
+    bound: list[Address] = []
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def on_ready(address: Address) -> None:
+        bound.append(address)
+        ready.set()
+
+    thread = threading.Thread(
+        target=serve_wsgi,
+        args=(app, "127.0.0.1:0"),
+        kwargs={
+            "ready": on_ready,
+            "stop": stop,
+            "graceful_timeout": WAIT,
+        },
+    )
+    thread.start()
+    assert ready.wait(WAIT)
+    result: list[bytes] = []
+    with Client(bound[0], timeout=WAIT) as client:
+        asking = threading.Thread(target=lambda: result.append(client.request(params()).body))
+        asking.start()
+        assert started.wait(WAIT)
+        stop.set()
+        asking.join(WAIT)
+    thread.join(WAIT)
+    assert result == [b"0123456789"]
+    assert not thread.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection((bound[0].host, bound[0].port), timeout=1).close()
+
+
+def test_a_body_that_stops_coming_hits_idle_timeout() -> None:
+    """An app waiting for body waits on the client: idle_timeout closes the connection."""
+    got: list[bytes] = []
+    done = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        got.append(environ["wsgi.input"].read(10_000))
+        done.set()
+        start_response("200 OK", [])
+        return [b"late"]
+
+    with wsgi_server(app, idle_timeout=0.5) as bound, Raw(bound) as raw:
+        rid = raw.conn.begin_request()
+        raw.conn.send_params(rid, params("POST", content_length=10_000))
+        raw.conn.end_params(rid)
+        raw.conn.send_stdin(rid, b"x" * 100)
+        raw.send()
+        started = time.monotonic()
+        assert raw.closed_by_peer()
+        assert time.monotonic() - started < 5
+        assert done.wait(WAIT)
+    assert got == [b"x" * 100]
