@@ -1,11 +1,11 @@
-"""The Flask and Starlette apps of tests/python_apps.py behind every other web server.
+"""The Flask and Starlette apps of tests/python_apps.py behind every web server.
 
-tests/test_python_apps_nginx.py proves them behind nginx; here the same
-proof runs through each front of tests/webservers.py: Apache mod_proxy_fcgi
-and lighttpd to `fcgi serve` on a Unix socket, HAProxy to `fcgi serve
---multiplex` (HAProxy multiplexes), and Apache mod_fcgid and lighttpd's
+Issue 11's proof list runs through each front: nginx (tests/peers.py), Apache
+mod_proxy_fcgi and lighttpd to `fcgi serve` on a Unix socket, HAProxy to `fcgi
+serve --multiplex` (HAProxy multiplexes), and Apache mod_fcgid and lighttpd's
 bin-path starting `fcgi serve` themselves on the socket they hand over on fd 0
-(as Apache's user, from a copy of the app and its packages).
+(as Apache's user, from a copy of the app and its packages). What is nginx's
+alone (its error log, draining on SIGTERM) is in tests/test_python_apps_nginx.py.
 
 Each front and app is one test that goes through the list (GET with query and
 headers, a 10 MiB upload, a 50 MiB download in constant memory, cookies,
@@ -35,14 +35,14 @@ import httpx
 import peers
 import pytest
 import webservers as web
-from test_python_apps_nginx import APPS, REPO, rss_peak_kib
+from test_python_apps_nginx import APPS, REPO, slow_request
 
 pytestmark = pytest.mark.peer
 
 WAIT = 30.0
 MiB = 1 << 20
 TESTS = REPO / "tests"
-FRONTS = ["apache-proxy", "apache-fcgid", "lighttpd-socket", "lighttpd-spawn", "haproxy"]
+FRONTS = ["nginx", "apache-proxy", "apache-fcgid", "lighttpd-socket", "lighttpd-spawn", "haproxy"]
 #: What `fcgi serve` and python_apps.py import beyond the standard library,
 #: copied for a web server's user who cannot reach our environment.
 APP_PACKAGES = [
@@ -95,13 +95,19 @@ class Served:
 class Site:
     """A web server in front of one of the apps, and how to find the app's processes."""
 
-    server: web.WebServer
+    server: web.WebServer | peers.Nginx
     app_pids: Callable[[], list[int]]
     #: A directory the app (maybe as the web server's user) may write to.
     scratch: Path
 
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.server.http_address}"
 
-def start_site(front: str, app: str, servers: web.WebServers) -> tuple[Site, Served | None]:
+
+def start_site(
+    front: str, app: str, servers: web.WebServers, request: pytest.FixtureRequest
+) -> tuple[Site, Served | None]:
     scratch = servers.directory("scratch")
     scratch.chmod(0o777)
     software, _, how = front.partition("-")
@@ -122,13 +128,25 @@ def start_site(front: str, app: str, servers: web.WebServers) -> tuple[Site, Ser
     )
     served.start()
     address = f"unix:{served.socket}"
-    if software == "apache":
+    server: web.WebServer | peers.Nginx
+    if software == "nginx":
+        make_nginx: peers.NginxFactory = request.getfixturevalue("make_nginx")
+        server = make_nginx(address)
+    elif software == "apache":
         server = servers.apache_proxy(address)
     elif software == "lighttpd":
         server = servers.lighttpd(address)
     else:
         server = servers.haproxy(address)
     return Site(server, lambda: [served.pid], scratch), served
+
+
+def rss_peak_kib(pid: int) -> int:
+    """VmHWM: the most resident memory the process ever had, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
 
 
 def _pids_with_argument(argument: str) -> list[int]:
@@ -259,11 +277,13 @@ STEPS = [
 
 @pytest.mark.parametrize("app", sorted(APPS))
 @pytest.mark.parametrize("front", FRONTS)
-def test_the_apps_behind_the_web_server(front: str, app: str, webservers: web.WebServers) -> None:
-    site, served = start_site(front, app, webservers)
+def test_the_apps_behind_the_web_server(
+    front: str, app: str, webservers: web.WebServers, request: pytest.FixtureRequest
+) -> None:
+    site, served = start_site(front, app, webservers, request)
     failures = []
     try:
-        with httpx.Client(base_url=site.server.base_url, timeout=WAIT) as client:
+        with httpx.Client(base_url=site.base_url, timeout=WAIT) as client:
             for step in STEPS:
                 try:
                     step(site, client)
@@ -279,20 +299,9 @@ def test_the_apps_behind_the_web_server(front: str, app: str, webservers: web.We
 # --- graceful restart, where the app is ours to restart ---
 
 
-def _slow_request(base: str, n: int, started: threading.Semaphore | None = None) -> tuple[int, int]:
-    """A /slow request; `started` is released once its response has begun."""
-    with (
-        httpx.Client(base_url=base, timeout=WAIT) as client,
-        client.stream("GET", "/slow", params={"n": n}) as r,
-    ):
-        if started is not None:
-            started.release()
-        return r.status_code, r.read().decode().count("chunk ")
-
-
-#: Every socket front, each app once and both behind HAProxy (which multiplexes
-#: requests, so a draining worker has several on one connection); nginx has
-#: both apps in tests/test_python_apps_nginx.py.
+#: Every other socket front, each app once and both behind HAProxy (which
+#: multiplexes requests, so a draining worker has several on one connection);
+#: nginx has both apps in tests/test_python_apps_nginx.py.
 RESTARTS = [
     ("apache-proxy", "flask"),
     ("lighttpd-socket", "starlette"),
@@ -324,11 +333,11 @@ def test_sighup_restarts_the_workers_without_losing_a_request(
             old_pids = {client.get("/hello").json()["pid"] for _ in range(6)}
         started = threading.Semaphore(0)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            in_flight = [pool.submit(_slow_request, base, 20, started) for _ in range(4)]
+            in_flight = [pool.submit(slow_request, base, 20, started) for _ in range(4)]
             for _ in range(4):
                 assert started.acquire(timeout=WAIT)  # all four are running, a second each
             os.kill(served.pid, signal.SIGHUP)
-            after = [pool.submit(_slow_request, base, 2) for _ in range(4)]
+            after = [pool.submit(slow_request, base, 2) for _ in range(4)]
             results = [f.result() for f in in_flight + after]
         assert results == [(200, 20)] * 4 + [(200, 2)] * 4, served.proc.read_output()
         deadline = time.monotonic() + WAIT
