@@ -596,6 +596,54 @@ class PhpFpm:
         return format_logs([self.error_log, self._proc.output_log])
 
 
+# -- fcgiwrap (libfcgi) -------------------------------------------------------
+
+
+def find_fcgiwrap() -> str | None:
+    return find_binary(["fcgiwrap"], ["/usr/sbin", "/usr/local/sbin"])
+
+
+#: CGI programs fcgiwrap runs; SCRIPT_FILENAME names one of them.
+CGI_SCRIPTS: dict[str, str] = {
+    "hello.sh": "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\nHello, World!'\n",
+}
+
+
+class Fcgiwrap:
+    """fcgiwrap, a libfcgi (fcgiapp.h) program, on a Unix socket; runs ``docroot``'s CGI scripts."""
+
+    def __init__(self, binary: str, base: Path) -> None:
+        self.base = base
+        self.docroot = base / "cgi"
+        self.docroot.mkdir(parents=True, exist_ok=True)
+        for name, source in CGI_SCRIPTS.items():
+            script = self.docroot / name
+            script.write_text(source)
+            script.chmod(0o755)
+        self.unix_path = str(socket_dir(base) / "fcgiwrap.sock")
+        self._proc = ManagedProcess(
+            "fcgiwrap",
+            [binary, "-c", "2", "-s", f"unix:{self.unix_path}"],
+            output_log=base / "fcgiwrap.out",
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._proc.running
+
+    def script(self, name: str) -> str:
+        return str(self.docroot / name)
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.unix_path)  # fcgiwrap refuses to bind over a stale socket
+        self._proc.start()
+        wait_until_ready(self._proc, [self.unix_path], logs=[])
+
+    def stop(self) -> None:
+        self._proc.stop()
+
+
 # -- Go net/http/fcgi server --------------------------------------------------
 
 

@@ -433,3 +433,21 @@ def test_request_values_and_ping_against_go(
     assert capsysbinary.readouterr().out == b"FCGI_MPXS_CONNS=1\n"
     assert main(["ping", go_server.unix_path, "--path", "/hello", "--expect", "Hello"]) == 0
     assert main(["ping", go_server.unix_path, "--path", "/hello", "--expect", "nothing"]) == 1
+
+
+# --- against libfcgi (fcgiwrap) ---
+
+
+def test_values_and_request_against_libfcgi(
+    fcgiwrap: peers.Fcgiwrap, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    # The three standard names make a 48-byte question: libfcgi answers it
+    # only because the client pads it.
+    started = time.monotonic()
+    assert main(["values", fcgiwrap.unix_path, "--timeout", "3"]) == 0
+    assert time.monotonic() - started < 3
+    assert capsysbinary.readouterr().out == (
+        b"FCGI_MAX_CONNS=1\nFCGI_MAX_REQS=1\nFCGI_MPXS_CONNS=0\n"
+    )
+    assert main(["request", fcgiwrap.unix_path, fcgiwrap.script("hello.sh")]) == 0
+    assert capsysbinary.readouterr().out == peers.HELLO_BODY
