@@ -16,9 +16,13 @@ from fcgiproto.support import (
     DEFAULT_MAX_RESPONSE_SIZE,
     Address,
     AddressInput,
+    PoolStatus,
+    ProcessStatus,
     Response,
+    StatusPageError,
     Timeout,
     TimeoutInput,
+    parse_status,
 )
 
 from ._backend import AnyioBackend, AnyioStream
@@ -26,6 +30,7 @@ from ._client import AsyncClient, AsyncStreamResponse
 from ._interface import AsyncNetworkBackend, AsyncNetworkStream
 from ._memory import AsyncMemoryBackend, AsyncMemoryStream
 from ._server import App, Request, serve
+from ._status import read_status
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
@@ -41,9 +46,14 @@ __all__ = [
     "AsyncNetworkStream",
     "AsyncStreamResponse",
     "ParamsInput",
+    "PoolStatus",
+    "ProcessStatus",
     "Request",
     "Response",
+    "StatusPageError",
     "Timeout",
     "TimeoutInput",
+    "parse_status",
+    "read_status",
     "serve",
 ]

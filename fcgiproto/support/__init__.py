@@ -3,51 +3,138 @@
 The protocol modules of ``fcgiproto`` never import this package. The adapters
 (``fcgiproto_socket``, ``fcgiproto_anyio``, and any written outside the
 project) build on these names; nothing here opens a socket, starts a thread or
-reads a clock of its own.
+reads a clock of its own. Names load on first use (PEP 562): a client need not
+import the server's options.
 """
 
-from ._address import Address, AddressInput, parse_address
-from ._application import (
-    ALL_ROLES,
-    BODY_TOO_LARGE,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_BODY_SIZE,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_REQUESTS,
-    DEFAULT_MAX_UNSENT_SIZE,
-    DEFAULT_MULTIPLEX,
-    DEFAULT_PARAMS_TIMEOUT,
-    DEFAULT_SEND_TIMEOUT,
-    DROPPED_TOO_MUCH,
-    ERROR_STATUS,
-    INTERNAL_ERROR,
-    OUTPUT_TYPES,
-    RequestBase,
-    RequestSlots,
-    RequestState,
-    ServerOptions,
-    check_output,
-    close_output,
-    dropped_too_much,
-    failure_report,
-    listen_address,
-    log_bytes,
-    output_chunks,
-)
-from ._liveness import Liveness
-from ._memory import ApplicationPeer, MemoryPeer, PeerAnswer
-from ._pool import PoolState
-from ._response import (
-    DEFAULT_MAX_RESPONSE_SIZE,
-    Response,
-    ResponseState,
-    WholeAnswer,
-    raise_for_protocol_status,
-    receive_from,
-    recipient,
-    response_too_large,
-)
-from ._timeout import PROBE_WAIT, Deadline, Timeout, TimeoutInput, probe_wait
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._address import (
+        Address,
+        AddressInput,
+        parse_address,
+    )
+    from ._application import (
+        ALL_ROLES,
+        BODY_TOO_LARGE,
+        DEFAULT_IDLE_TIMEOUT,
+        DEFAULT_MAX_BODY_SIZE,
+        DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_MAX_REQUESTS,
+        DEFAULT_MAX_UNSENT_SIZE,
+        DEFAULT_MULTIPLEX,
+        DEFAULT_PARAMS_TIMEOUT,
+        DEFAULT_SEND_TIMEOUT,
+        DROPPED_TOO_MUCH,
+        ERROR_STATUS,
+        INTERNAL_ERROR,
+        OUTPUT_TYPES,
+        RequestBase,
+        RequestSlots,
+        RequestState,
+        ServerOptions,
+        check_output,
+        close_output,
+        dropped_too_much,
+        failure_report,
+        listen_address,
+        log_bytes,
+        output_chunks,
+    )
+    from ._liveness import (
+        Liveness,
+    )
+    from ._memory import (
+        ApplicationPeer,
+        MemoryPeer,
+        PeerAnswer,
+    )
+    from ._pool import (
+        PoolState,
+    )
+    from ._response import (
+        DEFAULT_MAX_RESPONSE_SIZE,
+        Response,
+        ResponseState,
+        WholeAnswer,
+        raise_for_protocol_status,
+        receive_from,
+        recipient,
+        response_too_large,
+    )
+    from ._status import (
+        PoolStatus,
+        ProcessStatus,
+        StatusPageError,
+        parse_status,
+        status_params,
+    )
+    from ._timeout import (
+        PROBE_WAIT,
+        Deadline,
+        Timeout,
+        TimeoutInput,
+        probe_wait,
+    )
+
+#: Where each public name lives.
+_SOURCES = {
+    "ALL_ROLES": "_application",
+    "BODY_TOO_LARGE": "_application",
+    "DEFAULT_IDLE_TIMEOUT": "_application",
+    "DEFAULT_MAX_BODY_SIZE": "_application",
+    "DEFAULT_MAX_CONNECTIONS": "_application",
+    "DEFAULT_MAX_REQUESTS": "_application",
+    "DEFAULT_MAX_RESPONSE_SIZE": "_response",
+    "DEFAULT_MAX_UNSENT_SIZE": "_application",
+    "DEFAULT_MULTIPLEX": "_application",
+    "DEFAULT_PARAMS_TIMEOUT": "_application",
+    "DEFAULT_SEND_TIMEOUT": "_application",
+    "DROPPED_TOO_MUCH": "_application",
+    "ERROR_STATUS": "_application",
+    "INTERNAL_ERROR": "_application",
+    "OUTPUT_TYPES": "_application",
+    "PROBE_WAIT": "_timeout",
+    "Address": "_address",
+    "AddressInput": "_address",
+    "ApplicationPeer": "_memory",
+    "Deadline": "_timeout",
+    "Liveness": "_liveness",
+    "MemoryPeer": "_memory",
+    "PeerAnswer": "_memory",
+    "PoolState": "_pool",
+    "PoolStatus": "_status",
+    "ProcessStatus": "_status",
+    "RequestBase": "_application",
+    "RequestSlots": "_application",
+    "RequestState": "_application",
+    "Response": "_response",
+    "ResponseState": "_response",
+    "ServerOptions": "_application",
+    "StatusPageError": "_status",
+    "Timeout": "_timeout",
+    "TimeoutInput": "_timeout",
+    "WholeAnswer": "_response",
+    "check_output": "_application",
+    "close_output": "_application",
+    "dropped_too_much": "_application",
+    "failure_report": "_application",
+    "listen_address": "_application",
+    "log_bytes": "_application",
+    "output_chunks": "_application",
+    "parse_address": "_address",
+    "parse_status": "_status",
+    "probe_wait": "_timeout",
+    "raise_for_protocol_status": "_response",
+    "receive_from": "_response",
+    "recipient": "_response",
+    "response_too_large": "_response",
+    "status_params": "_status",
+}
 
 __all__ = [
     "ALL_ROLES",
@@ -74,12 +161,15 @@ __all__ = [
     "MemoryPeer",
     "PeerAnswer",
     "PoolState",
+    "PoolStatus",
+    "ProcessStatus",
     "RequestBase",
     "RequestSlots",
     "RequestState",
     "Response",
     "ResponseState",
     "ServerOptions",
+    "StatusPageError",
     "Timeout",
     "TimeoutInput",
     "WholeAnswer",
@@ -91,9 +181,24 @@ __all__ = [
     "log_bytes",
     "output_chunks",
     "parse_address",
+    "parse_status",
     "probe_wait",
     "raise_for_protocol_status",
     "receive_from",
     "recipient",
     "response_too_large",
+    "status_params",
 ]
+
+
+def __getattr__(name: str) -> object:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{source}"), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
