@@ -10,13 +10,14 @@ from fcgiproto.support import (
     AddressInput,
     PoolStatus,
     StatusPageError,
+    Timeout,
     TimeoutInput,
     parse_status,
     status_params,
 )
 
 from ._client import Client
-from ._primitives import Flag
+from ._primitives import Flag, current_time
 
 __all__ = ["SCOREBOARD_RETRY_PAUSE", "read_status"]
 
@@ -38,17 +39,25 @@ def read_status(
     request and is closed (no GET_VALUES probe, nothing kept open to pin a
     worker). full=True adds every worker process. A 503 (php-fpm's
     "scoreboard in use") is asked again once; any other answer but 200, or a
-    page that is not a status page, raises StatusPageError.
+    page that is not a status page, raises StatusPageError. The timeout's
+    total bounds both tries together.
     """
     params = status_params(path, full=full)
     if not isinstance(client, Client):
-        limits = 5.0 if timeout is None else timeout
-        with Client(client, max_connections=1, multiplex=False, timeout=limits) as own:
+        own_limits = 5.0 if timeout is None else timeout
+        with Client(client, max_connections=1, multiplex=False, timeout=own_limits) as own:
             return read_status(own, path, full=full)
+    limits = client.timeout if timeout is None else Timeout.of(timeout)
+    started = current_time()
     for attempt in (1, 2):
-        response = client.request(params, timeout=timeout)
+        response = client.request(params, timeout=limits)
         if response.status != 503 or attempt == 2:
             break
+        if limits.total is not None:
+            left = limits.total - (current_time() - started) - SCOREBOARD_RETRY_PAUSE
+            if left <= 0:
+                break
+            limits = Timeout(limits.connect, limits.read, limits.write, limits.pool, left)
         Flag().wait(SCOREBOARD_RETRY_PAUSE)
     if response.status != 200:
         reason = f"{response.status} {response.reason}".rstrip()

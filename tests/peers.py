@@ -429,6 +429,11 @@ echo "status $code";
     "pid.php": """<?php
 echo getmypid();
 """,
+    # $_POST as JSON: PHP fills it only for a form CONTENT_TYPE.
+    "post.php": """<?php
+header('Content-Type: application/json');
+echo json_encode($_POST);
+""",
     # n bytes "x" (query n, default 5), flushed one at a time, interval seconds
     # (query interval, default 1) apart; the first one goes out at once.
     "trickle.php": """<?php

@@ -67,10 +67,13 @@ if TYPE_CHECKING:
         response_too_large,
     )
     from ._status import (
+        PROCESS_STATES,
+        PoolScrape,
         PoolStatus,
         ProcessStatus,
         StatusPageError,
         parse_status,
+        prometheus_text,
         status_params,
     )
     from ._timeout import (
@@ -108,6 +111,9 @@ _SOURCES = {
     "PeerAnswer": "_memory",
     "PoolState": "_pool",
     "PoolStatus": "_status",
+    "PoolScrape": "_status",
+    "PROCESS_STATES": "_status",
+    "prometheus_text": "_status",
     "ProcessStatus": "_status",
     "RequestBase": "_application",
     "RequestSlots": "_application",
@@ -153,6 +159,7 @@ __all__ = [
     "INTERNAL_ERROR",
     "OUTPUT_TYPES",
     "PROBE_WAIT",
+    "PROCESS_STATES",
     "Address",
     "AddressInput",
     "ApplicationPeer",
@@ -160,6 +167,7 @@ __all__ = [
     "Liveness",
     "MemoryPeer",
     "PeerAnswer",
+    "PoolScrape",
     "PoolState",
     "PoolStatus",
     "ProcessStatus",
@@ -183,6 +191,7 @@ __all__ = [
     "parse_address",
     "parse_status",
     "probe_wait",
+    "prometheus_text",
     "raise_for_protocol_status",
     "receive_from",
     "recipient",

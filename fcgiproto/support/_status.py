@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from fcgiproto import FastCGIError
 
-__all__ = ["PoolStatus", "ProcessStatus", "StatusPageError", "parse_status", "status_params"]
+__all__ = [
+    "PROCESS_STATES",
+    "PoolScrape",
+    "PoolStatus",
+    "ProcessStatus",
+    "StatusPageError",
+    "parse_status",
+    "prometheus_text",
+    "status_params",
+]
 
 #: Bounds what a status page may hold before parsing: 64 KiB carries over
 #: 150 processes with full=True; a pool of pm.max_children = 1000 needs ~420 KiB.
@@ -48,6 +57,10 @@ class ProcessStatus:
     script: str
     last_request_cpu: float  # percent
     last_request_memory: int  # bytes
+
+    def to_json(self) -> dict[str, object]:
+        """The process as php-fpm's own JSON names it (times as Unix seconds)."""
+        return _to_json(self)
 
 
 @dataclass(frozen=True)
@@ -275,3 +288,178 @@ def _to_json(status: PoolStatus | ProcessStatus) -> dict[str, object]:
                 int(value.timestamp()) if isinstance(value, datetime) else value
             )
     return out
+
+
+# --- Prometheus ---
+
+
+@dataclass(frozen=True)
+class PoolScrape:
+    """One pool's part of an exposition: its status, or None when it could not be read.
+
+    `address` becomes the scrape_uri label; `pool` names a pool that is down
+    (its last known name, or ""); `failures` counts the failed scrapes so far.
+    """
+
+    address: str
+    status: PoolStatus | None
+    failures: int = 0
+    pool: str = ""
+
+
+# Names, help and types as hipages/php-fpm_exporter exposes them, so that
+# dashboards and alerts written for it work unchanged.
+_GAUGE, _COUNTER = "gauge", "counter"
+_POOL_METRICS = (
+    ("start_since", "The number of seconds since FPM has started.", _COUNTER, "start_since"),
+    (
+        "accepted_connections",
+        "The number of requests accepted by the pool.",
+        _COUNTER,
+        "accepted_conn",
+    ),
+    (
+        "listen_queue",
+        "The number of requests in the queue of pending connections.",
+        _GAUGE,
+        "listen_queue",
+    ),
+    (
+        "max_listen_queue",
+        "The maximum number of requests in the queue of pending connections since FPM has started.",
+        _COUNTER,
+        "max_listen_queue",
+    ),
+    (
+        "listen_queue_length",
+        "The size of the socket queue of pending connections.",
+        _GAUGE,
+        "listen_queue_len",
+    ),
+    ("idle_processes", "The number of idle processes.", _GAUGE, "idle_processes"),
+    ("active_processes", "The number of active processes.", _GAUGE, "active_processes"),
+    ("total_processes", "The number of idle + active processes.", _GAUGE, "total_processes"),
+    (
+        "max_active_processes",
+        "The maximum number of active processes since FPM has started.",
+        _COUNTER,
+        "max_active_processes",
+    ),
+    (
+        "max_children_reached",
+        "The number of times, the process limit has been reached, when pm tries to start more "
+        "children (works only for pm 'dynamic' and 'ondemand').",
+        _COUNTER,
+        "max_children_reached",
+    ),
+    (
+        "slow_requests",
+        "The number of requests that exceeded your 'request_slowlog_timeout' value.",
+        _COUNTER,
+        "slow_requests",
+    ),
+)
+_PROCESS_METRICS = (
+    ("process_requests", "The number of requests the process has served.", _COUNTER, "requests"),
+    (
+        "process_last_request_memory",
+        "The max amount of memory the last request consumed.",
+        _GAUGE,
+        "last_request_memory",
+    ),
+    (
+        "process_last_request_cpu",
+        "The %cpu the last request consumed.",
+        _GAUGE,
+        "last_request_cpu",
+    ),
+    (
+        "process_request_duration",
+        "The duration in microseconds of the requests.",
+        _GAUGE,
+        "request_duration",
+    ),
+)
+#: The states php_fpm_exporter reports a 0 or 1 for, per process.
+PROCESS_STATES = (
+    "Idle",
+    "Running",
+    "Finishing",
+    "Reading headers",
+    "Getting request information",
+    "Ending",
+)
+
+
+def prometheus_text(scrapes: Sequence[PoolScrape], *, namespace: str = "phpfpm") -> str:
+    """The Prometheus text exposition (format 0.0.4) of some pools' status pages.
+
+    Counters keep php_fpm_exporter's names, without the `_total` that
+    OpenMetrics would add. Per-process metrics come from pages read with
+    full=True; a `child` label numbers a pool's processes from 0.
+    """
+    lines: list[str] = []
+
+    def family(name: str, help_text: str, kind: str, samples: Sequence[tuple[str, object]]) -> None:
+        full = f"{namespace}_{name}"
+        lines.append(f"# HELP {full} {_escape_help(help_text)}")
+        lines.append(f"# TYPE {full} {kind}")
+        lines.extend(f"{full}{{{labels}}} {_number(value)}" for labels, value in samples)
+
+    def pool_labels(scrape: PoolScrape) -> str:
+        name = scrape.status.pool if scrape.status is not None else scrape.pool
+        return _labels(pool=name, scrape_uri=scrape.address)
+
+    up = [(pool_labels(s), 1 if s.status is not None else 0) for s in scrapes]
+    family("up", "Could PHP-FPM be reached?", _GAUGE, up)
+    failures = [(pool_labels(s), s.failures) for s in scrapes]
+    family("scrape_failures", "The number of failures scraping from PHP-FPM.", _COUNTER, failures)
+    read = [s for s in scrapes if s.status is not None]
+    for name, help_text, kind, attribute in _POOL_METRICS:
+        samples = [(pool_labels(s), getattr(s.status, attribute)) for s in read]
+        family(name, help_text, kind, samples)
+    children = [
+        (s, str(number), process)
+        for s in read
+        for number, process in enumerate(s.status.processes if s.status else ())
+    ]
+    if not children:
+        return "\n".join(lines) + "\n"
+    for name, help_text, kind, attribute in _PROCESS_METRICS:
+        samples = [
+            (_child_labels(s, child), getattr(process, attribute)) for s, child, process in children
+        ]
+        family(name, help_text, kind, samples)
+    states: list[tuple[str, object]] = []
+    for s, child, process in children:
+        known = (
+            PROCESS_STATES if process.state in PROCESS_STATES else (*PROCESS_STATES, process.state)
+        )
+        for state in known:
+            labels = _child_labels(s, child, state=state)
+            states.append((labels, 1 if state == process.state else 0))
+    family("process_state", "The state of the process (Idle, Running, ...).", _GAUGE, states)
+    return "\n".join(lines) + "\n"
+
+
+def _child_labels(scrape: PoolScrape, child: str, **extra: str) -> str:
+    assert scrape.status is not None
+    return _labels(pool=scrape.status.pool, child=child, **extra, scrape_uri=scrape.address)
+
+
+def _labels(**labels: str) -> str:
+    return ",".join(f'{name}="{_escape_label(value)}"' for name, value in labels.items())
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: object) -> str:
+    if isinstance(value, float):
+        return repr(value) if value == value and abs(value) != float("inf") else str(value)
+    return str(value)
