@@ -35,17 +35,18 @@ async def read_status(
     """php-fpm's status page at `path` (its pm.status_path), parsed.
 
     `client` is a client, or an address: then one connection carries the one
-    request and is closed (no GET_VALUES probe, nothing kept open to pin a
-    worker). full=True adds every worker process. A 503 (php-fpm's
-    "scoreboard in use") is asked again once; any other answer but 200, or a
-    page that is not a status page, raises StatusPageError. The timeout's
-    total bounds both tries together.
+    request, and php-fpm closes it as it answers (no GET_VALUES probe, no
+    kept connection to pin a worker or count twice in `accepted conn`).
+    full=True adds every worker process. A 503 (php-fpm's "scoreboard in
+    use") is asked again once; any other answer but 200, or a page that is
+    not a status page, raises StatusPageError. The timeout's total bounds
+    both tries together.
     """
     params = status_params(path, full=full)
     if not isinstance(client, AsyncClient):
         own_limits = 5.0 if timeout is None else timeout
         async with AsyncClient(
-            client, max_connections=1, multiplex=False, timeout=own_limits
+            client, max_connections=1, max_keepalive=0, multiplex=False, timeout=own_limits
         ) as own:
             return await read_status(own, path, full=full)
     limits = client.timeout if timeout is None else Timeout.of(timeout)

@@ -290,13 +290,14 @@ def _serve_demo(address: str) -> int:
 def one_shot_client(address: str, timeout: float) -> Client:
     """A client for a command's one exchange: one connection, no GET_VALUES probe.
 
-    A probe would cost a connection of its own (php-fpm counts it in
-    `accepted conn`), and a command that sends one request has nothing to
-    multiplex.
+    A probe would cost a connection of its own, and a command that sends one
+    request has nothing to multiplex. Keeping no connection (keep_conn off)
+    lets the application close it as it answers: php-fpm counts a kept
+    connection twice in `accepted conn`, once more when the client leaves.
     """
     from ._client import Client
 
-    return Client(address, max_connections=1, multiplex=False, timeout=timeout)
+    return Client(address, max_connections=1, max_keepalive=0, multiplex=False, timeout=timeout)
 
 
 # --- request ---
