@@ -105,6 +105,7 @@ def run_exporter(tmp_path: Path) -> Iterator[type[Exporter]]:
                 exporter.stop()
 
 
+@pytest.mark.peer
 def test_every_pool_by_address_and_glob_with_php_fpm_exporter_names(
     fpm: peers.PhpFpm, run_exporter: type[Exporter], tmp_path: Path
 ) -> None:
@@ -157,6 +158,7 @@ def test_every_pool_by_address_and_glob_with_php_fpm_exporter_names(
     assert exporter.stop() == 0
 
 
+@pytest.mark.peer
 def test_other_pages_and_usage_errors(fpm: peers.PhpFpm, run_exporter: type[Exporter]) -> None:
     exporter = run_exporter(fpm.unix_path, "--no-processes", "--path", STATUS_PATH)
     root = exporter.url.rsplit("/", 1)[0]
@@ -185,6 +187,7 @@ def test_other_pages_and_usage_errors(fpm: peers.PhpFpm, run_exporter: type[Expo
         assert complaint in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
+@pytest.mark.peer
 def test_php_fpm_stopped_mid_scrape_is_down_within_the_deadline_and_recovers(
     fpm: peers.PhpFpm, run_exporter: type[Exporter]
 ) -> None:
@@ -230,6 +233,7 @@ def test_php_fpm_stopped_mid_scrape_is_down_within_the_deadline_and_recovers(
     assert set(up_by_uri(exporter.scrape()[0]).values()) == {1}
 
 
+@pytest.mark.peer
 def test_fifty_pools_in_one_scrape(tmp_path_factory: pytest.TempPathFactory) -> None:
     fpm = start_fpm(tmp_path_factory.mktemp("php-fpm-50"), 50)
     try:

@@ -314,6 +314,7 @@ def no_thread_left_behind() -> Iterator[None]:
         yield
 
 
+@pytest.mark.peer
 def test_read_status_over_tcp_and_unix_on_both_clients(fpm: peers.PhpFpm) -> None:
     for address, pool in ((fpm.unix_path, "unix"), (fpm.tcp_address, "tcp")):
         status = read_status(address, STATUS_PATH, full=True)
@@ -331,11 +332,13 @@ def test_read_status_over_tcp_and_unix_on_both_clients(fpm: peers.PhpFpm) -> Non
     assert anyio.run(lambda: aread_status(fpm.unix_path, STATUS_PATH)).pool == "unix"
 
 
+@pytest.mark.peer
 def test_a_path_that_is_not_the_status_page(fpm: peers.PhpFpm) -> None:
     with pytest.raises(StatusPageError, match="answered 404 Not Found for the status page /nope"):
         read_status(fpm.unix_path, "/nope")
 
 
+@pytest.mark.peer
 def test_status_command_in_each_format(
     fpm: peers.PhpFpm, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -357,6 +360,7 @@ def test_status_command_in_each_format(
     assert len({s[1]["child"] for s in found["phpfpm_process_requests"]}) == 2
 
 
+@pytest.mark.peer
 def test_status_command_failures_are_one_line(
     fpm: peers.PhpFpm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -402,6 +406,7 @@ def test_status_asks_again_once_after_php_fpm_s_503(
     assert capsys.readouterr().out.startswith("pool:                 www\n")
 
 
+@pytest.mark.peer
 def test_thresholds_on_an_idle_pool(fpm: peers.PhpFpm, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["status", fpm.tcp_address, "--path", STATUS_PATH]
     assert main([*base, "--max-listen-queue", "0"]) == 0
@@ -413,6 +418,7 @@ def test_thresholds_on_an_idle_pool(fpm: peers.PhpFpm, capsys: pytest.CaptureFix
     assert "> --max-active-ratio 0.01" in capsys.readouterr().err
 
 
+@pytest.mark.peer
 def test_accepted_conn_rises_by_exactly_one_per_ping(
     fpm: peers.PhpFpm, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -427,6 +433,7 @@ def test_accepted_conn_rises_by_exactly_one_per_ping(
     capsys.readouterr()
 
 
+@pytest.mark.peer
 def test_a_saturated_pool_shows_its_listen_queue_and_fires_the_thresholds(
     fpm: peers.PhpFpm, capsys: pytest.CaptureFixture[str]
 ) -> None:

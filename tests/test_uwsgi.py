@@ -15,6 +15,8 @@ import pytest
 
 from fcgiproto_socket import Client
 
+pytestmark = pytest.mark.peer
+
 POSTS = 3000
 
 
