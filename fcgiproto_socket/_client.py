@@ -65,6 +65,8 @@ MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
 #: not yet seen to keep connections to close a reused one (uWSGI closes
 #: within microseconds of its answer; the client can be faster than that).
 CLOSE_GRACE = 0.05
+#: The reaper's shortest wait: a connection may close this much past its expiry.
+REAP_SLACK = 0.001
 DEFAULT_TIMEOUT = Timeout()
 
 
@@ -509,7 +511,11 @@ class Client:
                     for conn in expired:
                         conn.close()
             else:
-                self._reaper_wake.wait(due - now)
+                # At least a moment: `due` and the pool's test of expiry round
+                # differently, and a wait shorter than the clock can add to
+                # `now` (trio's MockClock jumps by exactly the wait) would
+                # never reach `due`.
+                self._reaper_wake.wait(max(due - now, REAP_SLACK))
 
 
 class _SoloExchange:

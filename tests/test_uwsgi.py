@@ -87,3 +87,18 @@ def test_max_keepalive_0_asks_for_no_kept_connection(php_fpm: peers.PhpFpm) -> N
     with Client(php_fpm.unix_path, max_keepalive=0, multiplex=False) as client:
         assert not client.keep_conn
         assert client.request(php_fpm.params("hello.php")).body == peers.HELLO_BODY
+
+
+def test_iterable_bodies_to_php_fpm_keep_their_connection(php_fpm: peers.PhpFpm) -> None:
+    # The first iterable body on a reused connection waits a moment for a
+    # close that never comes; the connection is kept from then on.
+    with Client(php_fpm.tcp_address, max_connections=1, multiplex=False, timeout=10) as client:
+        workers = set()
+        for n in range(5):
+            body = [b"part one, ", str(n).encode()]
+            params = php_fpm.params("echo.php", "POST", content_length=sum(map(len, body)))
+            with client.stream(params, iter(body)) as response:
+                assert response.read() == b"".join(body)
+            workers.add(client.request(php_fpm.params("pid.php")).body)
+        assert client.keep_conn
+        assert len(workers) == 1  # every request on the one kept connection
