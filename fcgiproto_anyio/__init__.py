@@ -26,7 +26,9 @@ from fcgiproto.support import (
 )
 
 from ._backend import AnyioBackend, AnyioStream
+from ._balanced import AsyncBalancedClient, AsyncBalancedStream, NoBackendAvailable
 from ._client import AsyncClient, AsyncStreamResponse
+from ._gateway import LocalFileSystem, PhpGateway
 from ._interface import AsyncNetworkBackend, AsyncNetworkStream
 from ._memory import AsyncMemoryBackend, AsyncMemoryStream
 from ._server import App, Request, serve
@@ -39,13 +41,18 @@ __all__ = [
     "AnyioBackend",
     "AnyioStream",
     "App",
+    "AsyncBalancedClient",
+    "AsyncBalancedStream",
     "AsyncClient",
     "AsyncMemoryBackend",
     "AsyncMemoryStream",
     "AsyncNetworkBackend",
     "AsyncNetworkStream",
     "AsyncStreamResponse",
+    "LocalFileSystem",
+    "NoBackendAvailable",
     "ParamsInput",
+    "PhpGateway",
     "PoolStatus",
     "ProcessStatus",
     "Request",

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     )
 
     from ._backend import SocketBackend, SocketStream
+    from ._balanced import BalancedClient, BalancedStream, NoBackendAvailable
     from ._client import Client, StreamResponse
     from ._interface import NetworkBackend, NetworkStream
     from ._memory import MemoryBackend, MemoryStream
@@ -46,6 +47,9 @@ _SOURCES = {
     "parse_status": "fcgiproto.support",
     "SocketBackend": "._backend",
     "SocketStream": "._backend",
+    "BalancedClient": "._balanced",
+    "BalancedStream": "._balanced",
+    "NoBackendAvailable": "._balanced",
     "Client": "._client",
     "StreamResponse": "._client",
     "NetworkBackend": "._interface",
@@ -63,12 +67,15 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
     "Address",
     "AddressInput",
+    "BalancedClient",
+    "BalancedStream",
     "Client",
     "Handler",
     "MemoryBackend",
     "MemoryStream",
     "NetworkBackend",
     "NetworkStream",
+    "NoBackendAvailable",
     "ParamsInput",
     "PoolStatus",
     "ProcessStatus",

@@ -210,8 +210,17 @@ def _subcommands() -> list[Subcommand]:
     # parsers are cheap to build, their work is imported when they run.
     from ._cli_exporter import add as add_exporter
     from ._cli_status import add as add_status
+    from ._php import add_php_command
 
-    return [_add_demo, _add_request, _add_values, _add_ping, add_status, add_exporter]
+    return [
+        _add_demo,
+        _add_request,
+        _add_values,
+        _add_ping,
+        add_status,
+        add_exporter,
+        add_php_command,
+    ]
 
 
 # --- demo ---

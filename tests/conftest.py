@@ -7,6 +7,11 @@
 - ``fcgiwrap`` (session): a Fcgiwrap (libfcgi) with ``unix_path`` and ``script()``.
 - ``make_nginx`` (function): ``make_nginx(fastcgi_address, *, keep_conn=True,
   docroot=None)`` -> an Nginx with ``http_address``; stopped after the test.
+- ``webservers`` (function): a tests/webservers.py WebServers, whose
+  ``apache_proxy(address)``, ``apache_fcgid(app)``, ``lighttpd(address)`` or
+  ``lighttpd(app=app)``, ``haproxy(address)`` start a web server with a
+  ``base_url``; all are stopped after the test, their logs printed (pytest
+  shows them when the test failed).
 
 A test that uses any of them is marked ``peer`` automatically, so
 ``-m "not peer"`` runs the suite without them. A missing binary skips the
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import peers
 import pytest
+import webservers as web
 from hypothesis import settings
 
 # Properties are about what happens, not how fast: a machine busy with the
@@ -27,7 +33,7 @@ from hypothesis import settings
 settings.register_profile("fcgiproto", deadline=None)
 settings.load_profile("fcgiproto")
 
-PEER_FIXTURES = frozenset({"php_fpm", "go_server", "make_nginx", "fcgiwrap"})
+PEER_FIXTURES = frozenset({"php_fpm", "go_server", "make_nginx", "webservers", "fcgiwrap"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -81,6 +87,15 @@ def make_nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Nginx
     peers.require_peer("nginx", binary is not None)
     assert binary is not None
     factory = peers.NginxFactory(binary, lambda: tmp_path_factory.mktemp("nginx"))
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def webservers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[web.WebServers]:
+    factory = web.WebServers(lambda name: tmp_path_factory.mktemp(name))
     try:
         yield factory
     finally:

@@ -34,6 +34,7 @@ class App:
     def __init__(self) -> None:
         self.connections: set[int] = set()
         self.aborted = 0
+        self.answering: dict[str, anyio.Event] = {}
 
     async def __call__(self, request: Request) -> AsyncIterator[bytes]:
         self.connections.add(request.connection_id)
@@ -43,6 +44,10 @@ class App:
         body = expected(request.params["NUMBER"])
         yield b"Content-Type: text/plain\r\n\r\n"
         try:
+            if "HOLD" in request.params:  # mid-answer until the client cuts it
+                yield body[:300]
+                self.answering.setdefault(request.params["NUMBER"], anyio.Event()).set()
+                await anyio.sleep_forever()
             for start in range(0, len(body), 300):
                 await anyio.sleep(random.random() * 0.004)
                 yield body[start : start + 300]
@@ -72,6 +77,15 @@ async def test_a_thousand_cancelled_requests_leave_the_shared_connection_sound(
                 assert r.body == expected(str(number)), f"request {number} got another's bytes"
                 outcomes["complete"] += 1
 
+            async def cut_mid_answer(number: int) -> None:
+                # However loaded the machine, this cut lands while the app is answering.
+                answering = app.answering.setdefault(str(number), anyio.Event())
+                async with anyio.create_task_group() as ask:
+                    ask.start_soon(client.request, {"NUMBER": str(number), "HOLD": "1"})
+                    await answering.wait()
+                    ask.cancel_scope.cancel()
+                outcomes["cancelled"] += 1
+
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as storm:
                     for number in range(1000):
@@ -79,6 +93,8 @@ async def test_a_thousand_cancelled_requests_leave_the_shared_connection_sound(
                         # among the cancellations however loaded the machine.
                         patience = 30.0 if number % 4 == 0 else rng.random() * 0.8
                         storm.start_soon(one, number, patience)
+                        if number % 50 == 0:
+                            storm.start_soon(cut_mid_answer, 2000 + number)
                 # Afterwards the same connection still serves, concurrently and in turn.
                 async with anyio.create_task_group() as after:
                     for number in range(1000, 1020):

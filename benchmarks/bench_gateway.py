@@ -1,0 +1,268 @@
+"""The PHP gateway (`fcgi php`, uvicorn) beside nginx and Caddy, in front of the same php-fpm.
+
+    uv run python benchmarks/bench_gateway.py [--seconds 5] [--only gateway,nginx,caddy]
+
+One php-fpm pool (8 static workers, opcache on) on a Unix socket serves
+hello.php and a front controller (index.php) that prints REQUEST_URI. Each front server is set up as
+its documentation recommends for a PHP front controller:
+
+- nginx: one process, ``try_files $uri $uri/ /index.php?$args``, a
+  ``\\.php(/|$)`` location with ``fastcgi_split_path_info`` and ``try_files
+  $fastcgi_script_name =404``, upstream keepalive 8;
+- Caddy: ``root``, ``php_fastcgi unix//...``, ``file_server``; no access log;
+- the gateway: ``fcgi php --max-connections 8 --no-access-log`` (one uvicorn
+  process on asyncio with h11, as installed by the ``php`` extra).
+
+wrk asks each for /hello.php (a script) and for /blog/post (the front
+controller: every file check fails until index.php) with -t1 -c1 and -t2 -c16.
+Figures: requests/s, and CPU per request of the front server (its process
+tree, from /proc) and of php-fpm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import re
+import subprocess
+
+import peers
+from _shared import WRK
+from gateway_peers import FpmPool
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, threads: int, connections: int, seconds: int) -> tuple[int, float]:
+    """wrk's requests and requests/s; fails on errors or non-2xx answers.
+
+    A 10 s request timeout rather than wrk's 2 s: on a loaded machine a
+    php-fpm worker can stall that long, which is no failure of the front.
+    """
+    argv = [WRK, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+    count = re.search(r"(\d+) requests in", out)
+    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if count is None or rate is None or "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk failed:\n{out}")
+    return int(count.group(1)), float(rate.group(1))
+
+
+OPCACHE = ["-d", "zend_extension=opcache", "-d", "opcache.enable=1"]
+PATHS = ("/hello.php", "/blog/post")
+LOADS = ((1, 1), (2, 16))
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its descendants that are alive."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / TICKS
+    total = 0.0
+    for proc, seconds in times.items():
+        walk = proc
+        while walk in parents and walk != pid:
+            walk = parents[walk]
+        if walk == pid:
+            total += seconds
+    return total
+
+
+class Front:
+    """A front server in a process of its own."""
+
+    def __init__(self, name: str, argv: list[str], port: int, base: Path, env: dict[str, str]):
+        self.name = name
+        self.port = port
+        self.proc = peers.ManagedProcess(
+            name, argv, output_log=base / f"{name}.out", env={**os.environ, **env}
+        )
+        self.base = base
+
+    def __enter__(self) -> Front:
+        self.proc.start()
+        peers.wait_until_ready(self.proc, [f"127.0.0.1:{self.port}"], logs=[])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.process is not None
+        return self.proc.process.pid
+
+
+def nginx_front(base: Path, root: Path, upstream: str) -> Front:
+    binary = peers.find_nginx()
+    assert binary, "nginx is not installed"
+    port = peers.free_port()
+    temp = base / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    params = "".join(
+        f"            {line}\n"
+        for line in peers._NGINX_FASTCGI_PARAMS.splitlines()
+        if "SCRIPT_NAME" not in line
+    )
+    config = base / "nginx.conf"
+    config.write_text(f"""\
+master_process off;
+pid {base / "nginx.pid"};
+error_log {base / "nginx-error.log"} warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp / "body"};
+    fastcgi_temp_path {temp / "fastcgi"};
+    proxy_temp_path {temp / "proxy"};
+    uwsgi_temp_path {temp / "uwsgi"};
+    scgi_temp_path {temp / "scgi"};
+    upstream php {{ server unix:{upstream}; keepalive 8; }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        index index.php;
+        location / {{ try_files $uri $uri/ /index.php?$args; }}
+        location ~ \\.php(/|$) {{
+            fastcgi_split_path_info ^(.+?\\.php)(/.*)$;
+            try_files $fastcgi_script_name =404;
+            fastcgi_pass php;
+            fastcgi_keep_conn on;
+            fastcgi_param SCRIPT_NAME $fastcgi_script_name;
+            fastcgi_param PATH_INFO $fastcgi_path_info;
+{params}        }}
+    }}
+}}
+""")
+    argv = [binary, "-p", str(base), "-c", str(config), "-e", str(base / "nginx-error.log")]
+    return Front("nginx", [*argv, "-g", "daemon off;"], port, base, {})
+
+
+def caddy_front(base: Path, root: Path, upstream: str) -> Front:
+    binary = shutil.which("caddy")
+    assert binary, "caddy is not installed (apt-get install caddy)"
+    port = peers.free_port()
+    config = base / "Caddyfile"
+    config.write_text(f"""\
+{{
+    admin off
+    auto_https off
+}}
+http://127.0.0.1:{port} {{
+    root * {root}
+    php_fastcgi unix/{upstream}
+    file_server
+}}
+""")
+    env = {"XDG_DATA_HOME": str(base / "caddy-data"), "XDG_CONFIG_HOME": str(base / "caddy-cfg")}
+    argv = [binary, "run", "--config", str(config), "--adapter", "caddyfile"]
+    return Front("caddy", argv, port, base, env)
+
+
+def gateway_front(base: Path, root: Path, upstream: str) -> Front:
+    port = peers.free_port()
+    argv = [sys.executable, "-m", "fcgiproto_socket", "php", "--root", str(root)]
+    argv += ["--upstream", f"unix:{upstream}", "--listen", f"127.0.0.1:{port}"]
+    argv += ["--max-connections", "8", "--no-access-log", "--log-level", "warning"]
+    return Front("gateway", argv, port, base, {})
+
+
+#: uvicorn answering by itself, no PHP: the floor the gateway stands on.
+FLOOR_APP = """
+import sys, uvicorn
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")]})
+    await send({"type": "http.response.body", "body": b"Hello, world\\n"})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=False,
+            log_level="warning", lifespan="off", proxy_headers=False, server_header=False)
+"""
+
+
+def floor_front(base: Path, root: Path, upstream: str) -> Front:
+    port = peers.free_port()
+    return Front("uvicorn", [sys.executable, "-c", FLOOR_APP, str(port)], port, base, {})
+
+
+FRONTS: dict[str, Callable[[Path, Path, str], Front]] = {
+    "gateway": gateway_front,
+    "uvicorn": floor_front,
+    "nginx": nginx_front,
+    "caddy": caddy_front,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--only", default=",".join(FRONTS))
+    args = parser.parse_args()
+    binary = peers.find_php_fpm()
+    assert binary, "php-fpm is not installed"
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as scratch:
+        base = Path(scratch)
+        root = base / "www"
+        root.mkdir()
+        (root / "hello.php").write_text('<?php echo "Hello, world\\n";')
+        (root / "index.php").write_text('<?php echo "front controller: ", $_SERVER["REQUEST_URI"];')
+        fpm = FpmPool(binary, base, "bench", workers=8)
+        fpm._proc.argv[1:1] = OPCACHE
+        fpm.start()
+        fpm_pid = fpm._proc.process.pid  # type: ignore[union-attr]
+        rows = []
+        try:
+            for name in args.only.split(","):
+                with FRONTS[name](base, root, fpm.socket) as front:
+                    for path in PATHS:
+                        url = f"http://127.0.0.1:{front.port}{path}"
+                        for threads, conns in LOADS:
+                            wrk(url, threads, conns, 1)  # warm-up
+                            front_cpu, php_cpu = tree_cpu(front.pid), tree_cpu(fpm_pid)
+                            count, rate = wrk(url, threads, conns, args.seconds)
+                            front_cpu = tree_cpu(front.pid) - front_cpu
+                            php_cpu = tree_cpu(fpm_pid) - php_cpu
+                            rows.append(
+                                (name, path, conns, rate, front_cpu / count, php_cpu / count)
+                            )
+                            print(
+                                f"{name:8} {path:11} -c{conns:<3} {rate:9,.0f} req/s  "
+                                f"front {front_cpu / count * 1e6:6,.0f} us/req  "
+                                f"php-fpm {php_cpu / count * 1e6:6,.0f} us/req",
+                                flush=True,
+                            )
+        finally:
+            fpm.stop()
+    by = {(n, p, c): r for n, p, c, r, _, _ in rows}
+    for path in PATHS:
+        for _, conns in LOADS:
+            if ("gateway", path, conns) in by and ("caddy", path, conns) in by:
+                ratio = by[("gateway", path, conns)] / by[("caddy", path, conns)]
+                print(f"gateway / caddy {path} -c{conns}: {ratio:.2f}x")
+            if ("gateway", path, conns) in by and ("nginx", path, conns) in by:
+                ratio = by[("gateway", path, conns)] / by[("nginx", path, conns)]
+                print(f"gateway / nginx {path} -c{conns}: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

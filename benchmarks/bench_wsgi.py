@@ -1,0 +1,330 @@
+"""Python application servers behind nginx, under wrk: ours beside flup and fcgisgi.
+
+Run:  uv sync --group bench && uv run python benchmarks/bench_wsgi.py   (about 4 min)
+
+Each server runs alone in a child process (this file, ``--serve KIND
+ADDRESS``) on a Unix socket, with nginx (tests/peers.py's, one process,
+``keepalive 8`` to the application) in front. Three cases: hello world with
+wrk -c1 and -c16, and a 1 MiB response with -c4. For each server and case:
+a 1 s warm-up, then a measured wrk run; the server's CPU time (user + system
+of its process, all threads) over that run, divided by the requests, is its
+CPU per request. Rounds are interleaved (every server and case once, then
+again), and the table gives the median of the rounds.
+
+The rows:
+
+- ``fcgiproto_socket.Server``: ``serve(handler)``, a Request -> bytes handler,
+  a thread per connection.
+- ``fcgiproto_anyio.serve``: the same handler, async, on asyncio.
+- ``fcgiproto_socket.serve_wsgi`` and ``fcgiproto_anyio.serve_asgi``: the WSGI
+  and ASGI apps below, when the checkout has them.
+- flup's ``WSGIServer`` (threaded) and fcgisgi's ``run_asgi_server`` (asyncio):
+  the same WSGI and ASGI apps; from the ``bench`` dependency group.
+
+A server that is missing is listed with the reason and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# Measure the checkout this file sits in, whatever is installed; reuse the tests' peers.
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+HELLO = b"Hello, World!"
+BIG = b"0123456789abcdef" * (1024 * 1024 // 16)
+TICKS = os.sysconf("SC_CLK_TCK")
+WARM_UP = 1
+
+
+# --- the applications, one per interface, all answering the same bytes ---
+
+
+def wants_big(path: str) -> bool:
+    return path.startswith("/big")
+
+
+def wsgi_app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+    path = f"{environ.get('SCRIPT_NAME', '')}{environ.get('PATH_INFO', '')}"
+    body = BIG if wants_big(path) else HELLO
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+async def asgi_app(
+    scope: dict[str, object], receive: Callable[..., object], send: Callable[..., object]
+) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()  # type: ignore[misc]
+            kind = message["type"]
+            if kind == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})  # type: ignore[misc]
+            elif kind == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})  # type: ignore[misc]
+                return
+    path = f"{scope.get('root_path', '')}{scope['path']}"
+    body = BIG if wants_big(path) else HELLO
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[misc]
+    await send({"type": "http.response.body", "body": body})  # type: ignore[misc]
+
+
+def handler_response(params: dict[str, str]) -> bytes:
+    body = BIG if wants_big(params.get("DOCUMENT_URI", "")) else HELLO
+    return b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+# --- the servers, each run as `bench_wsgi.py --serve KIND ADDRESS` ---
+
+
+def serve_socket(address: str) -> None:
+    from fcgiproto_socket import serve
+
+    serve(lambda request: handler_response(request.params), address)
+
+
+def serve_anyio(address: str) -> None:
+    import anyio
+
+    from fcgiproto_anyio import serve
+
+    async def app(request: object) -> bytes:
+        return handler_response(request.params)  # type: ignore[attr-defined]
+
+    anyio.run(serve, app, address, backend="asyncio")
+
+
+def serve_wsgi(address: str) -> None:
+    import fcgiproto_socket
+
+    fcgiproto_socket.serve_wsgi(wsgi_app, address)  # type: ignore[attr-defined]
+
+
+def serve_asgi(address: str) -> None:
+    import anyio
+
+    import fcgiproto_anyio
+
+    anyio.run(fcgiproto_anyio.serve_asgi, asgi_app, address, backend="asyncio")  # type: ignore[attr-defined]
+
+
+def serve_flup(address: str) -> None:
+    from flup.server.fcgi import WSGIServer
+
+    WSGIServer(wsgi_app, bindAddress=address.removeprefix("unix:")).run()
+
+
+def serve_fcgisgi(address: str) -> None:
+    import asyncio
+
+    from fcgisgi import run_asgi_server
+
+    asyncio.run(run_asgi_server(asgi_app, bind_address=address.removeprefix("unix:")))
+
+
+def has_module(name: str) -> str:
+    import importlib.util
+
+    return (
+        "" if importlib.util.find_spec(name) else f"{name} is not installed (uv sync --group bench)"
+    )
+
+
+def has_attribute(module: str, name: str) -> str:
+    import importlib
+
+    return (
+        ""
+        if hasattr(importlib.import_module(module), name)
+        else f"{module}.{name} does not exist yet"
+    )
+
+
+@dataclass(frozen=True)
+class Kind:
+    label: str
+    serve: Callable[[str], None]
+    #: Why it cannot run here, or "".
+    missing: Callable[[], str]
+
+
+KINDS: dict[str, Kind] = {
+    "socket": Kind("`fcgiproto_socket.Server` (Request → bytes)", serve_socket, lambda: ""),
+    "anyio": Kind("`fcgiproto_anyio.serve` (asyncio)", serve_anyio, lambda: ""),
+    "serve_wsgi": Kind(
+        "`fcgiproto_socket.serve_wsgi`",
+        serve_wsgi,
+        lambda: has_attribute("fcgiproto_socket", "serve_wsgi"),
+    ),
+    "serve_asgi": Kind(
+        "`fcgiproto_anyio.serve_asgi` (asyncio)",
+        serve_asgi,
+        lambda: has_attribute("fcgiproto_anyio", "serve_asgi"),
+    ),
+    "flup": Kind("flup `WSGIServer`", serve_flup, lambda: has_module("flup")),
+    "fcgisgi": Kind("fcgisgi `run_asgi_server`", serve_fcgisgi, lambda: has_module("fcgisgi")),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    path: str
+    threads: int
+    connections: int
+    size: int
+
+
+CASES = [
+    Case("c1", "/hello", 1, 1, len(HELLO)),
+    Case("c16", "/hello", 2, 16, len(HELLO)),
+    Case("1 MiB, c4", "/big", 2, 4, len(BIG)),
+]
+
+
+# --- measuring ---
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    fields = stat[stat.rindex(b")") + 2 :].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+@dataclass
+class Result:
+    rates: list[float] = field(default_factory=list)
+    cpu_per_request: list[float] = field(default_factory=list)
+
+
+def one_run(kind: str, case: Case, seconds: int, work: Path) -> tuple[float, float]:
+    """(requests/s, server CPU seconds per request) of one wrk run through a fresh nginx."""
+    import peers
+    from _shared import wrk
+
+    base = Path(tempfile.mkdtemp(dir=work))
+    address = f"unix:{peers.socket_dir(base) / 'app.sock'}"
+    server = peers.ManagedProcess(
+        kind,
+        [sys.executable, str(Path(__file__).resolve()), "--serve", kind, address],
+        output_log=base / "server.out",
+    )
+    server.start()
+    try:
+        peers.wait_until_ready(server, [address], logs=[])
+        nginx_binary = peers.find_nginx()
+        if nginx_binary is None:
+            raise peers.PeerError("nginx is not installed")
+        nginx = peers.Nginx(nginx_binary, base / "nginx", address)
+        nginx.start()
+        try:
+            url = f"http://{nginx.http_address}{case.path}"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = response.read()
+            if len(body) != case.size:
+                raise RuntimeError(f"{kind} answered {url} with {len(body)} bytes, not {case.size}")
+            assert server.process is not None
+            pid = server.process.pid
+            wrk(url, case.threads, case.connections, WARM_UP)
+            before = proc_cpu(pid)
+            count, rate = wrk(url, case.threads, case.connections, seconds)
+            cpu = proc_cpu(pid) - before
+        finally:
+            nginx.stop()
+    except BaseException:
+        sys.stderr.write(server.read_output()[-4000:])
+        raise
+    finally:
+        server.stop()
+    return rate, cpu / count
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import peers
+
+    parts = [f"Python {platform.python_version()}"]
+    for name in ("flup", "fcgisgi", "anyio"):
+        with contextlib.suppress(PackageNotFoundError):
+            parts.append(f"{name} {version(name)}")
+    nginx = subprocess.run(
+        [peers.find_nginx() or "nginx", "-v"], capture_output=True, text=True
+    ).stderr.strip()
+    parts.append(nginx.split(": ")[-1])
+    return ", ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--serve", nargs=2, metavar=("KIND", "ADDRESS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--seconds", type=int, default=3, help="measured seconds per wrk run (default 3)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--only", nargs="*", choices=list(KINDS), help="these servers only")
+    args = parser.parse_args()
+    if args.serve:
+        kind, address = args.serve
+        KINDS[kind].serve(address)
+        return
+
+    kinds = []
+    for name in args.only or KINDS:
+        why = KINDS[name].missing()
+        if why:
+            print(f"skipped {name}: {why}")
+        else:
+            kinds.append(name)
+    print(versions())
+    results = {(kind, case.label): Result() for kind in kinds for case in CASES}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-wsgi-") as work:
+        for round_number in range(1, args.rounds + 1):
+            for case in CASES:
+                for kind in kinds:
+                    rate, cpu = one_run(kind, case, args.seconds, Path(work))
+                    result = results[kind, case.label]
+                    result.rates.append(rate)
+                    result.cpu_per_request.append(cpu)
+                    print(
+                        f"round {round_number} {case.label:>10} {kind:>10}: "
+                        f"{rate:9,.0f} req/s {cpu * 1e6:8,.0f} us/req",
+                        flush=True,
+                    )
+    print(
+        f"\n{args.rounds} rounds in {time.monotonic() - started:.0f} s; "
+        "median req/s / server CPU µs per request:\n"
+    )
+    print("| server | " + " | ".join(case.label for case in CASES) + " |")
+    print("|---|" + "---|" * len(CASES))
+    for kind in kinds:
+        cells = []
+        for case in CASES:
+            result = results[kind, case.label]
+            rate = statistics.median(result.rates)
+            cpu = statistics.median(result.cpu_per_request)
+            cells.append(f"{rate:,.0f} / {cpu * 1e6:,.0f}")
+        print(f"| {KINDS[kind].label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
