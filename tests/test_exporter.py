@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -229,6 +230,36 @@ def test_php_fpm_stopped_mid_scrape_is_down_within_the_deadline_and_recovers(
     found, _, _ = exporter.scrape()
     assert time.monotonic() - started < deadline + 1.5
     assert set(up_by_uri(found).values()) == {0}
+    fpm.start()
+    assert set(up_by_uri(exporter.scrape()[0]).values()) == {1}
+
+
+@pytest.mark.peer
+def test_php_fpm_killed_while_a_scrape_waits_on_it(
+    fpm: peers.PhpFpm, run_exporter: type[Exporter]
+) -> None:
+    deadline = 2.0
+    exporter = run_exporter(
+        fpm.unix_path, fpm.tcp_address, "--path", STATUS_PATH, "--timeout", str(deadline)
+    )
+    assert set(up_by_uri(exporter.scrape()[0]).values()) == {1}
+    pids = fpm.pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # the scrape's requests wait on php-fpm ...
+    done: list[tuple[Samples, float]] = []
+    started = time.monotonic()
+    scraping = threading.Thread(
+        target=lambda: done.append((exporter.scrape()[0], time.monotonic() - started))
+    )
+    scraping.start()
+    time.sleep(0.5)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)  # ... when it dies under them
+    fpm.stop()
+    scraping.join(10)
+    ((found, took),) = done
+    assert set(up_by_uri(found).values()) == {0}
+    assert took < deadline + 1.5, took
     fpm.start()
     assert set(up_by_uri(exporter.scrape()[0]).values()) == {1}
 
