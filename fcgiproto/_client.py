@@ -10,12 +10,12 @@ from typing import ClassVar
 from ._connection import Connection
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
-    EndRequest,
     Event,
     GetValuesResult,
     StderrData,
     StdoutData,
     UnknownType,
+    end_request_maker,
     stream_event_maker,
 )
 from ._records import (
@@ -58,6 +58,10 @@ _GET_VALUES, _GET_VALUES_RESULT, _UNKNOWN_TYPE = 9, 10, 11
 _MAX_REQUEST_ID = 0xFFFF
 _END_BODY = struct.Struct(">IB3x")
 _BEGIN_BODY = struct.Struct(">HB5x")
+#: A whole BEGIN_REQUEST record (header and body) in one pack.
+_BEGIN_RECORD = struct.Struct(">BBHHBxHB5x")
+#: The empty records that end two streams, back to back (PARAMS then STDIN).
+_TWO_EMPTY = struct.Struct(">BBH4xBBH4x")
 
 _SEND_STREAMS = {
     Role.RESPONDER: Layout((_PARAMS,), (_STDIN,)),
@@ -65,7 +69,19 @@ _SEND_STREAMS = {
     Role.FILTER: Layout((_PARAMS,), (_STDIN,), (_DATA,)),
 }
 _RECEIVE_STREAMS = Layout((_STDOUT, _STDERR))
+
+
+def _sent_whole(layout: Layout) -> dict[int, int]:
+    """The send streams of a request once send_request() has ended PARAMS and STDIN."""
+    streams = Streams(layout)
+    streams.move(_PARAMS, True)
+    streams.move(_STDIN, True)
+    return streams.states
+
+
+_SENT_WHOLE = {role: _sent_whole(layout) for role, layout in _SEND_STREAMS.items()}
 _PROTOCOL_STATUSES = tuple(ProtocolStatus)
+_new_end_request = end_request_maker()
 
 
 class _Request:
@@ -165,6 +181,7 @@ class ClientConnection(Connection):
         self._out.extend(records)
 
     def end_params(self, request_id: int) -> None:
+        """Queue the empty PARAMS record that ends the name/value pairs."""
         self._end_stream(request_id, _PARAMS)
 
     def send_stdin(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
@@ -172,6 +189,7 @@ class ClientConnection(Connection):
         self._send_stream(request_id, _STDIN, data)
 
     def end_stdin(self, request_id: int) -> None:
+        """Queue the empty STDIN record that ends the request body."""
         self._end_stream(request_id, _STDIN)
 
     def send_data(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
@@ -179,6 +197,7 @@ class ClientConnection(Connection):
         self._send_stream(request_id, _DATA, data)
 
     def end_data(self, request_id: int) -> None:
+        """Queue the empty FCGI_DATA record that ends the filter data."""
         self._end_stream(request_id, _DATA)
 
     def send_request(
@@ -201,16 +220,21 @@ class ClientConnection(Connection):
         request = _Request(role, keep_conn)
         sent = request.sent
         out: list[bytes | memoryview] = [
-            record(_BEGIN_REQUEST, rid, _BEGIN_BODY.pack(role, 1 if keep_conn else 0))
+            _BEGIN_RECORD.pack(FCGI_VERSION, _BEGIN_REQUEST, rid, 8, 0, role, 1 if keep_conn else 0)
         ]
         out += encode_pair_records(_PARAMS, rid, params)
-        out.append(_empty(_PARAMS, rid))
         if stdin:
+            out.append(_empty(_PARAMS, rid))
             out += encode_stream_records(_STDIN, rid, _frozen(stdin))
-        out.append(_empty(_STDIN, rid))
-        sent.move(_PARAMS, True)
-        sent.move(_STDIN, True)
-        if data is not None:
+            out.append(_empty(_STDIN, rid))
+        else:
+            out.append(_TWO_EMPTY.pack(FCGI_VERSION, _PARAMS, rid, FCGI_VERSION, _STDIN, rid))
+        if data is None:
+            # Where the moves below lead from a fresh request, worked out once.
+            sent.states = dict(_SENT_WHOLE[role])
+        else:
+            sent.move(_PARAMS, True)
+            sent.move(_STDIN, True)
             self._check_stream(rid, request, _DATA, False)
             if data:
                 out += encode_stream_records(_DATA, rid, _frozen(data))
@@ -319,6 +343,8 @@ class ClientConnection(Connection):
 
     @staticmethod
     def _check_role(role: Role | int) -> Role:
+        if type(role) is Role:
+            return role
         try:
             return Role(role)
         except ValueError:
@@ -410,7 +436,7 @@ class ClientConnection(Connection):
                 f"request {rid} ended before its input was sent whole; the application "
                 "may still read it, so the connection cannot carry another request"
             )
-        events.append(EndRequest(rid, app_status, _PROTOCOL_STATUSES[status]))
+        events.append(_new_end_request(rid, app_status, _PROTOCOL_STATUSES[status]))
 
     def _on_foreign_record(self, rtype: int, rid: int, clen: int) -> None:
         if rtype in RecordType._value2member_map_:

@@ -132,13 +132,17 @@ class Connection:
         # number, so that a record continuing the run costs one comparison.
         pieces: list[int] = []
         run = -1
+        streamed, delivering, header_buf = self._STREAMED, self._delivering, self._header_buf
+        # A run of one whole record in bytes input is emitted here, its
+        # content sliced once: the path of records that cannot be coalesced.
+        whole_bytes = data if type(data) is bytes else None
         if self._state == _STREAM:
             run = _RUN_BASE | self._rtype << 16 | self._rid
         while pos < end:
             state = self._state
             if state == _HEADER:
-                if self._header_buf or end - pos < 8:
-                    buf = self._header_buf
+                if header_buf or end - pos < 8:
+                    buf = header_buf
                     take = min(8 - len(buf), end - pos)
                     buf += data[pos : pos + take]
                     pos += take
@@ -170,15 +174,19 @@ class Connection:
                     self._left, self._padding, self._state = clen, plen, _STREAM
                     continue
                 if pieces:
-                    self._flush(run, data, pieces, events)
+                    if whole_bytes is not None and len(pieces) == 2:
+                        content = whole_bytes[pieces[0] : pieces[1]]
+                        events.append(streamed[run >> 16 & 0xFF](run & 0xFFFF, content))
+                    else:
+                        self._flush(run, data, pieces, events)
                     pieces = []
                 run = -1
                 version, rtype, rid = prefix >> 24, prefix >> 16 & 0xFF, prefix & 0xFFFF
-                if clen and prefix in self._delivering:
+                if clen and prefix in delivering:
                     pass  # data the tables let through as it is
                 elif version != FCGI_VERSION:
                     raise self._bad_version(version, rtype, rid, clen)
-                elif rtype not in self._STREAMED:
+                elif rtype not in streamed:
                     pass
                 elif not self._stream_allowed(rtype, rid, clen, events):
                     self._skip(clen + plen)
@@ -186,7 +194,7 @@ class Connection:
                 elif not clen:
                     self._skip(plen)
                     continue
-                if rtype in self._STREAMED:
+                if rtype in streamed:
                     run = prefix
                     stop = pos + clen
                     if stop + plen <= end:

@@ -46,15 +46,15 @@ class TransportError(FastCGIError):
 
 
 class ConnectError(TransportError):
-    pass
+    """The connection could not be opened (refused, no such socket, unreachable)."""
 
 
 class ReadError(TransportError):
-    pass
+    """Reading from the connection failed, or the peer closed it mid-response."""
 
 
 class WriteError(TransportError):
-    pass
+    """Writing to the connection failed (reset, broken pipe)."""
 
 
 class TimeoutException(TransportError, TimeoutError):
@@ -62,19 +62,19 @@ class TimeoutException(TransportError, TimeoutError):
 
 
 class ConnectTimeout(TimeoutException):
-    pass
+    """The connection was not open within `Timeout.connect`."""
 
 
 class ReadTimeout(TimeoutException):
-    pass
+    """No byte arrived within `Timeout.read`, or `Timeout.total` ran out."""
 
 
 class WriteTimeout(TimeoutException):
-    pass
+    """The peer took no byte within `Timeout.write`."""
 
 
 class PoolTimeout(TimeoutException):
-    pass
+    """No connection of the pool came free within `Timeout.pool`."""
 
 
 class RequestError(FastCGIError):

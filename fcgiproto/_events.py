@@ -77,6 +77,8 @@ class UnknownType(Event):
 
 @dataclass(frozen=True, slots=True)
 class BeginRequest(Event):
+    """A request begins; `keep_conn` False means close the connection once it ends."""
+
     request_id: int
     role: Role
     keep_conn: bool
@@ -95,12 +97,16 @@ class Params(Event):
 
 @dataclass(frozen=True, slots=True)
 class StdinData(Event):
+    """Some bytes of a request's STDIN stream (the request body), as they arrive."""
+
     request_id: int
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class StdinEnd(Event):
+    """The request's STDIN stream ended: the whole body has arrived."""
+
     request_id: int
 
 
@@ -114,6 +120,8 @@ class FilterData(Event):
 
 @dataclass(frozen=True, slots=True)
 class FilterDataEnd(Event):
+    """The request's FCGI_DATA stream ended (filter role)."""
+
     request_id: int
 
 
@@ -138,6 +146,24 @@ def stream_event_maker(cls: type[Event]) -> Callable[[int, bytes], Event]:
         event = new(cls)
         set_request_id(event, request_id)
         set_data(event, data)
+        return event
+
+    return make
+
+
+def end_request_maker() -> Callable[[int, int, ProtocolStatus], EndRequest]:
+    """A fast constructor of EndRequest, equal to calling it (see stream_event_maker)."""
+    new = object.__new__
+    slots = vars(EndRequest)
+    set_request_id = slots["request_id"].__set__
+    set_app_status = slots["app_status"].__set__
+    set_protocol_status = slots["protocol_status"].__set__
+
+    def make(request_id: int, app_status: int, protocol_status: ProtocolStatus) -> EndRequest:
+        event = new(EndRequest)
+        set_request_id(event, request_id)
+        set_app_status(event, app_status)
+        set_protocol_status(event, protocol_status)
         return event
 
     return make

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from enum import IntEnum
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
@@ -45,6 +45,8 @@ MAX_PAIR_LENGTH = 0x7FFFFFFF
 
 
 class RecordType(IntEnum):
+    """The record types of FastCGI 1.0; `UnknownType.record_type` may hold any other."""
+
     BEGIN_REQUEST = 1
     ABORT_REQUEST = 2
     END_REQUEST = 3
@@ -59,12 +61,16 @@ class RecordType(IntEnum):
 
 
 class Role(IntEnum):
+    """What the application is asked to do: answer, authorize, or filter FCGI_DATA."""
+
     RESPONDER = 1
     AUTHORIZER = 2
     FILTER = 3
 
 
 class ProtocolStatus(IntEnum):
+    """How END_REQUEST says a request ended; anything but REQUEST_COMPLETE is a refusal."""
+
     REQUEST_COMPLETE = 0
     CANT_MPX_CONN = 1
     OVERLOADED = 2
@@ -154,6 +160,10 @@ def encode_pair_records(rtype: int, request_id: int, params: ParamsInput) -> lis
     records is lost there. A pair longer than one record's content can only
     be sent split; peers that reassemble (Go, our ServerConnection) accept it.
     """
+    if type(params) is dict:
+        content = _short_ascii_pairs(params)
+        if content is not None:
+            return [record(rtype, request_id, content)] if content else []
     out: list[bytes] = []
     parts: list[bytes] = []  # the encoded pairs of the record being filled
     text: list[str] = []  # short ASCII str pairs after those, encoded together
@@ -197,6 +207,28 @@ def encode_pair_records(rtype: int, request_id: int, params: ParamsInput) -> lis
     if parts or text:
         out.append(_params_record(rtype, request_id, parts, text))
     return out
+
+
+def _short_ascii_pairs(params: dict[Any, Any]) -> bytes | None:
+    """The pairs of a dict of short ASCII str, encoded as one record's content; else None.
+
+    The common case (CGI params built by a gateway) in a handful of C calls:
+    every name and value is joined, each after its two one-byte lengths, and
+    one isascii() over the whole text proves at once that every string is
+    ASCII and every length below 128 (chr() of a larger one is not ASCII).
+    str.join refuses anything but str, so bytes or other values fall back to
+    the general loop, which encodes or rejects them one by one.
+    """
+    text: list[str] = []
+    try:
+        for name, value in params.items():
+            text += (chr(len(name)), chr(len(value)), name, value)
+        joined = "".join(text)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if len(joined) > STREAM_CHUNK or not joined.isascii():
+        return None
+    return joined.encode("ascii")
 
 
 def _params_record(rtype: int, request_id: int, parts: list[bytes], text: list[str]) -> bytes:

@@ -134,6 +134,7 @@ class ServerConnection(Connection):
 
     @property
     def active_requests(self) -> frozenset[int]:
+        """Ids of the requests begun and not yet ended with end_request()."""
         return frozenset(self._requests)
 
     @property
@@ -147,11 +148,13 @@ class ServerConnection(Connection):
     # anything, so a call that raises leaves the connection as it was.
 
     def send_stdout(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue response bytes (a CGI head, then the body), of any length; b"" queues nothing."""
         self._local_move(request_id, SEND)
         if data:
             self._out.extend(encode_stream_records(_STDOUT, request_id, _frozen(data)))
 
     def send_stderr(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue bytes for the web server's error log; b"" queues nothing."""
         request = self._local_move(request_id, SEND)[0]
         if data:
             self._out.extend(encode_stream_records(_STDERR, request_id, _frozen(data)))

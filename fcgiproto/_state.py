@@ -267,13 +267,20 @@ class Streams:
         states[rtype] = target
         if target == CLOSED and rtype in self.layout.following:
             group, following = self.layout.following[rtype]
-            if all(states[t] == CLOSED for t in group):
+            for other in group:
+                if states[other] != CLOSED:
+                    break
+            else:
                 for opened in following:
                     states[opened] = OPEN
         return None
 
     def all_closed(self) -> bool:
-        return all(state == CLOSED for state in self.states.values())
+        # A loop, not all() over a generator: it runs at every END_REQUEST.
+        for state in self.states.values():  # noqa: SIM110
+            if state != CLOSED:
+                return False
+        return True
 
 
 def delivers(lifecycle: Lifecycle, state: int, streams: Streams, rtype: int) -> bool:

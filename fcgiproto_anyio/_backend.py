@@ -83,6 +83,7 @@ class AnyioStream:
         # Just wrote a request: its answer cannot be there yet, so a read
         # waits first instead of trying a recv that would fail.
         self._wrote = False
+        self._poller: select.poll | None = None
 
     async def read(self, max_bytes: int, timeout: float | None) -> bytes:
         waited = self._wrote
@@ -156,9 +157,10 @@ class AnyioStream:
 
     def looks_alive(self) -> bool:
         try:
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN | select.POLLPRI)
-            return not poller.poll(0)
+            if self._poller is None:  # made once: the check runs before every reuse
+                self._poller = select.poll()
+                self._poller.register(self._sock, select.POLLIN | select.POLLPRI)
+            return not self._poller.poll(0)
         except (OSError, ValueError):
             return False
 

@@ -209,7 +209,9 @@ class AsyncClient:
                 # ResponseTooLarge too: the rest of the answer is still coming.
                 await self._discard(conn)
                 raise
-            await _SoloExchange(self, conn, reused).finish(True, deadline, limits)
+            if reused:
+                self._kept_one = True
+            await self._finish_solo(conn, True, deadline, limits)
             return answer.response(end)
         raise AssertionError("unreachable")
 
@@ -386,7 +388,7 @@ class AsyncClient:
         which under contention left some waiting out their pool timeout.
         """
         wait, _ = deadline.limit(limits.pool)
-        give_up = None if wait is None else current_time() + wait
+        give_up: float | None = None  # when the pool timeout runs out, once this caller waits
         ticket: AsyncFlag | None = None  # this caller's turn, once it queues
         while True:
             with self._lock:
@@ -421,6 +423,8 @@ class AsyncClient:
             if may_open:
                 break
             assert ticket is not None
+            if give_up is None and wait is not None:
+                give_up = current_time() + wait
             left = None if give_up is None else give_up - current_time()
             if (left is not None and left <= 0) or not await self._wait_turn(ticket, left):
                 with self._lock:
@@ -465,6 +469,27 @@ class AsyncClient:
                 for old in to_close:
                     await old.aclose()
 
+    async def _finish_solo(
+        self, conn: AsyncConnection, ended: bool, deadline: Deadline, limits: Timeout
+    ) -> None:
+        """Give a connection of its own back after a request, or close it."""
+        if ended and conn.proto.can_send_request:
+            if conn.flushed:
+                await self._release(conn)
+                return
+            try:
+                # The application may answer before it has all of the body
+                # (php-fpm does once it has CONTENT_LENGTH bytes): the rest,
+                # often only the empty STDIN record, goes out before reuse.
+                with shield():
+                    await conn.flush(deadline, limits.write)
+            except TransportError:
+                pass
+            else:
+                await self._release(conn)
+                return
+        await self._discard(conn)
+
     async def _discard(self, conn: AsyncConnection) -> None:
         with shield():
             await conn.aclose()
@@ -491,12 +516,19 @@ class AsyncClient:
         """Close idle connections as they expire, without waiting for the next call.
 
         An idle kept-alive connection pins a php-fpm worker; one the client will
-        not reuse must give it back. Runs while there are idle connections.
+        not reuse must give it back. Runs while connections are open: with
+        none idle it looks again after keepalive_expiry, when the first one
+        released since could expire at the earliest (with no expiry to wait
+        for, it ends, and the next release starts it). Ending there cost
+        the async client a task per request, started at one release and gone
+        by the next, since the task first runs once its connection is taken
+        again.
         """
         while True:
             with self._lock:
                 due = self._pool.next_expiry()
-                if self._pool.closed or due is None:
+                none_to_expire = not self._pool.open or self.keepalive_expiry <= 0
+                if self._pool.closed or (due is None and none_to_expire):
                     self._reaper_running = False
                     return
                 now = current_time()
@@ -510,11 +542,12 @@ class AsyncClient:
                     for conn in expired:
                         await conn.aclose()
             else:
-                # At least a moment: `due` and the pool's test of expiry round
-                # differently, and a wait shorter than the clock can add to
-                # `now` (trio's MockClock jumps by exactly the wait) would
-                # never reach `due`.
-                await self._reaper_wake.wait(max(due - now, REAP_SLACK))
+                # At least a moment when one is due: `due` and the pool's test
+                # of expiry round differently, and a wait shorter than the
+                # clock can add to `now` (trio's MockClock jumps by exactly
+                # the wait) would never reach `due`.
+                wait = self.keepalive_expiry if due is None else max(due - now, REAP_SLACK)
+                await self._reaper_wake.wait(wait)
 
 
 class _SoloExchange:
@@ -567,22 +600,9 @@ class _SoloExchange:
         return await self.conn.exchange(deadline, limits.read, limits.write, refill)
 
     async def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
-        conn = self.conn
         if ended and self.reused:
             self.client._kept_one = True
-        if ended and conn.proto.can_send_request:
-            try:
-                # The application may answer before it has all of the body
-                # (php-fpm does once it has CONTENT_LENGTH bytes): the rest,
-                # often only the empty STDIN record, goes out before reuse.
-                with shield():
-                    await conn.flush(deadline, limits.write)
-            except TransportError:
-                pass
-            else:
-                await self.client._release(conn)
-                return
-        await self.client._discard(conn)
+        await self.client._finish_solo(self.conn, ended, deadline, limits)
 
 
 class _MuxExchange:

@@ -42,6 +42,11 @@ class AsyncConnection:
         self.proto = ClientConnection(multiplex=multiplex)
         self._pending = memoryview(b"")
 
+    @property
+    def flushed(self) -> bool:
+        """Whether everything queued has been written."""
+        return not self._pending
+
     def queue(self) -> None:
         """Take what the protocol state has for the wire."""
         data = self.proto.data_to_send()

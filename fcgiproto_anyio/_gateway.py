@@ -78,6 +78,7 @@ class LocalFileSystem:
     """The router's view of the local disk: os.stat and os.path.realpath."""
 
     def kind(self, path: bytes) -> FileKind:
+        """What ``path`` is, symbolic links followed; MISSING for any error."""
         try:
             mode = os.stat(path).st_mode
         except (OSError, ValueError):
@@ -89,6 +90,7 @@ class LocalFileSystem:
         return FileKind.OTHER
 
     def realpath(self, path: bytes) -> bytes:
+        """``path`` with every symbolic link resolved."""
         # The kernel's answer for an open O_PATH descriptor is three system
         # calls; os.path.realpath walks the path in Python, an lstat a segment.
         if _O_PATH:
@@ -131,10 +133,11 @@ class PhpGateway:
     :param capture_stderr: log what scripts write to stderr (logger
         ``fcgiproto.php``): WARNING, or ERROR when the status is 4xx or 5xx.
         False drops it.
-    :param dial_timeout, read_timeout, write_timeout, pool_timeout: seconds
-        to connect, to wait for the next bytes of an answer, to hand a backend
-        more body, to wait for a connection when a backend is at its cap (then
-        the next backend is tried).
+    :param dial_timeout: seconds to connect to a backend.
+    :param read_timeout: seconds to wait for the next bytes of an answer.
+    :param write_timeout: seconds to hand a backend more of the body.
+    :param pool_timeout: seconds to wait for a connection when a backend is at
+        its cap (then the next backend is tried).
     :param static: ``"serve"`` files under the root that are not scripts, or
         ``"refuse"`` them (403); never sent to PHP either way.
     :param trusted_proxies: addresses or networks (``10.0.0.0/8``) whose
@@ -142,9 +145,14 @@ class PhpGateway:
         decide REMOTE_ADDR and HTTPS. Run the ASGI server without its own
         proxy-header handling (uvicorn ``proxy_headers=False``) so this is the
         only place that decides.
-    :param policy, max_connections, max_fails, fail_timeout, health_path,
-        health_interval, health_timeout, health_expect: the balancer's, see
-        AsyncBalancedClient; max_connections is the cap per backend.
+    :param policy: how a backend is chosen (see AsyncBalancedClient).
+    :param max_connections: the cap of connections per backend.
+    :param max_fails: failures within ``fail_timeout`` that take a backend out.
+    :param fail_timeout: the window for ``max_fails``, and how long it stays out.
+    :param health_path: php-fpm's ping path asked on an interval, or None.
+    :param health_interval: seconds between two health checks of a backend.
+    :param health_timeout: the deadline of one health check.
+    :param health_expect: the body a healthy ping answers.
     :param max_spooled_body: a chunked request body (no Content-Length) is
         written to a temporary file first, since php-fpm needs its length; one
         larger than this many bytes is refused with 413.

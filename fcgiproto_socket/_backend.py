@@ -1,8 +1,11 @@
-"""The blocking backend: non-blocking sockets waited on with poll(), every wait bounded.
+"""The blocking backend: sockets whose every wait is bounded, one system call per step.
 
-Waiting with poll() on a non-blocking socket lets a request send its body and
-read the answer at once, in one thread (an application may answer before it
-has read all of stdin), and gives every wait an explicit limit.
+A request's answer is read with one blocking recv() whose limit the kernel
+keeps (SO_RCVTIMEO), not a poll() and then a recv(): a kept-alive request costs
+a liveness poll, one send and the recvs its answer needs. Writes never block
+(MSG_DONTWAIT): when the socket takes nothing, poll() waits for it to take more
+or for the answer, so a request can send its body and read the answer at once
+in one thread (an application may answer before it has read all of stdin).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import struct
 import threading
 
 from fcgiproto import (
@@ -26,6 +30,9 @@ __all__ = ["SocketBackend", "SocketStream"]
 
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR
+_NO_WAIT = socket.MSG_DONTWAIT
+#: struct timeval, as SO_RCVTIMEO takes it.
+_TIMEVAL = struct.Struct("@ll")
 
 
 class SocketBackend:
@@ -48,7 +55,9 @@ class SocketBackend:
             raise ConnectTimeout(f"connecting to {address} took longer than {timeout}s") from None
         except OSError as exc:
             raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
-        sock.setblocking(False)
+        # Blocking, so that a read waits in the kernel, bounded by SO_RCVTIMEO;
+        # every write passes MSG_DONTWAIT.
+        sock.settimeout(None)
         return SocketStream(sock, address)
 
 
@@ -74,23 +83,23 @@ class SocketStream:
         self._lock = threading.Lock()
         self._in_use = 0
         self._closed = False
-        # Just wrote a request: its answer cannot be there yet, so a read
-        # polls first instead of trying a recv that would fail.
-        self._wrote = False
+        # The read limit the socket has now (SO_RCVTIMEO; None: none): set
+        # again only when a read asks for another, which most reads do not.
+        self._read_limit: float | None = None
 
     def read(self, max_bytes: int, timeout: float | None) -> bytes:
         self._enter(ReadError)
         try:
-            if self._wrote:
-                self._wrote = False
-                self._wait(self._read_poller, timeout, ReadTimeout)
-            while True:
-                try:
-                    return self._sock.recv(max_bytes)
-                except BlockingIOError:
-                    self._wait(self._read_poller, timeout, ReadTimeout)
-                except OSError as exc:
-                    raise self._read_error(exc) from exc
+            if timeout is not None and timeout <= 0:
+                return self._read_now(max_bytes, timeout)
+            if timeout != self._read_limit:
+                self._set_read_limit(timeout)
+            try:
+                return self._sock.recv(max_bytes)
+            except BlockingIOError:  # SO_RCVTIMEO ran out
+                raise self._timeout(ReadTimeout, timeout) from None
+            except OSError as exc:
+                raise self._read_error(exc) from exc
         finally:
             self._leave()
 
@@ -99,14 +108,11 @@ class SocketStream:
         try:
             while True:
                 try:
-                    sent = self._sock.send(data)
+                    return self._sock.send(data, _NO_WAIT)
                 except BlockingIOError:
                     self._wait(self._write_poller, timeout, WriteTimeout)
-                    continue
                 except OSError as exc:
                     raise self._write_error(exc) from exc
-                self._wrote = True
-                return sent
         finally:
             self._leave()
 
@@ -117,17 +123,14 @@ class SocketStream:
         try:
             while True:
                 try:
-                    sent = self._sock.send(data)
+                    return self._sock.send(data, _NO_WAIT), None
                 except BlockingIOError:
                     pass
                 except OSError as exc:
                     raise self._write_error(exc) from exc
-                else:
-                    self._wrote = True
-                    return sent, None
                 if self._wait(self._both_poller, timeout, WriteTimeout) & _READABLE:
                     try:
-                        return 0, self._sock.recv(max_bytes)
+                        return 0, self._sock.recv(max_bytes, _NO_WAIT)
                     except BlockingIOError:
                         continue
                     except OSError as exc:
@@ -165,6 +168,27 @@ class SocketStream:
         if last:
             self._sock.close()
 
+    def _read_now(self, max_bytes: int, timeout: float) -> bytes:
+        """A read allowed no wait: what is there already, else ReadTimeout."""
+        try:
+            return self._sock.recv(max_bytes, _NO_WAIT)
+        except BlockingIOError:
+            raise self._timeout(ReadTimeout, timeout) from None
+        except OSError as exc:
+            raise self._read_error(exc) from exc
+
+    def _set_read_limit(self, timeout: float | None) -> None:
+        # 0 means no limit to the kernel; a limit is at least a microsecond.
+        micros = 0 if timeout is None else max(1, round(timeout * 1_000_000))
+        seconds, micros = divmod(micros, 1_000_000)
+        try:
+            self._sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(seconds, micros)
+            )
+        except OSError as exc:
+            raise self._read_error(exc) from exc
+        self._read_limit = timeout
+
     def _wait(
         self,
         poller: select.poll,
@@ -174,8 +198,13 @@ class SocketStream:
         ready = poller.poll(None if timeout is None else timeout * 1000)
         if ready:
             return ready[0][1]
+        raise self._timeout(error, timeout)
+
+    def _timeout(
+        self, error: type[ReadTimeout] | type[WriteTimeout], timeout: float | None
+    ) -> ReadTimeout | WriteTimeout:
         doing = "send anything" if error is ReadTimeout else "take more"
-        raise error(f"{self._address} did not {doing} within {timeout}s")
+        return error(f"{self._address} did not {doing} within {timeout}s")
 
     def _read_error(self, exc: OSError) -> ReadError:
         return ReadError(f"reading from {self._address} failed: {exc.strerror or exc}")

@@ -145,8 +145,9 @@ class BalancedClient:
         ``key`` each call gives).
     :param max_connections: the connection cap per backend (php-fpm pins a
         worker per connection: keep it at most pm.max_children).
-    :param max_fails, fail_timeout: passive health: a backend that failed
-        max_fails times within fail_timeout seconds is skipped until then.
+    :param max_fails: passive health: a backend that failed max_fails times
+        within fail_timeout seconds is skipped until then.
+    :param fail_timeout: the window of max_fails, in seconds.
     :param health_path: active health: when set, each backend is asked for
         this path (php-fpm's ping.path) every health_interval seconds; it is
         up while it answers 2xx within health_timeout (and, with

@@ -210,7 +210,9 @@ class Client:
                 # ResponseTooLarge too: the rest of the answer is still coming.
                 self._discard(conn)
                 raise
-            _SoloExchange(self, conn, reused).finish(True, deadline, limits)
+            if reused:
+                self._kept_one = True
+            self._finish_solo(conn, True, deadline, limits)
             return answer.response(end)
         raise AssertionError("unreachable")
 
@@ -387,7 +389,7 @@ class Client:
         which under contention left some waiting out their pool timeout.
         """
         wait, _ = deadline.limit(limits.pool)
-        give_up = None if wait is None else current_time() + wait
+        give_up: float | None = None  # when the pool timeout runs out, once this caller waits
         ticket: Flag | None = None  # this caller's turn, once it queues
         while True:
             with self._lock:
@@ -422,6 +424,8 @@ class Client:
             if may_open:
                 break
             assert ticket is not None
+            if give_up is None and wait is not None:
+                give_up = current_time() + wait
             left = None if give_up is None else give_up - current_time()
             if (left is not None and left <= 0) or not self._wait_turn(ticket, left):
                 with self._lock:
@@ -466,6 +470,27 @@ class Client:
                 for old in to_close:
                     old.close()
 
+    def _finish_solo(
+        self, conn: Connection, ended: bool, deadline: Deadline, limits: Timeout
+    ) -> None:
+        """Give a connection of its own back after a request, or close it."""
+        if ended and conn.proto.can_send_request:
+            if conn.flushed:
+                self._release(conn)
+                return
+            try:
+                # The application may answer before it has all of the body
+                # (php-fpm does once it has CONTENT_LENGTH bytes): the rest,
+                # often only the empty STDIN record, goes out before reuse.
+                with shield():
+                    conn.flush(deadline, limits.write)
+            except TransportError:
+                pass
+            else:
+                self._release(conn)
+                return
+        self._discard(conn)
+
     def _discard(self, conn: Connection) -> None:
         with shield():
             conn.close()
@@ -492,12 +517,19 @@ class Client:
         """Close idle connections as they expire, without waiting for the next call.
 
         An idle kept-alive connection pins a php-fpm worker; one the client will
-        not reuse must give it back. Runs while there are idle connections.
+        not reuse must give it back. Runs while connections are open: with
+        none idle it looks again after keepalive_expiry, when the first one
+        released since could expire at the earliest (with no expiry to wait
+        for, it ends, and the next release starts it). Ending there cost
+        the async client a task per request, started at one release and gone
+        by the next, since the task first runs once its connection is taken
+        again.
         """
         while True:
             with self._lock:
                 due = self._pool.next_expiry()
-                if self._pool.closed or due is None:
+                none_to_expire = not self._pool.open or self.keepalive_expiry <= 0
+                if self._pool.closed or (due is None and none_to_expire):
                     self._reaper_running = False
                     return
                 now = current_time()
@@ -511,11 +543,12 @@ class Client:
                     for conn in expired:
                         conn.close()
             else:
-                # At least a moment: `due` and the pool's test of expiry round
-                # differently, and a wait shorter than the clock can add to
-                # `now` (trio's MockClock jumps by exactly the wait) would
-                # never reach `due`.
-                self._reaper_wake.wait(max(due - now, REAP_SLACK))
+                # At least a moment when one is due: `due` and the pool's test
+                # of expiry round differently, and a wait shorter than the
+                # clock can add to `now` (trio's MockClock jumps by exactly
+                # the wait) would never reach `due`.
+                wait = self.keepalive_expiry if due is None else max(due - now, REAP_SLACK)
+                self._reaper_wake.wait(wait)
 
 
 class _SoloExchange:
@@ -568,22 +601,9 @@ class _SoloExchange:
         return self.conn.exchange(deadline, limits.read, limits.write, refill)
 
     def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
-        conn = self.conn
         if ended and self.reused:
             self.client._kept_one = True
-        if ended and conn.proto.can_send_request:
-            try:
-                # The application may answer before it has all of the body
-                # (php-fpm does once it has CONTENT_LENGTH bytes): the rest,
-                # often only the empty STDIN record, goes out before reuse.
-                with shield():
-                    conn.flush(deadline, limits.write)
-            except TransportError:
-                pass
-            else:
-                self.client._release(conn)
-                return
-        self.client._discard(conn)
+        self.client._finish_solo(self.conn, ended, deadline, limits)
 
 
 class _MuxExchange:

@@ -755,6 +755,7 @@ class Server:
         return self._listener.address
 
     def start(self) -> Server:
+        """Bind, and serve in a daemon thread; returns the server. Once only."""
         if self._listener is not None:
             raise RuntimeError("the server is already started")
         listener = _Listener(self._handler, self._requested, self._options)

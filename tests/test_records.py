@@ -56,8 +56,10 @@ def test_truncated_lengths_are_remote_errors(body: bytes) -> None:
         decode_pairs(body, "PARAMS")
 
 
-def test_params_records_never_split_a_pair_that_fits() -> None:
-    params = [(f"NAME_{i}", "x" * 1000) for i in range(200)]
+# Pairs under 128 bytes of ASCII text are encoded on a faster path of their own.
+@pytest.mark.parametrize("value_size", [100, 1000])
+def test_params_records_never_split_a_pair_that_fits(value_size: int) -> None:
+    params = [(f"NAME_{i}", "x" * value_size) for i in range(3 * STREAM_CHUNK // value_size)]
     records = encode_pair_records(4, 1, params)
     assert len(records) > 1
     decoded = []
@@ -88,3 +90,23 @@ def test_stream_is_cut_into_records_of_at_most_65528_bytes() -> None:
 def test_param_names_and_values_must_be_str_or_bytes() -> None:
     with pytest.raises(LocalProtocolError, match="param value must be str or bytes, not int"):
         encode_pair_records(4, 1, {"A": 1})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"A": "", "": "b", "REQUEST_METHOD": "GET"},
+        {"A" * 127: "v" * 127},  # the longest one-byte lengths
+        {"A" * 128: "v", "B": "w"},  # a four-byte length
+        {"NAME": "caf\xe9"},  # not ASCII: UTF-8
+        {"NAME": b"\xff raw", "OTHER": "text"},  # bytes among str
+        {f"NAME_{i}": "x" * 100 for i in range(700)},  # more than one record
+    ],
+)
+def test_a_dict_encodes_as_the_same_pairs_given_one_by_one(
+    params: dict[str, str | bytes],
+) -> None:
+    # A dict of short ASCII str takes a shortcut; it must put on the wire
+    # exactly what the general loop puts there for the same pairs.
+    assert encode_pair_records(4, 1, params) == encode_pair_records(4, 1, list(params.items()))

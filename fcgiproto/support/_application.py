@@ -189,10 +189,12 @@ class RequestBase:
 
     @property
     def request_id(self) -> int:
+        """The FastCGI request id, unique among the connection's requests in flight."""
         return self._state.request_id
 
     @property
     def role(self) -> Role:
+        """RESPONDER, AUTHORIZER or FILTER."""
         return self._state.role
 
     @property
@@ -202,6 +204,7 @@ class RequestBase:
 
     @property
     def params(self) -> dict[str, str]:
+        """The CGI variables the web server sent (decoded as the class says)."""
         return self._params
 
     @property
@@ -406,6 +409,7 @@ class RequestSlots:
         return False
 
     def give_back(self, count: int = 1) -> None:
+        """Requests ended: their slots are free again."""
         self.active -= count
         assert self.active >= 0, "a request was given back twice"
 

@@ -183,9 +183,11 @@ class Balancer:
         return backend.max_active is not None and backend.active >= backend.max_active
 
     def started(self, index: int) -> None:
+        """A request went to backend ``index``: count it for least_conn and the cap."""
         backend = self.backends[index]
         backend.active += 1
         backend.total += 1
 
     def finished(self, index: int) -> None:
+        """A request on backend ``index`` is over, however it ended."""
         self.backends[index].active -= 1

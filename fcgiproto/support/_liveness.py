@@ -52,6 +52,7 @@ class Liveness:
         self.send_stalled_since: float | None = None
 
     def received(self, now: float) -> None:
+        """Bytes arrived from the peer."""
         self.last_activity = now
 
     def send_waiting(self, now: float) -> None:
@@ -65,9 +66,11 @@ class Liveness:
         self.last_activity = now
 
     def app_started(self) -> None:
+        """An application began running for one of this connection's requests."""
         self.running += 1
 
     def app_ended(self, now: float) -> None:
+        """An application ended; the idle clock starts again from `now`."""
         self.running -= 1
         self.last_activity = now
 

@@ -66,6 +66,7 @@ class ApplicationPeer:
         self.requests = 0
 
     def receive(self, data: bytes) -> PeerAnswer:
+        """Take what the client wrote; (the answer, whether to close after it)."""
         close = False
         for event in self._conn.receive_data(data):
             if isinstance(event, BeginRequest):

@@ -131,8 +131,9 @@ class PhpRouter:
         means ``{path} {path}/<index> <index>`` (or just ``{path}`` without an
         index). A candidate not starting with "/" is relative to the root.
     :param filesystem: answers what a path is.
-    :param hide: path segments never served as static files nor run, such
-        as ``.git``; by default every dot segment except ``.well-known``.
+    :param hide_dotfiles: refuse (404) any path with a segment starting with
+        a dot, such as ``.git`` or ``.env``, except ``.well-known``: never
+        served as a static file nor run.
     """
 
     def __init__(

@@ -20,6 +20,8 @@ C = TypeVar("C")
 
 
 class PoolState(Generic[C]):
+    """Which connection to hand out, open, keep or close; the rules are at the top of the module."""
+
     def __init__(self, max_connections: int, max_keepalive: int, keepalive_expiry: float) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -37,7 +39,7 @@ class PoolState(Generic[C]):
 
         Neither a connection nor permission means: wait for a release.
         Permission counts the new connection as open already: report
-        `opened_failed()` if opening it fails.
+        `open_failed()` if opening it fails.
         """
         if self.closed:
             raise RuntimeError("the pool is closed")
@@ -51,6 +53,7 @@ class PoolState(Generic[C]):
         return None, False, stale
 
     def open_failed(self) -> None:
+        """Opening the connection that acquire() permitted failed: it no longer counts."""
         self.open -= 1
 
     def release(self, conn: C, now: float) -> list[C]:
@@ -89,8 +92,11 @@ class PoolState(Generic[C]):
 
     def _expired(self, now: float) -> list[C]:
         limit = now - self.keepalive_expiry
-        if all(since > limit for _, since in self.idle):
-            return []
+        for _, since in self.idle:
+            if since <= limit:
+                break
+        else:
+            return []  # the common case: nothing expired, nothing rebuilt
         stale = [conn for conn, since in self.idle if since <= limit]
         self.idle = [(conn, since) for conn, since in self.idle if since > limit]
         self.open -= len(stale)

@@ -67,18 +67,22 @@ class Response:
 
     @property
     def status(self) -> int:
+        """The HTTP status: `Status:`, else 302 for a `Location` alone, else 200."""
         return self._head_and_body[0].status
 
     @property
     def reason(self) -> str:
+        """The reason phrase of `Status:`, or the standard one for the status."""
         return self._head_and_body[0].reason
 
     @property
     def headers(self) -> list[tuple[str, str]]:
+        """The CGI response headers, in order, `Status:` taken out."""
         return self._head_and_body[0].headers
 
     @property
     def body(self) -> bytes:
+        """Stdout after the CGI head."""
         return self._head_and_body[1]
 
     def header(self, name: str, default: str | None = None) -> str | None:
@@ -159,10 +163,19 @@ class WholeAnswer:
 
     def response(self, end: EndRequest) -> Response:
         """The Response of the finished request, or the RequestError its END_REQUEST means."""
-        raise_for_protocol_status(end, self.address)
-        return Response(
-            b"".join(self._stdout), b"".join(self._stderr), end.app_status, end.protocol_status
+        if end.protocol_status is not ProtocolStatus.REQUEST_COMPLETE:
+            raise_for_protocol_status(end, self.address)
+        # Response's fields set straight into its __dict__: what its frozen
+        # dataclass __init__ does, without four object.__setattr__ calls, once
+        # per request.
+        response = object.__new__(Response)
+        response.__dict__.update(
+            stdout=b"".join(self._stdout),
+            stderr=b"".join(self._stderr),
+            app_status=end.app_status,
+            protocol_status=end.protocol_status,
         )
+        return response
 
 
 Waiter = TypeVar("Waiter")
@@ -256,20 +269,24 @@ class ResponseState:
 
     @property
     def head(self) -> ResponseHead:
+        """The parsed CGI head; LocalProtocolError until it has been read."""
         if self._head is None:
             raise LocalProtocolError("the head of the response has not been read")
         return self._head
 
     @property
     def status(self) -> int:
+        """The HTTP status: `Status:`, else 302 for a `Location` alone, else 200."""
         return self.head.status
 
     @property
     def reason(self) -> str:
+        """The reason phrase of `Status:`, or the standard one for the status."""
         return self.head.reason
 
     @property
     def headers(self) -> list[tuple[str, str]]:
+        """The CGI response headers, in order, `Status:` taken out."""
         return self.head.headers
 
     def header(self, name: str, default: str | None = None) -> str | None:
