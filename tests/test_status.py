@@ -6,7 +6,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -18,6 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+import fcgiproto_anyio._status
+import fcgiproto_socket._status
 from fcgiproto.support import (
     PoolScrape,
     PoolStatus,
@@ -29,7 +31,7 @@ from fcgiproto.support import (
 )
 from fcgiproto_anyio import AsyncClient
 from fcgiproto_anyio import read_status as aread_status
-from fcgiproto_socket import Client, Request, Server, read_status
+from fcgiproto_socket import Client, Request, Server, Timeout, read_status
 from fcgiproto_socket._cli import main
 from fcgiproto_socket._cli_status import render_text, thresholds
 
@@ -138,6 +140,16 @@ def test_text_and_json_give_the_same_typed_values() -> None:
     assert text.processes[1].start_time == START + timedelta(seconds=20)
 
 
+def test_times_in_any_offset_or_as_a_string_of_seconds() -> None:
+    west = TEXT_FULL.replace("07/Dec/2026:00:31:41 +0100", "06/Dec/2026:18:01:41 -0530", 1)
+    assert parse_status(west).start_time == START
+    epoch = int(START.timestamp())
+    quoted = json_full().replace(
+        f'"start time":{epoch},"start since":120,"a', f'"start time":"{epoch}","start since":120,"a'
+    )
+    assert parse_status(quoted).start_time == START
+
+
 def test_the_short_page_has_no_processes() -> None:
     short = TEXT_FULL.split("\n***")[0] + "\n"
     assert parse_status(short).processes == ()
@@ -183,6 +195,14 @@ def test_json_before_php_8_2_with_raw_request_uris_is_repaired(raw: str, uri: st
         (json_full().replace('"requests":9', '"requests":9.5'), "'requests' of process 1"),
         (json_full().replace('"processes":[', '"processes":{"a":[').replace("]}", "]}}"), "list"),
         ('{"pool": "www", "processes": [1]}', "not a list of objects"),
+        (json_full().replace('"pool":"www"', '"pool":["www"]'), "'pool' of the pool"),
+        (
+            json_full().replace(
+                f'"start time":{int(START.timestamp())},"start since":120,"a',
+                '"start time":null,"start since":120,"a',
+            ),
+            "'start time' of the pool",
+        ),
     ],
 )
 def test_what_is_not_a_status_page_is_a_typed_error(page: str, complaint: str) -> None:
@@ -404,6 +424,59 @@ def test_status_asks_again_once_after_php_fpm_s_503(
     with Server(busy_once, str(tmp_path / "busy.sock")) as server:
         assert main(["status", str(server.address)]) == 0
     assert capsys.readouterr().out.startswith("pool:                 www\n")
+
+
+def busy_then(answers: list[bytes]) -> tuple[list[str], Callable[[Request], bytes]]:
+    """A handler giving `answers` in turn, then the status page; the queries it saw."""
+    seen: list[str] = []
+    page = b"Content-Type: application/json\r\n\r\n" + json_full().encode()
+
+    def handler(request: Request) -> bytes:
+        seen.append(request.params["QUERY_STRING"])
+        return answers.pop(0) if answers else page
+
+    return seen, handler
+
+
+BUSY = b"Status: 503 Service Unavailable\r\n\r\nServer busy. Please try again later."
+
+
+def test_read_status_asks_again_once_on_both_clients(tmp_path: Path) -> None:
+    answers = [BUSY]
+    seen, handler = busy_then(answers)
+    with Server(handler, str(tmp_path / "busy.sock")) as server:
+        address = str(server.address)
+        assert anyio.run(lambda: aread_status(address, full=True, timeout=5)).pool == "www"
+        assert seen == ["json&full", "json&full"]
+
+        async def without_a_total() -> PoolStatus:
+            async with AsyncClient(address, multiplex=False, timeout=Timeout(total=None)) as c:
+                return await aread_status(c)
+
+        answers.append(BUSY)
+        assert anyio.run(without_a_total).pool == "www"
+        answers.append(BUSY)
+        with Client(address, multiplex=False, timeout=Timeout(total=None)) as client:
+            assert read_status(client).pool == "www"
+        assert len(seen) == 6
+
+
+def test_read_status_gives_up_on_a_503_when_no_time_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pause longer than the whole timeout: no second try fits.
+    for module in (fcgiproto_socket._status, fcgiproto_anyio._status):
+        monkeypatch.setattr(module, "SCOREBOARD_RETRY_PAUSE", 60.0)
+    seen, handler = busy_then([BUSY, BUSY])
+    with Server(handler, str(tmp_path / "busy.sock")) as server:
+        started = time.monotonic()
+        with pytest.raises(StatusPageError, match="answered 503 Service Unavailable"):
+            read_status(str(server.address), timeout=10)
+        assert len(seen) == 1
+        with pytest.raises(StatusPageError, match="answered 503"):
+            anyio.run(lambda: aread_status(str(server.address), timeout=10))
+        assert len(seen) == 2
+        assert time.monotonic() - started < 10
 
 
 @pytest.mark.peer

@@ -183,8 +183,6 @@ def _from_json(text: str) -> PoolStatus:
             document = json.loads(_repair(text))
         except ValueError as exc:
             raise StatusPageError(f"the status page is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise StatusPageError("the status page's JSON is not an object")
     processes = document.get("processes", [])
     if not isinstance(processes, list) or not all(isinstance(p, dict) for p in processes):
         raise StatusPageError("the status page's processes are not a list of objects")
