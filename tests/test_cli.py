@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -600,3 +602,65 @@ def test_exporter_names_its_extra_when_prometheus_client_is_missing(
     err = capsys.readouterr().err
     assert one_line(err).startswith("fcgi exporter: ")
     assert "pip install 'fcgiproto-ng[exporter]'" in err
+
+
+# --- how the command ends ---
+
+
+def test_a_closed_stdout_ends_the_command_quietly(demo: str, tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(b"x" * 4_000_000)
+    argv = [sys.executable, "-m", "fcgiproto_socket", "request", demo, "/srv/echo"]
+    with subprocess.Popen(
+        [*argv, "-d", f"@{tmp_path / 'big'}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as reader:
+        assert reader.stdout is not None and reader.stderr is not None
+        assert reader.stdout.read(1) == b"x"
+        reader.stdout.close()  # `| head -c 1`
+        assert reader.wait(60) == 1
+        assert reader.stderr.read() == b""
+
+
+def test_ctrl_c_exits_130_and_a_bug_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcgiproto_socket import _cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    def broken(args: object) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(_cli, "_ping_command", interrupted)
+    assert main(["ping", "127.0.0.1:9"]) == 130
+    monkeypatch.setattr(_cli, "_ping_command", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["ping", "127.0.0.1:9"])
+
+
+def test_data_from_stdin_and_a_timeout_that_is_no_number(
+    demo: str, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    class Stdin:
+        buffer = io.BytesIO(b"from stdin")
+
+    monkeypatch.setattr(sys, "stdin", Stdin)
+    assert main(["request", demo, "/srv/echo", "-d", "@-"]) == 0
+    assert capsysbinary.readouterr().out == b"from stdin"
+    assert main(["ping", demo, "--timeout", "soon"]) == 2
+    assert b"not a number: 'soon'" in capsysbinary.readouterr().err
+
+
+def test_demo_serve_until_sigterm(tmp_path: Path) -> None:
+    path = str(tmp_path / "served.sock")
+    with subprocess.Popen(
+        [sys.executable, "-m", "fcgiproto_socket", "demo", "--serve", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as served:
+        assert served.stdout is not None and served.stderr is not None
+        assert served.stdout.readline().startswith("Serving the example application on unix:")
+        assert main(["ping", path, "--expect", "pong"]) == 0
+        served.send_signal(signal.SIGTERM)
+        assert served.wait(30) == 0
+        assert served.stdout.read() == "Stopped.\n"
+    assert main(["demo", "--serve", "no-port"]) == 2
