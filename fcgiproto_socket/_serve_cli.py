@@ -32,21 +32,8 @@ import threading
 import time
 from typing import Any
 
-from fcgiproto import DEFAULT_MAX_PARAMS_PAIRS, DEFAULT_MAX_PARAMS_SIZE
-from fcgiproto.support import (
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_BODY_SIZE,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_REQUESTS,
-    DEFAULT_MAX_UNSENT_SIZE,
-    DEFAULT_PARAMS_TIMEOUT,
-    DEFAULT_SEND_TIMEOUT,
-    listen_address,
-    web_server_addrs,
-)
-
-from ._server import _bind
-from ._wsgi import DEFAULT_GRACEFUL_TIMEOUT, serve_wsgi
+# The server and its options are imported when `serve` runs: every other subcommand builds
+# this parser too, and `fcgi ping` must not pay for the server's import.
 
 __all__ = ["add_parser", "inherited_listener", "load_app"]
 
@@ -106,7 +93,7 @@ def add_parser(commands: Any) -> None:
     serve.add_argument(
         "--graceful-timeout",
         type=_seconds,
-        default=DEFAULT_GRACEFUL_TIMEOUT,
+        default=None,
         help="on SIGTERM, how long requests in progress may take to end (default 30)",
     )
     serve.add_argument("--root-path", default="", help="the path the app is mounted at")
@@ -115,22 +102,24 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--factory", action="store_true", help="APP is a factory to call")
     serve.add_argument("--app-dir", default=".", help="put this directory on sys.path first")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    limits = serve.add_argument_group("limits (the servers' options; see the README's Limits)")
+    limits = serve.add_argument_group(
+        "limits (the servers' options; unset, each has the server's default: README, Limits)"
+    )
     limits.add_argument("--multiplex", action="store_true", help="many requests per connection")
-    limits.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS)
+    limits.add_argument("--max-connections", type=_count, default=None)
     limits.add_argument(
         "--limit-concurrency",
         type=_count,
-        default=DEFAULT_MAX_REQUESTS,
+        default=None,
         help="requests at once per worker (the server's max_requests, FCGI_MAX_REQS)",
     )
-    limits.add_argument("--max-params-size", type=_count, default=DEFAULT_MAX_PARAMS_SIZE)
-    limits.add_argument("--max-params-pairs", type=_count, default=DEFAULT_MAX_PARAMS_PAIRS)
-    limits.add_argument("--max-body-size", type=_count_or_zero, default=DEFAULT_MAX_BODY_SIZE)
-    limits.add_argument("--max-unsent-size", type=_count, default=DEFAULT_MAX_UNSENT_SIZE)
-    limits.add_argument("--params-timeout", type=_seconds, default=DEFAULT_PARAMS_TIMEOUT)
-    limits.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT)
-    limits.add_argument("--send-timeout", type=_seconds, default=DEFAULT_SEND_TIMEOUT)
+    limits.add_argument("--max-params-size", type=_count, default=None)
+    limits.add_argument("--max-params-pairs", type=_count, default=None)
+    limits.add_argument("--max-body-size", type=_count_or_zero, default=None)
+    limits.add_argument("--max-unsent-size", type=_count, default=None)
+    limits.add_argument("--params-timeout", type=_seconds, default=None)
+    limits.add_argument("--idle-timeout", type=_seconds, default=None)
+    limits.add_argument("--send-timeout", type=_seconds, default=None)
     serve.set_defaults(run=run)
 
 
@@ -228,6 +217,10 @@ def run(args: argparse.Namespace) -> int:
         raise _Usage(f"the app must be given as MODULE:APP, not {args.app!r}")
     owned_path: tuple[str, int] | None = None
     if args.bind is not None:
+        from fcgiproto.support import listen_address
+
+        from ._server import _bind
+
         sock, address, inode = _bind(listen_address(args.bind))
         if address.path is not None:
             owned_path = (address.path, inode)
@@ -257,10 +250,10 @@ def _describe(sock: socket.socket) -> str:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "root_path": args.root_path,
-        "graceful_timeout": args.graceful_timeout,
-        "multiplex": args.multiplex,
+    """The server options the command line sets; those it leaves unset keep their defaults."""
+    from fcgiproto.support import web_server_addrs
+
+    given = {
         "max_connections": args.max_connections,
         "max_requests": args.limit_concurrency,
         "max_params_size": args.max_params_size,
@@ -270,8 +263,22 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "params_timeout": args.params_timeout,
         "idle_timeout": args.idle_timeout,
         "send_timeout": args.send_timeout,
-        "allowed_peers": web_server_addrs(os.environ.get("FCGI_WEB_SERVER_ADDRS")),
     }
+    return {
+        "root_path": args.root_path,
+        "graceful_timeout": _graceful_timeout(args),
+        "multiplex": args.multiplex,
+        "allowed_peers": web_server_addrs(os.environ.get("FCGI_WEB_SERVER_ADDRS")),
+        **{name: value for name, value in given.items() if value is not None},
+    }
+
+
+def _graceful_timeout(args: argparse.Namespace) -> float:
+    if args.graceful_timeout is not None:
+        return float(args.graceful_timeout)
+    from ._wsgi import DEFAULT_GRACEFUL_TIMEOUT
+
+    return DEFAULT_GRACEFUL_TIMEOUT
 
 
 def _serve(args: argparse.Namespace, sock: socket.socket, *, multiprocess: bool) -> int:
@@ -340,6 +347,8 @@ def _serve_wsgi(
     options: dict[str, Any],
     stop: threading.Event,
 ) -> None:
+    from ._wsgi import serve_wsgi
+
     served = 0
     lock = threading.Lock()
 
@@ -489,7 +498,7 @@ class _Master:
         for pid in everyone:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.args.graceful_timeout + KILL_MARGIN
+        deadline = time.monotonic() + _graceful_timeout(self.args) + KILL_MARGIN
         while self.workers or self.retiring:
             self._reap()
             if not (self.workers or self.retiring):
