@@ -1,18 +1,21 @@
 """The anyio backend: sockets driven directly, waiting through anyio (asyncio or trio).
 
-The socket is non-blocking and is waited on with anyio.wait_readable /
-wait_writable only when it would block: a request and its answer then cost a
-few system calls and little Python, where a stream object's protocol layers
-cost several times the client's own work per request.
+The socket is non-blocking and is waited on only when it would block: a
+request and its answer then cost a few system calls and little Python, where a
+stream object's protocol layers cost several times the client's own work per
+request. On asyncio the stream keeps the socket registered with the loop
+(AsyncioStream); elsewhere it waits with anyio.wait_readable / wait_writable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import select
 import socket
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -27,6 +30,11 @@ from fcgiproto import (
 )
 from fcgiproto.support import Address
 
+from ._asyncio_stream import AsyncioStream
+
+if TYPE_CHECKING:
+    from ._interface import AsyncNetworkStream
+
 __all__ = ["AnyioBackend", "AnyioStream"]
 
 _Wait = Callable[[socket.socket], Awaitable[None]]
@@ -35,11 +43,12 @@ _Wait = Callable[[socket.socket], Awaitable[None]]
 class AnyioBackend:
     """TCP and Unix sockets on the running event loop."""
 
-    async def connect(self, address: Address, timeout: float | None) -> AnyioStream:
+    async def connect(self, address: Address, timeout: float | None) -> AsyncNetworkStream:
+        stream = AsyncioStream if _running_asyncio() else AnyioStream
         with anyio.move_on_after(timeout) as scope:
             try:
                 if address.path is not None:
-                    return AnyioStream(await _connect_one(socket.AF_UNIX, address.path), address)
+                    return stream(await _connect_one(socket.AF_UNIX, address.path), address)
                 infos = await anyio.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
                 last: OSError = OSError(f"no address for {address.host}")
                 for family, _, _, _, sockaddr in infos:
@@ -49,12 +58,28 @@ class AnyioBackend:
                         last = exc
                         continue
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    return AnyioStream(sock, address)
+                    return stream(sock, address)
                 raise last
             except OSError as exc:
                 raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
         assert scope.cancelled_caught
         raise ConnectTimeout(f"connecting to {address} took longer than {timeout}s")
+
+
+def _running_asyncio() -> bool:
+    """Whether the current task runs on asyncio (any loop: uvloop's too)."""
+    try:
+        import sniffio
+    except ImportError:  # anyio runs without it: then asyncio is the only candidate
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+    try:
+        return sniffio.current_async_library() == "asyncio"
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
 
 
 async def _connect_one(family: int, sockaddr: object) -> socket.socket:
