@@ -9,7 +9,6 @@ request. On asyncio the stream keeps the socket registered with the loop
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import select
@@ -30,7 +29,7 @@ from fcgiproto import (
 )
 from fcgiproto.support import Address
 
-from ._asyncio_stream import AsyncioStream
+from ._asyncio_stream import AsyncioStream, running_asyncio
 
 if TYPE_CHECKING:
     from ._interface import AsyncNetworkStream
@@ -44,7 +43,7 @@ class AnyioBackend:
     """TCP and Unix sockets on the running event loop."""
 
     async def connect(self, address: Address, timeout: float | None) -> AsyncNetworkStream:
-        stream = AsyncioStream if _running_asyncio() else AnyioStream
+        stream = AsyncioStream if running_asyncio() else AnyioStream
         with anyio.move_on_after(timeout) as scope:
             try:
                 if address.path is not None:
@@ -64,22 +63,6 @@ class AnyioBackend:
                 raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
         assert scope.cancelled_caught
         raise ConnectTimeout(f"connecting to {address} took longer than {timeout}s")
-
-
-def _running_asyncio() -> bool:
-    """Whether the current task runs on asyncio (any loop: uvloop's too)."""
-    try:
-        import sniffio
-    except ImportError:  # anyio runs without it: then asyncio is the only candidate
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return True
-    try:
-        return sniffio.current_async_library() == "asyncio"
-    except sniffio.AsyncLibraryNotFoundError:
-        return False
 
 
 async def _connect_one(family: int, sockaddr: object) -> socket.socket:
