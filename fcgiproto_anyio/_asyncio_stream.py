@@ -27,28 +27,12 @@ from typing import Final
 from fcgiproto import ReadError, ReadTimeout, WriteError, WriteTimeout
 from fcgiproto.support import Address
 
-__all__ = ["AsyncioStream", "running_asyncio"]
+__all__ = ["AsyncioStream"]
 
 # What a wait ends with, besides the bytes a read was given.
 _WRITABLE: Final = object()
 _TIMED_OUT: Final = object()
 _CLOSED: Final = object()
-
-
-def running_asyncio() -> bool:
-    """Whether the current task runs on asyncio (any loop: uvloop's too), not trio."""
-    try:
-        import sniffio
-    except ImportError:  # anyio runs without it: then asyncio is the only candidate
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return True
-    try:
-        return sniffio.current_async_library() == "asyncio"
-    except sniffio.AsyncLibraryNotFoundError:
-        return False
 
 
 def _expire(waiter: asyncio.Future[object]) -> None:

@@ -4,7 +4,8 @@ The socket is non-blocking and is waited on only when it would block: a
 request and its answer then cost a few system calls and little Python, where a
 stream object's protocol layers cost several times the client's own work per
 request. On asyncio the stream keeps the socket registered with the loop
-(AsyncioStream); elsewhere it waits with anyio.wait_readable / wait_writable.
+(AsyncioStream); on trio it waits through trio itself (TrioStream); elsewhere
+with anyio.wait_readable / wait_writable.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from fcgiproto import (
 )
 from fcgiproto.support import Address
 
-from ._asyncio_stream import AsyncioStream, running_asyncio
+from ._asyncio_stream import AsyncioStream
+from ._running import running_library
 
 if TYPE_CHECKING:
     from ._interface import AsyncNetworkStream
@@ -43,7 +45,7 @@ class AnyioBackend:
     """TCP and Unix sockets on the running event loop."""
 
     async def connect(self, address: Address, timeout: float | None) -> AsyncNetworkStream:
-        stream = AsyncioStream if running_asyncio() else AnyioStream
+        stream = _stream_type()
         with anyio.move_on_after(timeout) as scope:
             try:
                 if address.path is not None:
@@ -65,6 +67,18 @@ class AnyioBackend:
         raise ConnectTimeout(f"connecting to {address} took longer than {timeout}s")
 
 
+def _stream_type() -> type[AsyncioStream] | type[AnyioStream]:
+    """The stream for the running loop: its own on asyncio and trio, else the portable one."""
+    library = running_library()
+    if library == "asyncio":
+        return AsyncioStream
+    if library == "trio":
+        from ._trio_stream import TrioStream  # trio is an optional extra
+
+        return TrioStream
+    return AnyioStream
+
+
 async def _connect_one(family: int, sockaddr: object) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -83,6 +97,8 @@ async def _connect_one(family: int, sockaddr: object) -> socket.socket:
 
 class AnyioStream:
     """One non-blocking socket; its errors leave as the fcgiproto tree."""
+
+    _checkpoint = staticmethod(anyio.lowlevel.checkpoint)
 
     def __init__(self, sock: socket.socket, address: Address) -> None:
         self._sock = sock
@@ -110,7 +126,7 @@ class AnyioStream:
             if not waited:
                 # Data was there at once: still let other tasks run, and
                 # cancellation in, as every async call should.
-                await anyio.lowlevel.checkpoint()
+                await self._checkpoint()
             return data
 
     async def write_some(self, data: memoryview, timeout: float | None) -> int:

@@ -28,7 +28,7 @@ import anyio.lowlevel
 
 from fcgiproto import LocalProtocolError
 
-from ._asyncio_stream import running_asyncio
+from ._running import running_asyncio
 
 __all__ = [
     "AsyncBackground",

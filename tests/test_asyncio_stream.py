@@ -5,7 +5,7 @@ future with a loop timer instead of a cancel scope, so what these tests hold
 is that this changes nothing a caller can see: timeouts, cancellation by
 anyio scopes (leaving no cancellation behind), close waking a waiting read,
 liveness of an idle connection, and descriptors reused after close. They run
-on asyncio, on uvloop, and on trio (where the portable AnyioStream is used).
+on asyncio, on uvloop, and on trio (TrioStream: AnyioStream waiting through trio itself).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import pytest
 
 from fcgiproto import ReadError, ReadTimeout, WriteTimeout
 from fcgiproto.support import Address
-from fcgiproto_anyio import AnyioBackend, AnyioStream
+from fcgiproto_anyio import AnyioBackend
 from fcgiproto_anyio._asyncio_stream import AsyncioStream
 from fcgiproto_anyio._interface import AsyncNetworkStream
+from fcgiproto_anyio._trio_stream import TrioStream
 
 BACKENDS = [
     pytest.param(("asyncio", {}), id="asyncio"),
@@ -78,7 +79,7 @@ def pending_cancellations() -> int:
 async def test_the_stream_follows_the_running_loop(listener: tuple[socket.socket, Address]) -> None:
     stream, peer = await connect(listener)
     with peer:
-        expected = AsyncioStream if running_asyncio() else AnyioStream
+        expected = AsyncioStream if running_asyncio() else TrioStream
         assert type(stream) is expected
         await stream.aclose()
 
