@@ -1,9 +1,11 @@
 """The anyio backend: sockets driven directly, waiting through anyio (asyncio or trio).
 
-The socket is non-blocking and is waited on with anyio.wait_readable /
-wait_writable only when it would block: a request and its answer then cost a
-few system calls and little Python, where a stream object's protocol layers
-cost several times the client's own work per request.
+The socket is non-blocking and is waited on only when it would block: a
+request and its answer then cost a few system calls and little Python, where a
+stream object's protocol layers cost several times the client's own work per
+request. On asyncio the stream keeps the socket registered with the loop
+(AsyncioStream); on trio it waits through trio itself (TrioStream); elsewhere
+with anyio.wait_readable / wait_writable.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import select
 import socket
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -27,6 +30,12 @@ from fcgiproto import (
 )
 from fcgiproto.support import Address
 
+from ._asyncio_stream import AsyncioStream
+from ._running import running_library
+
+if TYPE_CHECKING:
+    from ._interface import AsyncNetworkStream
+
 __all__ = ["AnyioBackend", "AnyioStream"]
 
 _Wait = Callable[[socket.socket], Awaitable[None]]
@@ -35,11 +44,12 @@ _Wait = Callable[[socket.socket], Awaitable[None]]
 class AnyioBackend:
     """TCP and Unix sockets on the running event loop."""
 
-    async def connect(self, address: Address, timeout: float | None) -> AnyioStream:
+    async def connect(self, address: Address, timeout: float | None) -> AsyncNetworkStream:
+        stream = _stream_type()
         with anyio.move_on_after(timeout) as scope:
             try:
                 if address.path is not None:
-                    return AnyioStream(await _connect_one(socket.AF_UNIX, address.path), address)
+                    return stream(await _connect_one(socket.AF_UNIX, address.path), address)
                 infos = await anyio.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
                 last: OSError = OSError(f"no address for {address.host}")
                 for family, _, _, _, sockaddr in infos:
@@ -49,12 +59,24 @@ class AnyioBackend:
                         last = exc
                         continue
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    return AnyioStream(sock, address)
+                    return stream(sock, address)
                 raise last
             except OSError as exc:
                 raise ConnectError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
         assert scope.cancelled_caught
         raise ConnectTimeout(f"connecting to {address} took longer than {timeout}s")
+
+
+def _stream_type() -> type[AsyncioStream] | type[AnyioStream]:
+    """The stream for the running loop: its own on asyncio and trio, else the portable one."""
+    library = running_library()
+    if library == "asyncio":
+        return AsyncioStream
+    if library == "trio":
+        from ._trio_stream import TrioStream  # trio is an optional extra
+
+        return TrioStream
+    return AnyioStream
 
 
 async def _connect_one(family: int, sockaddr: object) -> socket.socket:
@@ -75,6 +97,8 @@ async def _connect_one(family: int, sockaddr: object) -> socket.socket:
 
 class AnyioStream:
     """One non-blocking socket; its errors leave as the fcgiproto tree."""
+
+    _checkpoint = staticmethod(anyio.lowlevel.checkpoint)
 
     def __init__(self, sock: socket.socket, address: Address) -> None:
         self._sock = sock
@@ -102,7 +126,7 @@ class AnyioStream:
             if not waited:
                 # Data was there at once: still let other tasks run, and
                 # cancellation in, as every async call should.
-                await anyio.lowlevel.checkpoint()
+                await self._checkpoint()
             return data
 
     async def write_some(self, data: memoryview, timeout: float | None) -> int:

@@ -9,6 +9,7 @@ clock, and the tasks a client runs in the background.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -26,6 +27,8 @@ import anyio.abc
 import anyio.lowlevel
 
 from fcgiproto import LocalProtocolError
+
+from ._running import running_asyncio
 
 __all__ = [
     "AsyncBackground",
@@ -87,30 +90,66 @@ class AsyncLock:
 
 
 class AsyncFlag:
-    """A flag to wait for, with a limit; it can be cleared and set again."""
+    """A flag to wait for, with a limit; it can be cleared and set again.
 
-    __slots__ = ("_event",)
+    On asyncio a wait is a future and a loop timer: an anyio Event waited in
+    a move_on_after scope costs several times that, once per request on a
+    multiplexed connection. anyio scopes cancel the future like any await
+    there. Elsewhere (trio) it is an anyio Event.
+    """
+
+    __slots__ = ("_event", "_is_set", "_waiters")
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._is_set = False
+        self._waiters: list[asyncio.Future[None]] = []  # tasks waiting on asyncio
+        self._event: anyio.Event | None = None  # made when a task waits elsewhere
 
     def set(self) -> None:
-        self._event.set()
+        if self._is_set:
+            return
+        self._is_set = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._event is not None:
+            self._event.set()
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._is_set
 
     def clear(self) -> None:
-        if self._event.is_set():
-            self._event = anyio.Event()
+        if self._is_set:
+            self._is_set = False
+            self._event = None
 
     async def wait(self, timeout: float | None) -> bool:
         """Whether the flag was set within `timeout` seconds (None: no limit)."""
-        if self._event.is_set():
+        if self._is_set:
             return True
-        with anyio.move_on_after(timeout):
-            await self._event.wait()
-        return self._event.is_set()
+        if not running_asyncio():
+            if self._event is None:
+                self._event = anyio.Event()
+            event = self._event
+            with anyio.move_on_after(timeout):
+                await event.wait()
+            return self._is_set
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = None if timeout is None else loop.call_at(loop.time() + timeout, _end_wait, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiters.remove(waiter)
+        return self._is_set
+
+
+def _end_wait(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class AsyncBackground:
