@@ -262,10 +262,19 @@ class ClientConnection(Connection):
         """Ask for management variables such as FCGI_MPXS_CONNS; see GetValuesResult."""
         self._check_sendable()
         content = b"".join(encode_pair(to_bytes(name, "a variable name"), b"") for name in names)
-        if len(content) > STREAM_CHUNK:
+        if len(content) > STREAM_CHUNK - 8:
             raise LocalProtocolError(f"GET_VALUES of {len(content)} bytes does not fit in a record")
         self._values_pending += 1
-        self._out.append(record(_GET_VALUES, 0, content))
+        # Never without padding: libfcgi (fcgiapp.c 2.4.x, so fcgiwrap and every
+        # fcgiapp.h program) reads the pairs until the record ends and notices
+        # the end only when padding or more input follows the content; it
+        # never answers a bare 48-byte question for the three standard names.
+        padding = -len(content) & 7 or 8
+        self._out.append(
+            HEADER.pack(FCGI_VERSION, _GET_VALUES, 0, len(content), padding)
+            + content
+            + bytes(padding)
+        )
 
     def _check_begin(self, role: Role, keep_conn: bool) -> Role:
         role = self._check_role(role)

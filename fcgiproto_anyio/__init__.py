@@ -16,9 +16,13 @@ from fcgiproto.support import (
     DEFAULT_MAX_RESPONSE_SIZE,
     Address,
     AddressInput,
+    PoolStatus,
+    ProcessStatus,
     Response,
+    StatusPageError,
     Timeout,
     TimeoutInput,
+    parse_status,
 )
 
 from ._asgi import ASGIApp, ClientDisconnected, serve_asgi
@@ -29,6 +33,7 @@ from ._gateway import LocalFileSystem, PhpGateway
 from ._interface import AsyncNetworkBackend, AsyncNetworkStream
 from ._memory import AsyncMemoryBackend, AsyncMemoryStream
 from ._server import App, Request, serve
+from ._status import read_status
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
@@ -51,10 +56,15 @@ __all__ = [
     "NoBackendAvailable",
     "ParamsInput",
     "PhpGateway",
+    "PoolStatus",
+    "ProcessStatus",
     "Request",
     "Response",
+    "StatusPageError",
     "Timeout",
     "TimeoutInput",
+    "parse_status",
+    "read_status",
     "serve",
     "serve_asgi",
 ]

@@ -111,6 +111,10 @@ class _Cycle:
         self.head: bytes | None = None
         self.head_sent = False
         self.complete = False
+        # A HEAD response keeps the app's headers (Content-Length too) and
+        # loses its body, as uvicorn does: HAProxy answers 502 to a HEAD
+        # response with a body rather than discard it as RFC 3875 allows.
+        self.head_only = exchange.params.get("REQUEST_METHOD") == "HEAD"
 
     async def receive(self) -> Message:
         exchange = self.exchange
@@ -147,6 +151,8 @@ class _Cycle:
         body = message.get("body", b"")
         if not isinstance(body, OUTPUT_TYPES):
             raise TypeError(f"http.response.body body must be bytes, not {type(body).__name__}")
+        if self.head_only:
+            body = b""
         more = bool(message.get("more_body", False))
         if more:
             if not await self._write(body):

@@ -60,6 +60,12 @@ from ._primitives import (
 __all__ = ["MANAGEMENT_VARIABLES", "AsyncClient", "AsyncStreamResponse"]
 
 MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
+#: How long a body that cannot be sent twice waits, once, for an application
+#: not yet seen to keep connections to close a reused one (uWSGI closes
+#: within microseconds of its answer; the client can be faster than that).
+CLOSE_GRACE = 0.05
+#: The reaper's shortest wait: a connection may close this much past its expiry.
+REAP_SLACK = 0.001
 DEFAULT_TIMEOUT = Timeout()
 
 
@@ -84,6 +90,13 @@ class AsyncClient:
     override it.
 
     backend= is the transport (see NetworkBackend): sockets by default.
+
+    The client asks the application to keep each connection (FCGI_KEEP_CONN)
+    unless max_keepalive is 0, or the application has shown that it closes
+    connections after every response anyway (uWSGI does): one that closed
+    after its first response before any connection carried a second. From
+    then on each request has a connection of its own, so none is lost to a
+    connection closing under it.
     """
 
     def __init__(
@@ -120,6 +133,10 @@ class AsyncClient:
         self._mux_lock = AsyncLock()
         self._mux: AsyncMuxConnection | None = None
         self._retired: list[AsyncMuxConnection] = []  # replaced, closed once their requests end
+        # Whether to ask for FCGI_KEEP_CONN, and whether some connection has
+        # carried a second request, which proves the application keeps them.
+        self.keep_conn = self.max_keepalive > 0
+        self._kept_one = False
 
     async def __aenter__(self) -> AsyncClient:
         await self._background.__aenter__()
@@ -174,13 +191,15 @@ class AsyncClient:
             answer = WholeAnswer(max_size, conn.address)
             end: EndRequest | None = None
             try:
-                conn.proto.send_request(params, body, role=role)
+                conn.proto.send_request(params, body, role=role, keep_conn=self.keep_conn)
                 conn.queue()
                 while end is None:
                     events = await conn.exchange(deadline, limits.read, limits.write)
                     end = answer.take(events)
             except (ReadError, WriteError):
                 await self._discard(conn)
+                if reused and not answer.got_output:
+                    self._closed_under_us()
                 # The retry rule of AsyncStreamResponse._start: an idle
                 # connection the application closed, and no byte of an answer.
                 if reused and attempt == 1 and not answer.got_output:
@@ -190,6 +209,8 @@ class AsyncClient:
                 # ResponseTooLarge too: the rest of the answer is still coming.
                 await self._discard(conn)
                 raise
+            if reused:
+                self._kept_one = True
             await self._finish_solo(conn, True, deadline, limits)
             return answer.response(end)
         raise AssertionError("unreachable")
@@ -395,6 +416,7 @@ class AsyncClient:
                 # otherwise answer the next request with the last one's leftovers.
                 if conn.stream.looks_alive():
                     return conn, True
+                self._closed_under_us()
                 await self._discard(conn)
                 ticket = None
                 continue
@@ -475,6 +497,16 @@ class AsyncClient:
                 self._pool.discard()
                 self._wake_next()
 
+    def _closed_under_us(self) -> None:
+        """An idle connection was found closed by the application.
+
+        Before any connection has carried a second request, that is an
+        application that closes after every response whatever FCGI_KEEP_CONN
+        says: stop asking, and stop reusing what it will close.
+        """
+        if not self._kept_one:
+            self.keep_conn = False
+
     def _wake_next(self) -> None:
         """Let the first caller waiting for a connection look again (lock held)."""
         if self._queue:
@@ -510,7 +542,12 @@ class AsyncClient:
                     for conn in expired:
                         await conn.aclose()
             else:
-                await self._reaper_wake.wait(self.keepalive_expiry if due is None else due - now)
+                # At least a moment when one is due: `due` and the pool's test
+                # of expiry round differently, and a wait shorter than the
+                # clock can add to `now` (trio's MockClock jumps by exactly
+                # the wait) would never reach `due`.
+                wait = self.keepalive_expiry if due is None else max(due - now, REAP_SLACK)
+                await self._reaper_wake.wait(wait)
 
 
 class _SoloExchange:
@@ -533,13 +570,24 @@ class _SoloExchange:
         max_size: int,
     ) -> None:
         proto = self.conn.proto
+        keep_conn = self.client.keep_conn
         if stdin is None:
-            self.rid = proto.begin_request(role)
+            self.rid = proto.begin_request(role, keep_conn=keep_conn)
             proto.send_params(self.rid, params)
             proto.end_params(self.rid)
         else:
-            self.rid = proto.send_request(params, stdin, role=role)
+            self.rid = proto.send_request(params, stdin, role=role, keep_conn=keep_conn)
         self.conn.queue()
+
+    async def closes(self, wait: float | None) -> bool:
+        """Whether the application closes this idle connection within `wait` seconds."""
+        try:
+            await self.conn.stream.read(1, wait)
+        except ReadTimeout:
+            return False
+        except ReadError:
+            return True
+        return True  # closed, or bytes an idle connection must not carry
 
     async def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
         if chunk is None:
@@ -552,6 +600,8 @@ class _SoloExchange:
         return await self.conn.exchange(deadline, limits.read, limits.write, refill)
 
     async def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
+        if ended and self.reused:
+            self.client._kept_one = True
         await self.client._finish_solo(self.conn, ended, deadline, limits)
 
 
@@ -731,6 +781,16 @@ class AsyncStreamResponse(ResponseState):
             source = stdin
         for attempt in (1, 2):
             exchange = await client._exchange(self._deadline, self._limits, self._shared)
+            if (
+                body is None
+                and not client._kept_one
+                and isinstance(exchange, _SoloExchange)
+                and exchange.reused
+                and await exchange.closes(self._deadline.limit(CLOSE_GRACE)[0])
+            ):
+                client._closed_under_us()
+                await exchange.finish(False, self._deadline, self._limits)
+                exchange = await client._exchange(self._deadline, self._limits, self._shared)
             self._exchange = exchange
             try:
                 await exchange.begin(
@@ -744,6 +804,8 @@ class AsyncStreamResponse(ResponseState):
                 # An idle connection the application closed under us (php-fpm
                 # after pm.max_requests, or a restart): retry once, fresh, if
                 # nothing of the response arrived and the body can be sent again.
+                if exchange.reused and not self._got_output and isinstance(exchange, _SoloExchange):
+                    client._closed_under_us()
                 if not exchange.reused or attempt == 2 or self._stdin_touched or self._got_output:
                     raise
                 self._exchange = None

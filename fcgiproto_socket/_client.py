@@ -61,6 +61,12 @@ from ._primitives import (
 __all__ = ["MANAGEMENT_VARIABLES", "Client", "StreamResponse"]
 
 MANAGEMENT_VARIABLES = ("FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS")
+#: How long a body that cannot be sent twice waits, once, for an application
+#: not yet seen to keep connections to close a reused one (uWSGI closes
+#: within microseconds of its answer; the client can be faster than that).
+CLOSE_GRACE = 0.05
+#: The reaper's shortest wait: a connection may close this much past its expiry.
+REAP_SLACK = 0.001
 DEFAULT_TIMEOUT = Timeout()
 
 
@@ -85,6 +91,13 @@ class Client:
     override it.
 
     backend= is the transport (see NetworkBackend): sockets by default.
+
+    The client asks the application to keep each connection (FCGI_KEEP_CONN)
+    unless max_keepalive is 0, or the application has shown that it closes
+    connections after every response anyway (uWSGI does): one that closed
+    after its first response before any connection carried a second. From
+    then on each request has a connection of its own, so none is lost to a
+    connection closing under it.
     """
 
     def __init__(
@@ -121,6 +134,10 @@ class Client:
         self._mux_lock = Lock()
         self._mux: MuxConnection | None = None
         self._retired: list[MuxConnection] = []  # replaced, closed once their requests end
+        # Whether to ask for FCGI_KEEP_CONN, and whether some connection has
+        # carried a second request, which proves the application keeps them.
+        self.keep_conn = self.max_keepalive > 0
+        self._kept_one = False
 
     def __enter__(self) -> Client:
         self._background.__enter__()
@@ -175,13 +192,15 @@ class Client:
             answer = WholeAnswer(max_size, conn.address)
             end: EndRequest | None = None
             try:
-                conn.proto.send_request(params, body, role=role)
+                conn.proto.send_request(params, body, role=role, keep_conn=self.keep_conn)
                 conn.queue()
                 while end is None:
                     events = conn.exchange(deadline, limits.read, limits.write)
                     end = answer.take(events)
             except (ReadError, WriteError):
                 self._discard(conn)
+                if reused and not answer.got_output:
+                    self._closed_under_us()
                 # The retry rule of AsyncStreamResponse._start: an idle
                 # connection the application closed, and no byte of an answer.
                 if reused and attempt == 1 and not answer.got_output:
@@ -191,6 +210,8 @@ class Client:
                 # ResponseTooLarge too: the rest of the answer is still coming.
                 self._discard(conn)
                 raise
+            if reused:
+                self._kept_one = True
             self._finish_solo(conn, True, deadline, limits)
             return answer.response(end)
         raise AssertionError("unreachable")
@@ -396,6 +417,7 @@ class Client:
                 # otherwise answer the next request with the last one's leftovers.
                 if conn.stream.looks_alive():
                     return conn, True
+                self._closed_under_us()
                 self._discard(conn)
                 ticket = None
                 continue
@@ -476,6 +498,16 @@ class Client:
                 self._pool.discard()
                 self._wake_next()
 
+    def _closed_under_us(self) -> None:
+        """An idle connection was found closed by the application.
+
+        Before any connection has carried a second request, that is an
+        application that closes after every response whatever FCGI_KEEP_CONN
+        says: stop asking, and stop reusing what it will close.
+        """
+        if not self._kept_one:
+            self.keep_conn = False
+
     def _wake_next(self) -> None:
         """Let the first caller waiting for a connection look again (lock held)."""
         if self._queue:
@@ -511,7 +543,12 @@ class Client:
                     for conn in expired:
                         conn.close()
             else:
-                self._reaper_wake.wait(self.keepalive_expiry if due is None else due - now)
+                # At least a moment when one is due: `due` and the pool's test
+                # of expiry round differently, and a wait shorter than the
+                # clock can add to `now` (trio's MockClock jumps by exactly
+                # the wait) would never reach `due`.
+                wait = self.keepalive_expiry if due is None else max(due - now, REAP_SLACK)
+                self._reaper_wake.wait(wait)
 
 
 class _SoloExchange:
@@ -534,13 +571,24 @@ class _SoloExchange:
         max_size: int,
     ) -> None:
         proto = self.conn.proto
+        keep_conn = self.client.keep_conn
         if stdin is None:
-            self.rid = proto.begin_request(role)
+            self.rid = proto.begin_request(role, keep_conn=keep_conn)
             proto.send_params(self.rid, params)
             proto.end_params(self.rid)
         else:
-            self.rid = proto.send_request(params, stdin, role=role)
+            self.rid = proto.send_request(params, stdin, role=role, keep_conn=keep_conn)
         self.conn.queue()
+
+    def closes(self, wait: float | None) -> bool:
+        """Whether the application closes this idle connection within `wait` seconds."""
+        try:
+            self.conn.stream.read(1, wait)
+        except ReadTimeout:
+            return False
+        except ReadError:
+            return True
+        return True  # closed, or bytes an idle connection must not carry
 
     def send_stdin(self, chunk: bytes | None, deadline: Deadline, limits: Timeout) -> None:
         if chunk is None:
@@ -553,6 +601,8 @@ class _SoloExchange:
         return self.conn.exchange(deadline, limits.read, limits.write, refill)
 
     def finish(self, ended: bool, deadline: Deadline, limits: Timeout) -> None:
+        if ended and self.reused:
+            self.client._kept_one = True
         self.client._finish_solo(self.conn, ended, deadline, limits)
 
 
@@ -730,6 +780,16 @@ class StreamResponse(ResponseState):
             source = stdin
         for attempt in (1, 2):
             exchange = client._exchange(self._deadline, self._limits, self._shared)
+            if (
+                body is None
+                and not client._kept_one
+                and isinstance(exchange, _SoloExchange)
+                and exchange.reused
+                and exchange.closes(self._deadline.limit(CLOSE_GRACE)[0])
+            ):
+                client._closed_under_us()
+                exchange.finish(False, self._deadline, self._limits)
+                exchange = client._exchange(self._deadline, self._limits, self._shared)
             self._exchange = exchange
             try:
                 exchange.begin(
@@ -743,6 +803,8 @@ class StreamResponse(ResponseState):
                 # An idle connection the application closed under us (php-fpm
                 # after pm.max_requests, or a restart): retry once, fresh, if
                 # nothing of the response arrived and the body can be sent again.
+                if exchange.reused and not self._got_output and isinstance(exchange, _SoloExchange):
+                    client._closed_under_us()
                 if not exchange.reused or attempt == 2 or self._stdin_touched or self._got_output:
                     raise
                 self._exchange = None

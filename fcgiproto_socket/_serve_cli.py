@@ -425,12 +425,23 @@ class _Master:
                 pass
 
     def _spawn(self) -> None:
-        pid = os.fork()
+        # A signal sent to a worker before it resets the master's handlers would run the
+        # master's handler in the worker and be lost: the worker would serve on, and
+        # outlive the master. Blocked across fork, it waits for the worker's own handlers
+        # (or the default action, which ends a worker not yet serving).
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            raise
         if pid == 0:  # the worker
             status = 1
             try:
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                for signum in signals:
                     signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 status = _serve(self.args, self.sock, multiprocess=True)
@@ -439,6 +450,7 @@ class _Master:
             finally:
                 logging.shutdown()
                 os._exit(status)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
         self.workers.add(pid)
         logger.info("started worker %d", pid)
 

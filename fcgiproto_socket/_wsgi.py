@@ -180,6 +180,10 @@ class _Response:
         self.exchange = exchange
         self.head: bytes | None = None
         self.head_sent = False
+        # A HEAD response keeps the app's headers (Content-Length too) and
+        # loses its body, as gunicorn does: HAProxy answers 502 to a HEAD
+        # response with a body rather than discard it as RFC 3875 allows.
+        self.head_only = exchange.params.get("REQUEST_METHOD") == "HEAD"
 
     def start_response(
         self,
@@ -228,6 +232,8 @@ class _Response:
             raise TypeError(f"the app yielded {type(data).__name__}, not bytes")
         if self.head is None:
             raise RuntimeError("the app sent body before calling start_response")
+        if self.head_only:
+            data = b""
         if not self.head_sent:
             self.head_sent = True
             if not data:

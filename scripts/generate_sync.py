@@ -28,7 +28,8 @@ SOURCE = ROOT / "fcgiproto_anyio"
 TARGET = ROOT / "fcgiproto_socket"
 #: The modules written once: the backend interface, a connection, the shared
 #: connection, the client with its pool and its streaming response, and the
-#: in-memory backend; and the client over several applications.
+#: in-memory backend; the client over several applications; and the reading of
+#: php-fpm's status page.
 MODULES = (
     "_interface.py",
     "_connection.py",
@@ -36,6 +37,7 @@ MODULES = (
     "_client.py",
     "_memory.py",
     "_balanced.py",
+    "_status.py",
 )
 NAMES = {
     "AnyioBackend": "SocketBackend",

@@ -4,6 +4,7 @@
   ``docroot``, ``params()``, ``restart()``, ``stop()``.
 - ``go_server`` (session): a GoServer with ``unix_path``, ``tcp_address``,
   ``restart()``, ``stop()``; build its PARAMS with ``peers.go_params()``.
+- ``fcgiwrap`` (session): a Fcgiwrap (libfcgi) with ``unix_path`` and ``script()``.
 - ``make_nginx`` (function): ``make_nginx(fastcgi_address, *, keep_conn=True,
   docroot=None)`` -> an Nginx with ``http_address``; stopped after the test.
 - ``webservers`` (function): a tests/webservers.py WebServers, whose
@@ -32,7 +33,7 @@ from hypothesis import settings
 settings.register_profile("fcgiproto", deadline=None)
 settings.load_profile("fcgiproto")
 
-PEER_FIXTURES = frozenset({"php_fpm", "go_server", "make_nginx", "webservers"})
+PEER_FIXTURES = frozenset({"php_fpm", "go_server", "make_nginx", "webservers", "fcgiwrap"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -60,6 +61,19 @@ def go_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.GoServ
     peers.require_peer("go", go is not None)
     assert go is not None
     server = peers.GoServer(peers.build_go_server(go), tmp_path_factory.mktemp("goserver"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def fcgiwrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Fcgiwrap]:
+    binary = peers.find_fcgiwrap()
+    peers.require_peer("fcgiwrap", binary is not None)
+    assert binary is not None
+    server = peers.Fcgiwrap(binary, tmp_path_factory.mktemp("fcgiwrap"))
     server.start()
     try:
         yield server

@@ -429,6 +429,11 @@ echo "status $code";
     "pid.php": """<?php
 echo getmypid();
 """,
+    # $_POST as JSON: PHP fills it only for a form CONTENT_TYPE.
+    "post.php": """<?php
+header('Content-Type: application/json');
+echo json_encode($_POST);
+""",
     # n bytes "x" (query n, default 5), flushed one at a time, interval seconds
     # (query interval, default 1) apart; the first one goes out at once.
     "trickle.php": """<?php
@@ -461,9 +466,25 @@ class PhpFpm:
     recycle (pm.max_requests = 0), so a test can count workers with pid.php.
     """
 
-    def __init__(self, binary: str, base: Path) -> None:
+    def __init__(
+        self,
+        binary: str,
+        base: Path,
+        *,
+        extra_pools: int = 0,
+        pool_settings: Mapping[str, str] | None = None,
+    ) -> None:
         self.binary = binary
         self.base = base
+        # pool_settings override the two main pools' settings (pm.max_children,
+        # listen.backlog, ...); extra_pools adds pools "pool-1" ... "pool-N",
+        # one static worker each, on the Unix sockets of pool_paths.
+        self.pool_settings = dict(pool_settings or {})
+        self.pools_dir = socket_dir(base) / "pools"
+        self.pools_dir.mkdir(exist_ok=True)
+        self.pool_paths = [
+            str(self.pools_dir / f"pool-{n}.sock") for n in range(1, extra_pools + 1)
+        ]
         self.docroot = write_docroot(base / "docroot")
         self.tmp_dir = base / "tmp"
         self.tmp_dir.mkdir(exist_ok=True)
@@ -494,38 +515,46 @@ class PhpFpm:
             "log_level = notice",
             "daemonize = no",
         ]
-        for pool, listen in (("unix", self.unix_path), ("tcp", self.tcp_address)):
-            lines += [
-                "",
-                f"[{pool}]",
-                f"listen = {listen}",
-                "listen.mode = 0666",
-                "pm = static",
-                "pm.max_children = 4",
-                "pm.max_requests = 0",
-                "pm.status_path = /fpm-status",
-                "ping.path = /ping",
-                "ping.response = pong",
-                "catch_workers_output = no",
-                "clear_env = no",
-                "request_terminate_timeout = 0",
-                f"chdir = {self.docroot}",
-                "php_admin_value[post_max_size] = 64M",
-                "php_admin_value[upload_max_filesize] = 64M",
-                "php_admin_value[memory_limit] = 256M",
-                "php_admin_value[output_buffering] = 0",
+        pools = [
+            ("unix", self.unix_path, self.pool_settings),
+            ("tcp", self.tcp_address, self.pool_settings),
+        ]
+        pools += [
+            (f"pool-{n}", path, {"pm.max_children": "1"})
+            for n, path in enumerate(self.pool_paths, 1)
+        ]
+        for pool, listen, overrides in pools:
+            settings = {
+                "listen": listen,
+                "listen.mode": "0666",
+                "pm": "static",
+                "pm.max_children": "4",
+                "pm.max_requests": "0",
+                "pm.status_path": "/fpm-status",
+                "ping.path": "/ping",
+                "ping.response": "pong",
+                "catch_workers_output": "no",
+                "clear_env": "no",
+                "request_terminate_timeout": "0",
+                "chdir": str(self.docroot),
+                "php_admin_value[post_max_size]": "64M",
+                "php_admin_value[upload_max_filesize]": "64M",
+                "php_admin_value[memory_limit]": "256M",
+                "php_admin_value[output_buffering]": "0",
                 # sleep.php and trickle.php may run longer than the default 30 s.
-                "php_admin_value[max_execution_time] = 0",
-                "php_admin_value[max_input_time] = -1",
+                "php_admin_value[max_execution_time]": "0",
+                "php_admin_value[max_input_time]": "-1",
                 # Warnings go to FCGI_STDERR, never into a response body.
-                "php_admin_flag[display_errors] = off",
-                "php_admin_flag[log_errors] = on",
+                "php_admin_flag[display_errors]": "off",
+                "php_admin_flag[log_errors]": "on",
                 # Large bodies spill to temporary files: keep them in our dir.
-                f"php_admin_value[sys_temp_dir] = {self.tmp_dir}",
-                f"php_admin_value[upload_tmp_dir] = {self.tmp_dir}",
-            ]
+                "php_admin_value[sys_temp_dir]": str(self.tmp_dir),
+                "php_admin_value[upload_tmp_dir]": str(self.tmp_dir),
+            }
             if pool == "tcp":
-                lines.append("listen.allowed_clients = 127.0.0.1")
+                settings["listen.allowed_clients"] = "127.0.0.1"
+            settings.update(overrides)
+            lines += ["", f"[{pool}]", *(f"{key} = {value}" for key, value in settings.items())]
         return "\n".join(lines) + "\n"
 
     @property
@@ -574,13 +603,24 @@ class PhpFpm:
         self._proc.start()
         wait_until_ready(
             self._proc,
-            [self.unix_path, self.tcp_address],
+            [self.unix_path, self.tcp_address, *self.pool_paths],
             logs=[self.error_log],
             ready=lambda: self.error_log.exists() and logged_ready(),
         )
 
     def stop(self) -> None:
         self._proc.stop()
+
+    def pids(self) -> list[int]:
+        """The master's pid and its workers'."""
+        process = self._proc.process
+        if process is None or process.poll() is not None:
+            return []
+        try:
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+        except OSError:
+            children = ""
+        return [process.pid, *map(int, children.split())]
 
     def restart(self) -> None:
         """Stop php-fpm and start it again on the same sockets."""
@@ -594,6 +634,113 @@ class PhpFpm:
 
     def logs(self) -> str:
         return format_logs([self.error_log, self._proc.output_log])
+
+
+# -- fcgiwrap (libfcgi) -------------------------------------------------------
+
+
+def find_fcgiwrap() -> str | None:
+    return find_binary(["fcgiwrap"], ["/usr/sbin", "/usr/local/sbin"])
+
+
+#: CGI programs fcgiwrap runs; SCRIPT_FILENAME names one of them.
+CGI_SCRIPTS: dict[str, str] = {
+    "hello.sh": "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\nHello, World!'\n",
+}
+
+
+class Fcgiwrap:
+    """fcgiwrap, a libfcgi (fcgiapp.h) program, on a Unix socket; runs ``docroot``'s CGI scripts."""
+
+    def __init__(self, binary: str, base: Path) -> None:
+        self.base = base
+        self.docroot = base / "cgi"
+        self.docroot.mkdir(parents=True, exist_ok=True)
+        for name, source in CGI_SCRIPTS.items():
+            script = self.docroot / name
+            script.write_text(source)
+            script.chmod(0o755)
+        self.unix_path = str(socket_dir(base) / "fcgiwrap.sock")
+        self._proc = ManagedProcess(
+            "fcgiwrap",
+            [binary, "-c", "2", "-s", f"unix:{self.unix_path}"],
+            output_log=base / "fcgiwrap.out",
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._proc.running
+
+    def script(self, name: str) -> str:
+        return str(self.docroot / name)
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.unix_path)  # fcgiwrap refuses to bind over a stale socket
+        self._proc.start()
+        wait_until_ready(self._proc, [self.unix_path], logs=[])
+
+    def stop(self) -> None:
+        self._proc.stop()
+
+
+# -- uWSGI in FastCGI mode ------------------------------------------------------
+
+
+def find_uwsgi() -> str | None:
+    """uWSGI with its python3 plugin (Debian: uwsgi-core, uwsgi-plugin-python3)."""
+    binary = find_binary(["uwsgi", "uwsgi-core"])
+    if binary is None or not Path("/usr/lib/uwsgi/plugins/python3_plugin.so").exists():
+        return None
+    return binary
+
+
+#: The WSGI application uWSGI serves: the request body back, with its length.
+UWSGI_APP = """\
+def application(environ, start_response):
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("X-Length", str(len(body)))])
+    return [body]
+"""
+
+
+class Uwsgi:
+    """uWSGI serving a WSGI echo application over FastCGI (--fastcgi-socket).
+
+    uWSGI closes its connection after every response, FCGI_KEEP_CONN or not.
+    """
+
+    def __init__(self, binary: str, base: Path, *, tcp: bool = False) -> None:
+        self.base = base
+        app = base / "echo_app.py"
+        app.write_text(UWSGI_APP)
+        self.address = f"127.0.0.1:{free_port()}" if tcp else str(socket_dir(base) / "uwsgi.sock")
+        self._proc = ManagedProcess(
+            "uwsgi",
+            [
+                binary,
+                "--plugin",
+                "python3",
+                "--fastcgi-socket",
+                self.address,
+                "--wsgi-file",
+                str(app),
+                "--master",
+                "--processes",
+                "2",
+                "--disable-logging",
+                # SIGTERM stops it (by default uWSGI 2.0 reloads on SIGTERM).
+                "--die-on-term",
+            ],
+            output_log=base / "uwsgi.out",
+        )
+
+    def start(self) -> None:
+        self._proc.start()
+        wait_until_ready(self._proc, [self.address], logs=[])
+
+    def stop(self) -> None:
+        self._proc.stop()
 
 
 # -- Go net/http/fcgi server --------------------------------------------------

@@ -183,6 +183,29 @@ async def test_every_event_follows_the_spec() -> None:
     assert {m["type"] for m in app.received} >= {"lifespan.startup", "http.request"}
 
 
+async def test_a_head_response_keeps_the_headers_and_loses_the_body() -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"100010")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"x" * 100_000, "more_body": True})
+        await send({"type": "http.response.body", "body": b"y" * 10})
+
+    async with asgi_server(app) as bound, AsyncClient(bound, timeout=WAIT) as client:
+        r = await client.request(params("HEAD", "/"))
+        assert (r.status, r.header("content-length"), r.body) == (200, "100010", b"")
+        r = await client.request(params("HEAD", "/"))  # the connection is still good
+        assert r.body == b""
+        r = await client.request(params("GET", "/"))
+        assert (r.status, len(r.body)) == (200, 100_010)
+
+
 def test_the_scope_from_nginx_params() -> None:
     scope = asgi_scope(
         params(

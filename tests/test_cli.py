@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -238,7 +240,7 @@ def test_request_timeout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with Server(stuck, str(tmp_path / "stuck.sock")) as server:
         try:
             started = time.monotonic()
-            assert main(["request", str(server.address), "/x", "--timeout", "0.3"]) == 1
+            assert main(["request", str(server.address), "/x", "--timeout", "0.3"]) == 4
             assert time.monotonic() - started < 2
         finally:
             release.set()
@@ -340,7 +342,7 @@ def test_ping_timeout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     with Server(stuck, str(tmp_path / "stuck.sock")) as server:
         try:
             started = time.monotonic()
-            assert main(["ping", str(server.address), "--timeout", "0.3"]) == 1
+            assert main(["ping", str(server.address), "--timeout", "0.3"]) == 4
             assert time.monotonic() - started < 2
         finally:
             release.set()
@@ -371,13 +373,18 @@ def test_ping_an_http_port(capsys: pytest.CaptureFixture[str]) -> None:
 # --- help and usage ---
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["request"], ["values"], ["ping"]])
+@pytest.mark.parametrize(
+    "command", [[], ["demo"], ["request"], ["values"], ["ping"], ["status"], ["exporter"]]
+)
 def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*command, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: fcgi")
-    if command != ["demo"]:
+    if command not in (["demo"], ["exporter"]):
         assert "exit status" in out and "3  could not connect" in out
+        assert "4  timed out" in out and "7  status: more processes active" in out
+    if command == ["exporter"]:
+        assert "fcgiproto-ng[exporter]" in out and "2  usage error" in out
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -433,3 +440,227 @@ def test_request_values_and_ping_against_go(
     assert capsysbinary.readouterr().out == b"FCGI_MPXS_CONNS=1\n"
     assert main(["ping", go_server.unix_path, "--path", "/hello", "--expect", "Hello"]) == 0
     assert main(["ping", go_server.unix_path, "--path", "/hello", "--expect", "nothing"]) == 1
+
+
+# --- against libfcgi (fcgiwrap) ---
+
+
+def test_values_and_request_against_libfcgi(
+    fcgiwrap: peers.Fcgiwrap, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    # The three standard names make a 48-byte question: libfcgi answers it
+    # only because the client pads it.
+    started = time.monotonic()
+    assert main(["values", fcgiwrap.unix_path, "--timeout", "3"]) == 0
+    assert time.monotonic() - started < 3
+    assert capsysbinary.readouterr().out == (
+        b"FCGI_MAX_CONNS=1\nFCGI_MAX_REQS=1\nFCGI_MPXS_CONNS=0\n"
+    )
+    assert main(["request", fcgiwrap.unix_path, fcgiwrap.script("hello.sh")]) == 0
+    assert capsysbinary.readouterr().out == peers.HELLO_BODY
+
+
+# --- the fixes of the operators' kit ---
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from fcgiproto._version import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"fcgi (fcgiproto-ng) {__version__}\n"
+
+
+def test_tcp_and_unix_urls_are_addresses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Server(demo_app, "127.0.0.1:0") as server:
+        assert main(["ping", f"tcp://{server.address}", "--expect", "pong"]) == 0
+    with Server(demo_app, str(tmp_path / "d.sock")) as server:
+        assert main(["ping", f"unix://{tmp_path / 'd.sock'}", "--expect", "pong"]) == 0
+    assert capsys.readouterr().out.count("200 OK for /ping") == 2
+    for wrong in ("http://127.0.0.1:9000", "tcp://127.0.0.1:9000/status", "tcp://"):
+        assert main(["ping", wrong]) == 2
+        assert "use host:port, tcp://host:port" in capsys.readouterr().err
+
+
+def test_data_is_sent_as_a_form_as_curl_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Server(show, str(tmp_path / "show.sock")) as server:
+        assert main(["request", str(server.address), "/srv/www/show.php", "-d", "a=1&b=2"]) == 0
+        params = json.loads(capsys.readouterr().out)["params"]
+        assert params["CONTENT_TYPE"] == "application/x-www-form-urlencoded"
+        assert params["CONTENT_LENGTH"] == "7"
+        argv = ["request", str(server.address), "/srv/www/show.php", "-d", "{}"]
+        assert main([*argv, "-H", "content-type: application/json"]) == 0
+        assert json.loads(capsys.readouterr().out)["params"]["CONTENT_TYPE"] == "application/json"
+        assert main(["request", str(server.address), "/srv/www/show.php"]) == 0
+        assert json.loads(capsys.readouterr().out)["params"]["CONTENT_TYPE"] == ""
+
+
+def test_fail_exits_1_on_http_errors_without_the_body(
+    demo: str, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    assert main(["request", demo, "/srv/www/nothing.php"]) == 0
+    assert capsysbinary.readouterr().out == b"no page at /nothing.php\n"
+    assert main(["request", demo, "/srv/www/nothing.php", "--fail"]) == 1
+    out, err = capsysbinary.readouterr()
+    assert out == b""
+    assert b"answered 404 Not Found for /srv/www/nothing.php" in err and err.count(b"\n") == 1
+    assert main(["request", demo, "/srv/hello", "--uri", "/hello?name=f", "-f"]) == 0
+    assert capsysbinary.readouterr().out == b"Hello, f!\n"
+
+
+def test_values_says_which_names_went_unanswered(
+    demo: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["values", demo, "FCGI_MPXS_CONNS", "NO_SUCH_NAME", "OTHER"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "FCGI_MPXS_CONNS=0\n"
+    assert one_line(err).startswith("fcgi values: ") and "did not answer NO_SUCH_NAME OTHER" in err
+
+
+def test_one_shot_commands_use_one_connection_and_no_probe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The server numbers connections as it accepts them: a GET_VALUES probe
+    # on a connection of its own would leave gaps.
+    seen: list[int] = []
+
+    def number(request: Request) -> bytes:
+        seen.append(request.connection_id)
+        return b"Content-Type: text/plain\r\n\r\npong"
+
+    path = str(tmp_path / "count.sock")
+    with Server(number, path):
+        assert main(["ping", path]) == 0
+        assert main(["values", path]) == 0  # connection 2 carries GET_VALUES alone
+        assert main(["request", path, "/srv/x", "-d", "a=1"]) == 0
+        assert main(["ping", path]) == 0
+    assert seen == [1, 3, 4]
+    capsys.readouterr()
+
+
+def test_ping_asks_again_once_after_a_503(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answers = [b"Status: 503 Service Unavailable\r\n\r\nbusy", b"Status: 200 OK\r\n\r\npong"]
+    seen: list[str] = []
+
+    def busy_once(request: Request) -> bytes:
+        seen.append(request.params["SCRIPT_NAME"])
+        return answers.pop(0) if answers else b"Status: 503 Service Unavailable\r\n\r\nbusy"
+
+    with Server(busy_once, str(tmp_path / "busy.sock")) as server:
+        assert main(["ping", str(server.address), "--expect", "pong"]) == 0
+        assert len(seen) == 2
+        assert main(["ping", str(server.address)]) == 1  # 503 twice: unhealthy
+        assert len(seen) == 4
+    out, err = capsys.readouterr()
+    assert "200 OK for /ping" in out
+    assert "answered 503 Service Unavailable" in one_line(err)
+
+
+def test_ping_imports_the_client_and_not_the_server(demo: str) -> None:
+    code = (
+        "import sys\n"
+        "from fcgiproto_socket._cli import main\n"
+        f"assert main(['ping', {demo!r}]) == 0\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('fcgiproto'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = set(done.stdout.split("\n")[-2].split())
+    assert "fcgiproto_socket._client" in loaded
+    for heavy in (
+        "fcgiproto_socket._server",
+        "fcgiproto_socket._demo",
+        "fcgiproto.support._application",
+    ):
+        assert heavy not in loaded, heavy
+
+
+def test_data_fills_php_post_and_fail_sees_php_errors(
+    php_fpm: peers.PhpFpm, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    argv = ["request", php_fpm.unix_path, php_fpm.script("post.php"), "-d", "a=1&b=two"]
+    assert main(argv) == 0
+    assert json.loads(capsysbinary.readouterr().out) == {"a": "1", "b": "two"}
+    status = ["request", php_fpm.tcp_address, php_fpm.script("status.php"), "--uri"]
+    assert main([*status, "/status.php?code=500", "--fail"]) == 1
+    assert b"answered 500 Internal Server Error" in capsysbinary.readouterr().err
+    assert main([*status, "/status.php?code=500"]) == 0
+    assert capsysbinary.readouterr().out == b"status 500"
+
+
+def test_exporter_names_its_extra_when_prometheus_client_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    assert main(["exporter", "--listen", "127.0.0.1:0", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert one_line(err).startswith("fcgi exporter: ")
+    assert "pip install 'fcgiproto-ng[exporter]'" in err
+
+
+# --- how the command ends ---
+
+
+def test_a_closed_stdout_ends_the_command_quietly(demo: str, tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(b"x" * 4_000_000)
+    argv = [sys.executable, "-m", "fcgiproto_socket", "request", demo, "/srv/echo"]
+    with subprocess.Popen(
+        [*argv, "-d", f"@{tmp_path / 'big'}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as reader:
+        assert reader.stdout is not None and reader.stderr is not None
+        assert reader.stdout.read(1) == b"x"
+        reader.stdout.close()  # `| head -c 1`
+        assert reader.wait(60) == 1
+        assert reader.stderr.read() == b""
+
+
+def test_ctrl_c_exits_130_and_a_bug_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcgiproto_socket import _cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    def broken(args: object) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(_cli, "_ping_command", interrupted)
+    assert main(["ping", "127.0.0.1:9"]) == 130
+    monkeypatch.setattr(_cli, "_ping_command", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["ping", "127.0.0.1:9"])
+
+
+def test_data_from_stdin_and_a_timeout_that_is_no_number(
+    demo: str, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    class Stdin:
+        buffer = io.BytesIO(b"from stdin")
+
+    monkeypatch.setattr(sys, "stdin", Stdin)
+    assert main(["request", demo, "/srv/echo", "-d", "@-"]) == 0
+    assert capsysbinary.readouterr().out == b"from stdin"
+    assert main(["ping", demo, "--timeout", "soon"]) == 2
+    assert b"not a number: 'soon'" in capsysbinary.readouterr().err
+
+
+def test_demo_serve_until_sigterm(tmp_path: Path) -> None:
+    path = str(tmp_path / "served.sock")
+    with subprocess.Popen(
+        [sys.executable, "-m", "fcgiproto_socket", "demo", "--serve", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as served:
+        assert served.stdout is not None and served.stderr is not None
+        assert served.stdout.readline().startswith("Serving the example application on unix:")
+        assert main(["ping", path, "--expect", "pong"]) == 0
+        served.send_signal(signal.SIGTERM)
+        assert served.wait(30) == 0
+        assert served.stdout.read() == "Stopped.\n"
+    assert main(["demo", "--serve", "no-port"]) == 2

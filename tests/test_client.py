@@ -390,6 +390,31 @@ def test_get_values_round_trip_and_go_s_trailing_empty_result_is_dropped() -> No
     assert conn.receive_data(answer) == [GetValuesResult({"FCGI_MPXS_CONNS": "1"})]
 
 
+@pytest.mark.parametrize(
+    "names",
+    [[], ["FCGI_MPXS_CONNS"], ["FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS"], ["AB"]],
+)
+def test_get_values_is_always_padded_and_aligned(names: list[str]) -> None:
+    # libfcgi answers GET_VALUES only when padding follows its content; the
+    # three standard names make exactly 48 bytes, which alignment leaves bare.
+    conn = ClientConnection()
+    conn.get_values(names)
+    wire = conn.data_to_send()
+    ((rtype, _, content, padding),) = parse_records(wire)
+    assert rtype == 9 and 1 <= padding <= 8
+    assert len(wire) % 8 == 0
+    assert decode_pairs(content, "q") == [(name.encode(), b"") for name in names]
+
+
+def test_get_values_too_large_for_a_padded_record_is_refused() -> None:
+    conn = ClientConnection()
+    with pytest.raises(LocalProtocolError, match="does not fit in a record"):
+        conn.get_values(["N" * 65516])  # 65521 bytes with its five length bytes
+    conn.get_values(["N" * 65515])  # 65520: with 8 of padding, 65528 of record
+    ((_, _, content, padding),) = parse_records(conn.data_to_send())
+    assert (len(content), padding) == (65520, 8)
+
+
 def test_an_empty_answer_to_a_question_is_reported() -> None:
     conn = ClientConnection()
     conn.get_values(["UNKNOWN_NAME"])

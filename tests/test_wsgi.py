@@ -101,8 +101,31 @@ def test_wsgiref_validate_finds_nothing_wrong(method: str) -> None:
     expected = (
         b"written line one\nthe rest" + method.encode() if body else b"written " + method.encode()
     )
-    assert r.body == expected
+    assert r.body == (b"" if method == "HEAD" else expected)
     assert r.stderr == b"to the error log\n"
+
+
+def test_a_head_response_keeps_the_headers_and_loses_the_body() -> None:
+    closed: list[bool] = []
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"x" * 100_000
+            yield b"y" * 10
+
+        def close(self) -> None:
+            closed.append(True)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Body:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100010")])
+        return Body()
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params("HEAD", "/"))
+        assert (r.status, r.header("content-length"), r.body) == (200, "100010", b"")
+        r = client.request(params("GET", "/"))
+        assert (r.status, len(r.body)) == (200, 100_010)
+    assert closed == [True, True]
 
 
 def test_environ_from_nginx_params() -> None:

@@ -6,7 +6,9 @@ starting the application with ``bin-path``), and HAProxy with ``fcgi-app``
 (which multiplexes). Each runs as a child process with its configuration and
 logs in a directory of its own, serves HTTP on 127.0.0.1 only
 (``base_url``), and has ``logs()`` for a failure report. tests/conftest.py's
-``webservers`` fixture starts them and stops them after the test.
+``webservers`` fixture starts them and stops them after the test. Their
+configurations are shown in docs/serving.md, which tests/test_docs_serving.py
+keeps equal to what is written here.
 
 Running as root (as CI does), Apache will not run its children as root: they
 run as ``web_user()`` (www-data, or nobody), and so does every application
