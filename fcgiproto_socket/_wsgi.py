@@ -218,6 +218,8 @@ class _Response:
             raise TypeError(f"the app yielded {type(data).__name__}, not bytes")
         if self.head is None:
             raise RuntimeError("the app sent body before calling start_response")
+        if self.head_only:  # as send() has it
+            data = b""
         if not self.head_sent:
             self.head_sent = True
             if len(data) < JOIN_BELOW:
