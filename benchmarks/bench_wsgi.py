@@ -255,6 +255,84 @@ def one_run(kind: str, case: Case, seconds: int, work: Path) -> tuple[float, flo
     return rate, cpu / count
 
 
+def callgrind_run(kind: str, requests: int, work: Path) -> float:
+    """Instructions the server executes per hello-world request, one request after another.
+
+    The server runs under callgrind with counting off; 50 requests warm it up
+    (imports, first connection), then `requests` more are counted. Unlike CPU
+    time, the count does not depend on what else loads the machine.
+    """
+    import http.client
+    import shutil
+
+    import peers
+
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise RuntimeError("valgrind (callgrind) is not installed")
+    base = Path(tempfile.mkdtemp(dir=work))
+    address = f"unix:{peers.socket_dir(base) / 'app.sock'}"
+    out = base / "callgrind.out"
+    server = peers.ManagedProcess(
+        kind,
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--serve",
+            kind,
+            address,
+        ],
+        output_log=base / "server.out",
+    )
+    server.start()
+    try:
+        peers.wait_until_ready(server, [address], logs=[], timeout=120)
+        nginx_binary = peers.find_nginx()
+        if nginx_binary is None:
+            raise peers.PeerError("nginx is not installed")
+        nginx = peers.Nginx(nginx_binary, base / "nginx", address)
+        nginx.start()
+        try:
+            host, port = nginx.http_address.rsplit(":", 1)
+            client = http.client.HTTPConnection(host, int(port), timeout=120)
+
+            def get(count: int) -> None:
+                for _ in range(count):
+                    client.request("GET", "/hello")
+                    response = client.getresponse()
+                    if response.read() != HELLO:
+                        raise RuntimeError(f"{kind} answered {response.status}")
+
+            assert server.process is not None
+            pid = str(server.process.pid)
+            get(50)
+            subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+            get(requests)
+            subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+            client.close()
+            # The dump asked for (callgrind.out.1), not the one written at exit.
+            dump = base / "callgrind.out.1"
+            deadline = time.monotonic() + 60
+            while "totals:" not in (dump.read_text() if dump.exists() else ""):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"callgrind wrote no {dump}")
+                time.sleep(0.2)
+        finally:
+            nginx.stop()
+    except BaseException:
+        sys.stderr.write(server.read_output()[-4000:])
+        raise
+    finally:
+        server.stop()
+    for line in dump.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1]) / requests
+    raise RuntimeError(f"no totals in {dump}")
+
+
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -281,6 +359,12 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--only", nargs="*", choices=list(KINDS), help="these servers only")
+    parser.add_argument(
+        "--callgrind",
+        type=int,
+        metavar="N",
+        help="instead: instructions per hello-world request over N sequential requests",
+    )
     args = parser.parse_args()
     if args.serve:
         kind, address = args.serve
@@ -295,6 +379,12 @@ def main() -> None:
         else:
             kinds.append(name)
     print(versions())
+    if args.callgrind:
+        with tempfile.TemporaryDirectory(prefix="bench-wsgi-") as work:
+            for kind in kinds:
+                count = callgrind_run(kind, args.callgrind, Path(work))
+                print(f"{kind:>10}: {count:,.0f} instructions per request", flush=True)
+        return
     results = {(kind, case.label): Result() for kind in kinds for case in CASES}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-wsgi-") as work:

@@ -136,7 +136,7 @@ class Request(RequestBase):
 
 
 class _State(RequestState):
-    __slots__ = ("changed", "dispatched", "scope", "unread")
+    __slots__ = ("_changed", "dispatched", "scope", "unread")
 
     def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
         super().__init__(begin, options, anyio.current_time())
@@ -144,12 +144,19 @@ class _State(RequestState):
         self.dispatched = False
         #: Of a streamed request: body bytes its app has not taken yet.
         self.unread = 0
-        #: Set, then replaced, when a streamed request gets body, ends or is aborted.
-        self.changed = anyio.Event()
+        # Set, then dropped, when a streamed request gets body, ends or is aborted;
+        # made by whoever waits (most requests never wait on it).
+        self._changed: anyio.Event | None = None
+
+    async def wait_changed(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
 
     def wake(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
 
 class BodyTooLarge(OSError):
@@ -205,7 +212,7 @@ class AsyncExchange:
         """Return once the request is aborted, its connection lost, or it ended."""
         state = self._state
         while not (state.ended or state.aborted):
-            await state.changed.wait()
+            await state.wait_changed()
 
     async def write(self, data: bytes | bytearray | memoryview) -> bool:
         """Send stdout, once the client took all but max_unsent_size; False once it is over."""
@@ -269,7 +276,8 @@ class _Connection:
         self.answers: deque[tuple[int, int]] = deque()
         self.unsent_answers = 0
         self.wake_writer = anyio.Event()
-        self.progress = anyio.Event()  # set, then replaced, whenever `sent` moves or we die
+        # Set, then dropped, whenever `sent` moves or we die; made by whoever waits.
+        self.progress: anyio.Event | None = None
         self.read_scope = anyio.CancelScope()
         self.scope = anyio.CancelScope()  # the whole connection: cancelled to evict it
         self.liveness = sock.liveness
@@ -283,7 +291,8 @@ class _Connection:
         self.waiting: deque[_State] = deque()
         self.busy = False
         self.served = 0  # requests ended on this connection
-        self.body_taken = anyio.Event()  # set, then replaced, when a streamed app takes body
+        # Set, then dropped, when a streamed app takes body; made by whoever waits.
+        self.body_taken: anyio.Event | None = None
 
     async def run(self) -> None:
         try:
@@ -334,6 +343,8 @@ class _Connection:
             while not (self.dead or self.closing):
                 await self._wait_for_answers()
                 while self.streaming and not self.dead and self._body_full():
+                    if self.body_taken is None:
+                        self.body_taken = anyio.Event()
                     await self.body_taken.wait()
                 try:
                     data = await self.sock.receive(READ_SIZE)
@@ -454,7 +465,8 @@ class _Connection:
         assert state.params is not None and self.requests is not None
         request: Request | AsyncExchange
         request = AsyncExchange(self, state) if self.streaming else Request(self, state)
-        state.scope = anyio.CancelScope()
+        if not self.streaming:  # an ABORT_REQUEST cancels it; a streamed app hears of it instead
+            state.scope = anyio.CancelScope()
         self.liveness.app_started()
         self.requests.start_soon(
             self._respond, state, request, name=f"fcgi-request-{self.number}-{state.request_id}"
@@ -475,12 +487,13 @@ class _Connection:
     async def _respond(self, state: _State, request: Request | AsyncExchange) -> None:
         status = ERROR_STATUS
         try:
-            assert state.scope is not None
-            with state.scope:
+            if isinstance(request, AsyncExchange):
                 if not state.ended:
-                    if isinstance(request, AsyncExchange):
-                        status = await self._run_streamed(state, request)
-                    else:
+                    status = await self._run_streamed(state, request)
+            else:
+                assert state.scope is not None
+                with state.scope:
+                    if not state.ended:
                         status = await self._run_app(state, request)
         finally:
             self._end(state, status)  # queues END_REQUEST, so `sending` is set first
@@ -515,14 +528,13 @@ class _Connection:
                 data = state.stdin[0] if len(state.stdin) == 1 else b"".join(state.stdin)
                 state.stdin = []
                 state.unread = 0
-                self.body_taken.set()
-                self.body_taken = anyio.Event()
+                self._body_was_taken()
                 return data, not state.stdin_done
             if state.stdin_done or state.ended or self.dead:
                 return b"", False
             liveness.body_waits += 1
             try:
-                await state.changed.wait()
+                await state.wait_changed()
             finally:
                 liveness.body_waits -= 1
 
@@ -640,8 +652,7 @@ class _Connection:
             state.stdin = []
             state.unread = 0
             state.wake()
-            self.body_taken.set()
-            self.body_taken = anyio.Event()
+            self._body_was_taken()
         self._queue()
         if self.proto.closed:  # keep_conn=False: read no more, close once it is sent
             self.closing = True
@@ -651,14 +662,36 @@ class _Connection:
         """Move the core's output to `pending`; the offset where it ends."""
         data = self.proto.data_to_send()
         if data and not self.dead:
-            self.pending.append(data)
             self.queued += len(data)
-            self.liveness.sending = True
-            self.wake_writer.set()
+            if not self.pending and not self.writing and not self.writer_done:
+                # The writer is idle: the kernel takes what it has room for now,
+                # which spares the writer's turns of the event loop (a small
+                # response costs no task switch at all). It stays the only
+                # writer of whatever has to wait.
+                data = self._send_now(data)
+            if data:
+                self.pending.append(data)
+                self.liveness.sending = True
+                self.wake_writer.set()
         return self.queued
+
+    def _send_now(self, data: bytes) -> bytes:
+        """Hand `data` to the kernel without waiting; what it did not take."""
+        try:
+            sent = self.sock.send_nowait(data)
+        except OSError:
+            return data  # the writer meets the error again, and closes the connection
+        if sent:
+            # No liveness.send_moved(): no send was stalled (the writer is idle),
+            # and the activity clock is set by what queued this (a read, an app).
+            self.sent += sent
+            self._progressed()
+        return data[sent:]
 
     async def _sent_up_to(self, offset: int) -> None:
         while self.sent < offset and not self.dead:
+            if self.progress is None:
+                self.progress = anyio.Event()
             await self.progress.wait()
 
     async def _write_loop(self) -> None:
@@ -695,8 +728,14 @@ class _Connection:
         return first if len(parts) == 1 else b"".join(parts)
 
     def _progressed(self) -> None:
-        self.progress.set()
-        self.progress = anyio.Event()
+        if self.progress is not None:
+            self.progress.set()
+            self.progress = None
+
+    def _body_was_taken(self) -> None:
+        if self.body_taken is not None:
+            self.body_taken.set()
+            self.body_taken = None
 
     # --- closing ---
 
@@ -723,7 +762,7 @@ class _Connection:
         self.server.slots.give_back(len(self.states))
         self.states.clear()
         self.waiting.clear()
-        self.body_taken.set()
+        self._body_was_taken()
         self.pending.clear()
         self._progressed()
         self.read_scope.cancel()
@@ -850,12 +889,24 @@ class _Socket:
 
     async def receive(self, max_bytes: int) -> bytes:
         """Up to max_bytes, at least one; b"" once the peer has closed."""
-        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = self.sock.recv(max_bytes)
+        except (BlockingIOError, InterruptedError):
+            pass
+        else:
+            # Read without waiting: let the other tasks run (no cancelling
+            # here, which would lose the data).
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        # A keep-alive connection mostly waits here for its next request;
+        # waiting is the turn of the loop, no checkpoint before it is needed.
         while True:
+            await anyio.wait_readable(self.sock)
             try:
                 return self.sock.recv(max_bytes)
             except (BlockingIOError, InterruptedError):
-                await anyio.wait_readable(self.sock)
+                pass
 
     async def send(self, data: bytes) -> None:
         await anyio.lowlevel.checkpoint()
@@ -870,6 +921,13 @@ class _Socket:
                 await anyio.wait_writable(self.sock)
             else:
                 liveness.send_moved(anyio.current_time())
+
+    def send_nowait(self, data: bytes) -> int:
+        """How much of `data` the kernel took at once: 0 if it had no room."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
 
     def send_eof(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)

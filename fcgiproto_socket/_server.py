@@ -177,6 +177,16 @@ class Exchange:
         self.started = True
         return self._connection.write(self._state, _STDOUT, data)
 
+    def finish(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send the last stdout and end the request; False if it was over already.
+
+        The last max_unsent_size of it goes out with END_REQUEST (app_status)
+        in one write: a small response costs one send.
+        """
+        if data:
+            self.started = True
+        return self._connection.finish(self._state, data, self.app_status)
+
     def log(self, message: str | bytes) -> None:
         """Write to the request's STDERR (the web server's error log), at once."""
         data = log_bytes(message)
@@ -541,6 +551,29 @@ class _Connection:
             self.send_lock.acquire()
             self._send_pending()
         return not (state.ended or self.dead)
+
+    def finish(self, state: _State, data: bytes | bytearray | memoryview, app_status: int) -> bool:
+        """Send a request's last stdout and END_REQUEST together; False once it is over."""
+        view = memoryview(data)
+        piece = self.options.max_unsent_size
+        if len(view) > piece:  # all but the last piece as any output, waiting on the client
+            cut = len(view) - piece
+            if not self.write(state, _STDOUT, view[:cut]):
+                return False
+            view = view[cut:]
+        if state.wrote and self.streaming and not self.options.multiplex:
+            self._look_for_abort(state)  # as write() does between pieces
+        with self.lock:
+            if state.ended or self.dead:
+                return False
+            if view:
+                self.proto.send_stdout(state.request_id, view)
+            self._end(state, app_status)
+            queued = self._queue()
+        if queued:
+            self.send_lock.acquire()
+            self._send_pending()
+        return not self.dead
 
     def _end(self, state: _State, app_status: int) -> None:
         """End a request, unless it is over already; `lock` is held."""

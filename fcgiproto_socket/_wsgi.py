@@ -212,6 +212,22 @@ class _Response:
         if not self.send(data):
             raise OSError("the client is gone")
 
+    def finish(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send the last chunk of body, the head first, and end the request; False if over."""
+        if not isinstance(data, OUTPUT_TYPES):
+            raise TypeError(f"the app yielded {type(data).__name__}, not bytes")
+        if self.head is None:
+            raise RuntimeError("the app sent body before calling start_response")
+        if self.head_only:  # as send() has it
+            data = b""
+        if not self.head_sent:
+            self.head_sent = True
+            if len(data) < JOIN_BELOW:
+                return self.exchange.finish(self.head + data)
+            if not self.exchange.write(self.head):
+                return False
+        return self.exchange.finish(data)
+
     def send(self, data: bytes | bytearray | memoryview) -> bool:
         """Send a chunk of body, the head first; False once the request is over."""
         if not isinstance(data, OUTPUT_TYPES):
@@ -266,6 +282,14 @@ class Gateway:
         result: Any = None
         try:
             result = self.app(environ, response.start_response)
+            if type(result) in (list, tuple):
+                # Its last piece is known up front: it goes out with END_REQUEST,
+                # in one write (a list has no close() to call first).
+                for chunk in result[:-1]:
+                    if not response.send(chunk):
+                        return
+                response.finish(result[-1] if result else b"")
+                return
             for chunk in result:
                 if not response.send(chunk):
                     return  # aborted or lost: close() below ends the app's iterable

@@ -128,6 +128,28 @@ def test_a_head_response_keeps_the_headers_and_loses_the_body() -> None:
     assert closed == [True, True]
 
 
+@pytest.mark.parametrize("kind", [list, tuple])
+def test_a_list_body_ends_with_its_last_piece_and_head_loses_it(kind: type) -> None:
+    """A list's last piece goes out with END_REQUEST: every piece arrives, none for HEAD.
+
+    Its last piece is bigger than max_unsent_size: all but the last such
+    piece go out first, as any output.
+    """
+    pieces = [b"a" * 10, b"", b"b" * 5, b"c" * 300_000]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "300015")])
+        return kind(pieces)
+
+    with wsgi_server(app, max_unsent_size=64 * 1024) as bound, Client(bound, timeout=WAIT) as c:
+        r = c.request(params("GET", "/"))
+        assert (r.status, r.body, r.app_status) == (200, b"".join(pieces), 0)
+        r = c.request(params("HEAD", "/"))
+        assert (r.status, r.header("content-length"), r.body) == (200, "300015", b"")
+        r = c.request(params("GET", "/"))  # the connection carries on
+        assert len(r.body) == 300_015
+
+
 def test_environ_from_nginx_params() -> None:
     seen: dict[str, Any] = {}
 

@@ -45,6 +45,23 @@ def _native(value: str) -> str:
     return _raw(value).decode("latin-1")
 
 
+#: HTTP_ACCEPT_LANGUAGE -> b"accept-language", for the names seen so far; a
+#: client's made-up names stop being remembered past HEADER_NAMES_KEPT.
+_header_names: dict[str, bytes] = {}
+HEADER_NAMES_KEPT = 512
+
+
+def _header_name(param: str) -> bytes:
+    """The ASGI header name of an HTTP_* param (or CONTENT_TYPE, CONTENT_LENGTH)."""
+    name = _header_names.get(param)
+    if name is None:
+        start = 5 if param.startswith("HTTP_") else 0
+        name = param[start:].lower().replace("_", "-").encode("latin-1")
+        if len(_header_names) < HEADER_NAMES_KEPT:
+            _header_names[param] = name
+    return name
+
+
 def _port(value: str | None) -> int | None:
     if value is None or not value.isdigit():
         return None
@@ -100,7 +117,10 @@ def wsgi_environ(
     (SERVER_NAME "localhost", SERVER_PORT "80" or "443", REQUEST_METHOD "GET");
     CONTENT_TYPE and CONTENT_LENGTH only when not empty.
     """
-    environ: dict[str, Any] = {name: _native(value) for name, value in params.items()}
+    # Most params are ASCII, native already: _native() only for the others.
+    environ: dict[str, Any] = {
+        name: value if value.isascii() else _native(value) for name, value in params.items()
+    }
     for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
         if not environ.get(name):
             environ.pop(name, None)
@@ -157,9 +177,9 @@ def asgi_scope(
         if name.startswith("HTTP_"):
             if name in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
                 continue
-            headers.append((name[5:].lower().replace("_", "-").encode("latin-1"), _raw(value)))
-        elif name in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
-            headers.append((name.lower().replace("_", "-").encode("latin-1"), _raw(value)))
+        elif not (value and name in ("CONTENT_TYPE", "CONTENT_LENGTH")):
+            continue
+        headers.append((_header_name(name), value.encode("utf-8", "surrogateescape")))
     remote = params.get("REMOTE_ADDR")
     client = [remote, _port(params.get("REMOTE_PORT")) or 0] if remote else None
     server_host = params.get("SERVER_ADDR") or params.get("SERVER_NAME")
@@ -192,6 +212,10 @@ def _reason(status: int) -> str:
         return ""
 
 
+#: b"Status: 200 OK" by status code (at most 900 of them), made once each.
+_status_lines: dict[int, bytes] = {}
+
+
 def cgi_head(status: int | str, headers: Iterable[tuple[bytes | str, bytes | str]]) -> bytes:
     """A CGI response head: the Status line, the headers, the blank line.
 
@@ -200,14 +224,19 @@ def cgi_head(status: int | str, headers: Iterable[tuple[bytes | str, bytes | str
     is refused (ValueError): it would let the app forge headers.
     """
     if isinstance(status, int):
-        line = f"{status} {_reason(status)}".rstrip().encode("latin-1")
+        first = _status_lines.get(status)
+        if first is None:
+            first = b"Status: " + f"{status} {_reason(status)}".rstrip().encode("latin-1")
+            if 100 <= status <= 999:
+                _status_lines[status] = first
     else:
-        line = status.encode("latin-1")
-    lines = [b"Status: " + line]
+        first = b"Status: " + status.encode("latin-1")
+    lines = [first]
     for name, value in headers:
         raw_name = name.encode("latin-1") if isinstance(name, str) else bytes(name)
         raw_value = value.encode("latin-1") if isinstance(value, str) else bytes(value)
         lines.append(raw_name + b": " + raw_value)
-    if any(b"\r" in part or b"\n" in part for part in lines):
+    whole = b"".join(lines)
+    if b"\r" in whole or b"\n" in whole:
         raise ValueError("a response header contains CR or LF")
     return b"\r\n".join(lines) + b"\r\n\r\n"
