@@ -9,6 +9,7 @@ client that goes away closes the FastCGI connection, which stops the script.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import mimetypes
@@ -22,7 +23,6 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import anyio
-import anyio.lowlevel
 
 from fcgiproto import (
     ConnectTimeout,
@@ -230,11 +230,14 @@ class PhpGateway:
             raise ValueError("hash_key must be remote_addr, uri, header:NAME or cookie:NAME")
         self.max_spooled_body = max_spooled_body
         self._entered = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- life ---
 
     async def __aenter__(self) -> PhpGateway:
         await self.client.__aenter__()
+        # Requests run on the loop the gateway was started in.
+        self._loop = _asyncio_loop()
         self._entered = True
         return self
 
@@ -437,44 +440,66 @@ class PhpGateway:
     ) -> None:
         """The FastCGI request and its answer, while a watcher waits for the client to leave."""
         key = self._key(scope, params) if self.client.balancer.policy is Policy.HASH else None
+        if self._loop is not None:
+            # asyncio: no task at all for a request answered within
+            # _WATCH_AFTER (nearly all); a timer starts the watcher for the rest.
+            with anyio.CancelScope() as cancel:
+                state = _Exchange(cancel)
+                stdin = self._stdin(receive, state, has_length, spooled)
+                watcher = _LateWatcher(self._loop, state, receive)
+                try:
+                    await self._forward(scope, send, params, raw_path, stdin, key, state)
+                finally:
+                    watcher.stop()
+            return
         async with anyio.create_task_group() as tasks:
             state = _Exchange(tasks.cancel_scope)
-            stdin: bytes | _RequestBody | _SpooledBody = _RequestBody(receive, state)
-            if spooled is not None:
-                state.body_done.set()
-                stdin = spooled
-            elif not has_length:
-                state.body_done.set()
-                stdin = b""
-            tasks.start_soon(state.watch_disconnect, receive, name="fcgiproto disconnect watcher")
+            stdin = self._stdin(receive, state, has_length, spooled)
+            tasks.start_soon(state.watch_later, receive, name="fcgiproto disconnect watcher")
             try:
-                async with self.client.stream(
-                    params, stdin, key=key, timeout=self.timeout
-                ) as response:
-                    status = response.status
-                    out_headers = [
-                        (name.lower().encode("latin-1"), value.encode("latin-1"))
-                        for name, value in response.headers
-                        if name.lower() not in _HOP_BY_HOP
-                    ]
-                    await self._relay(scope, send, response, status, out_headers, params, state)
-            except _ClientGone:
-                logger.info("client went away: %s %s", scope["method"], raw_path.decode("latin-1"))
-            except FastCGIError as exc:
-                if state.head_sent:
-                    # Too late for an error page: the client sees the body cut.
-                    logger.warning("answer cut after its head: %s", exc)
-                else:
-                    await self._failed(send, exc, params)
+                await self._forward(scope, send, params, raw_path, stdin, key, state)
             finally:
-                if state.answered:
-                    # ASGI servers answer receive() with http.disconnect once
-                    # the response is sent: one turn of the loop lets the
-                    # watcher end by itself, with no cancel (anyio formats a
-                    # task's repr into every cancel's reason: tens of us).
-                    await anyio.lowlevel.checkpoint()
-                if not state.watcher_done:
-                    tasks.cancel_scope.cancel()
+                tasks.cancel_scope.cancel()
+
+    @staticmethod
+    def _stdin(
+        receive: Receive, state: _Exchange, has_length: bool, spooled: _SpooledBody | None
+    ) -> bytes | _RequestBody | _SpooledBody:
+        if spooled is not None:
+            state.body_done = True
+            return spooled
+        if not has_length:
+            state.body_done = True
+            return b""
+        return _RequestBody(receive, state)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        send: Send,
+        params: dict[str, str],
+        raw_path: bytes,
+        stdin: bytes | _RequestBody | _SpooledBody,
+        key: bytes | None,
+        state: _Exchange,
+    ) -> None:
+        try:
+            async with self.client.stream(params, stdin, key=key, timeout=self.timeout) as response:
+                status = response.status
+                out_headers = [
+                    (name.lower().encode("latin-1"), value.encode("latin-1"))
+                    for name, value in response.headers
+                    if name.lower() not in _HOP_BY_HOP
+                ]
+                await self._relay(scope, send, response, status, out_headers, params, state)
+        except _ClientGone:
+            logger.info("client went away: %s %s", scope["method"], raw_path.decode("latin-1"))
+        except FastCGIError as exc:
+            if state.head_sent:
+                # Too late for an error page: the client sees the body cut.
+                logger.warning("answer cut after its head: %s", exc)
+            else:
+                await self._failed(send, exc, params)
 
     async def _relay(
         self,
@@ -575,14 +600,14 @@ class _RequestBody:
 
     async def __anext__(self) -> bytes:
         state = self._state
-        while not state.body_done.is_set():
+        while not state.body_done:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                state.body_done.set()
+                state.body_done = True
                 raise _ClientGone
             chunk: bytes = message.get("body", b"")
             if not message.get("more_body", False):
-                state.body_done.set()
+                state.body_done = True
             if chunk:
                 return chunk
         raise StopAsyncIteration
@@ -639,29 +664,75 @@ class _SpooledBody:
 class _Exchange:
     """What the request's task and its disconnect watcher share."""
 
+    __slots__ = ("answered", "body_done", "cancel", "head_sent")
+
     def __init__(self, cancel: anyio.CancelScope) -> None:
-        self.body_done = anyio.Event()
+        self.body_done = False
         self.head_sent = False
         self.answered = False
-        self.watcher_done = False
         self.cancel = cancel
 
-    async def watch_disconnect(self, receive: Receive) -> None:
-        """Once the body is read, wait for the client to go, and cancel the request then.
+    async def watch(self, receive: Receive) -> None:
+        """Wait for the client to go, and cancel the request then; call once the body is read.
 
         Leaving the FastCGI stream early closes its connection, which is how
         php-fpm learns to stop (it ignores FCGI_ABORT_REQUEST).
         """
-        try:
-            await self.body_done.wait()
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not self.answered:
-                        self.cancel.cancel()
-                    return
-        finally:
-            self.watcher_done = True
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.answered:
+                    self.cancel.cancel()
+                return
+
+    async def watch_later(self, receive: Receive) -> None:
+        """`watch`, from _WATCH_AFTER seconds on and once the body is read (any event loop)."""
+        await anyio.sleep(_WATCH_AFTER)
+        while not self.body_done:
+            await anyio.sleep(_WATCH_AFTER)
+        await self.watch(receive)
+
+
+#: A request still running this many seconds after it was sent gets a task
+#: that watches for its client to leave. Quicker ones (nearly all) never
+#: need one: a task per request costs more than routing it. A client that
+#: leaves stops its script at most this much later than it could.
+_WATCH_AFTER = 0.1
+
+#: Watcher tasks that run (asyncio keeps only weak references to tasks).
+_watchers: set[asyncio.Task[None]] = set()
+
+
+class _LateWatcher:
+    """On asyncio: a timer that starts the watcher task if the request outlives it.
+
+    The receive() of an ASGI request is not for two readers at once, so the
+    watcher waits for the body to be read: until then the timer is set again.
+    """
+
+    __slots__ = ("_loop", "_receive", "_state", "_task", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: _Exchange, receive: Receive) -> None:
+        self._loop = loop
+        self._state = state
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = loop.call_later(_WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        if not self._state.body_done:
+            self._timer = self._loop.call_later(_WATCH_AFTER, self._start)
+            return
+        self._timer = None
+        self._task = task = self._loop.create_task(self._state.watch(self._receive))
+        _watchers.add(task)
+        task.add_done_callback(_watchers.discard)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()  # a plain asyncio task: cheap to cancel
 
 
 async def _plain(
@@ -710,6 +781,16 @@ async def _send_file(scope: Scope, send: Send, filename: bytes) -> None:
         while chunk := await file.read(_STATIC_CHUNK):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None under another event loop (trio)."""
+    try:
+        if asyncio.current_task() is not None:
+            return asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    return None
 
 
 def _host_name(host: bytes) -> str:
