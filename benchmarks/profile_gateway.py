@@ -44,6 +44,7 @@ import uvloop
 from bench_gateway import OPCACHE
 from gateway_peers import FpmPool
 
+from fcgiproto.support import Script
 from fcgiproto_anyio import PhpGateway
 
 
@@ -108,9 +109,10 @@ async def rounds(
 async def run(root: Path, socket: str, args: argparse.Namespace) -> None:
     async with PhpGateway(root, [f"unix:{socket}"], max_connections=8) as gateway:
         client = gateway.client
-        hello = gateway._params(  # noqa: SLF001 - the params the gateway would send
-            scope_for(b"/hello.php"), gateway.router.route(b"/hello.php"), b"/hello.php", b""
-        )  # type: ignore[arg-type]
+        # The params the gateway would send for /hello.php.
+        route = gateway.router.route(b"/hello.php")
+        assert isinstance(route, Script)
+        hello = gateway._params(scope_for(b"/hello.php"), route, b"/hello.php", b"")
 
         async def request() -> None:
             response = await client.request(hello)

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import mimetypes
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
@@ -310,19 +311,23 @@ class PhpGateway:
         remote_addr, remote_port, https = self._peer(
             headers, client[0] or "", client[1] or 0, scope
         )
-        host = next((value for name, value in headers if name == b"host"), b"")
+        host = b""
+        for name, value in headers:
+            if name == b"host":
+                host = value
+                break
         server_name = _host_name(host) or str(server[0])
-        root = os.fsencode(self.root)
-        extra: dict[bytes, bytes] = {
-            b"SCRIPT_NAME": route.script_name,
-            b"PATH_INFO": route.path_info,
+        root = self.router.root
+        extra: dict[str, bytes | str] = {
+            "SCRIPT_NAME": route.script_name,
+            "PATH_INFO": route.path_info,
             # nginx's $document_uri: the decoded path that was run.
-            b"DOCUMENT_URI": route.script_name + route.path_info,
+            "DOCUMENT_URI": route.script_name + route.path_info,
         }
         if route.path_info:
-            extra[b"PATH_TRANSLATED"] = root + route.path_info
-        for name, value in self.env.items():
-            extra[name.encode()] = value.encode()
+            extra["PATH_TRANSLATED"] = root + route.path_info
+        if self.env:
+            extra.update(self.env)
         params = build_params(
             scope["method"],
             raw_path,
@@ -403,9 +408,14 @@ class PhpGateway:
         query: bytes,
     ) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        has_length = any(name == b"content-length" for name, _ in headers)
+        has_length = chunked = False
+        for name, _ in headers:
+            if name == b"content-length":
+                has_length = True
+            elif name == b"transfer-encoding":
+                chunked = True
         spooled: _SpooledBody | None = None
-        if not has_length and any(name == b"transfer-encoding" for name, _ in headers):
+        if chunked and not has_length:
             # php-fpm reads CONTENT_LENGTH bytes of body and no more: a body
             # of unknown length (chunked) is spooled to a file first, as
             # nginx does, and sent with its length.
@@ -525,18 +535,19 @@ class PhpGateway:
             if response.app_status is None:
                 break  # more is coming: stream it
         else:
+            whole = pending[0] if len(pending) == 1 else b"".join(pending)
             if (
                 scope["method"] != "HEAD"
                 and status not in (204, 304)
-                and not any(name == b"content-length" for name, _ in headers)
+                and not _has_header(headers, b"content-length")
             ):
-                length = sum(len(chunk) for chunk in pending)
-                headers.append((b"content-length", str(length).encode()))
+                headers.append((b"content-length", b"%d" % len(whole)))
             await send({"type": "http.response.start", "status": status, "headers": headers})
             state.head_sent = True
-            self._take_stderr(response, status, params)
+            if response.stderr:
+                self._log_stderr(response.stderr, status, params)
             state.answered = True
-            await send({"type": "http.response.body", "body": b"".join(pending)})
+            await send({"type": "http.response.body", "body": whole})
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         state.head_sent = True
@@ -800,9 +811,20 @@ def _host_name(host: bytes) -> str:
         name = text.partition("]")[0] + "]"
     else:
         name = text.rpartition(":")[0] if ":" in text else text
-    if any(c in name for c in "\r\n\x00/ "):
+    if _NOT_IN_HOST.search(name):
         return ""
     return name
+
+
+_NOT_IN_HOST = re.compile("[\r\n\x00/ ]")
+
+
+def _has_header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bool:
+    # A loop, not any() over a generator: a frame resumed per header.
+    for name, _ in headers:  # noqa: SIM110
+        if name == wanted:
+            return True
+    return False
 
 
 def _is_ip(text: str) -> bool:
