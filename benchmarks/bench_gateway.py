@@ -10,8 +10,9 @@ its documentation recommends for a PHP front controller:
   ``\\.php(/|$)`` location with ``fastcgi_split_path_info`` and ``try_files
   $fastcgi_script_name =404``, upstream keepalive 8;
 - Caddy: ``root``, ``php_fastcgi unix//...``, ``file_server``; no access log;
-- the gateway: ``fcgi php --max-connections 8 --no-access-log`` (one uvicorn
-  process on asyncio with h11, as installed by the ``php`` extra).
+- the gateway: ``fcgi php --max-connections 8 --no-access-log``, one uvicorn
+  process on uvloop with httptools (as installed by the ``php`` extra);
+- gateway2: the same with ``--workers 2``: a process a core, 4 connections each.
 
 wrk asks each for /hello.php (a script) and for /blog/post (the front
 controller: every file check fails until index.php) with -t1 -c1 and -t2 -c16.
@@ -177,12 +178,18 @@ http://127.0.0.1:{port} {{
     return Front("caddy", argv, port, base, env)
 
 
-def gateway_front(base: Path, root: Path, upstream: str) -> Front:
+def gateway_front(base: Path, root: Path, upstream: str, workers: int = 1) -> Front:
     port = peers.free_port()
     argv = [sys.executable, "-m", "fcgiproto_socket", "php", "--root", str(root)]
     argv += ["--upstream", f"unix:{upstream}", "--listen", f"127.0.0.1:{port}"]
     argv += ["--max-connections", "8", "--no-access-log", "--log-level", "warning"]
-    return Front("gateway", argv, port, base, {})
+    argv += ["--workers", str(workers)]
+    return Front("gateway" if workers == 1 else f"gateway{workers}", argv, port, base, {})
+
+
+def gateway2_front(base: Path, root: Path, upstream: str) -> Front:
+    """Two worker processes, one a core, sharing the 8 connections (4 each)."""
+    return gateway_front(base, root, upstream, workers=2)
 
 
 #: uvicorn answering by itself, no PHP: the floor the gateway stands on.
@@ -206,6 +213,7 @@ def floor_front(base: Path, root: Path, upstream: str) -> Front:
 
 FRONTS: dict[str, Callable[[Path, Path, str], Front]] = {
     "gateway": gateway_front,
+    "gateway2": gateway2_front,
     "uvicorn": floor_front,
     "nginx": nginx_front,
     "caddy": caddy_front,
@@ -255,12 +263,11 @@ def main() -> int:
     by = {(n, p, c): r for n, p, c, r, _, _ in rows}
     for path in PATHS:
         for _, conns in LOADS:
-            if ("gateway", path, conns) in by and ("caddy", path, conns) in by:
-                ratio = by[("gateway", path, conns)] / by[("caddy", path, conns)]
-                print(f"gateway / caddy {path} -c{conns}: {ratio:.2f}x")
-            if ("gateway", path, conns) in by and ("nginx", path, conns) in by:
-                ratio = by[("gateway", path, conns)] / by[("nginx", path, conns)]
-                print(f"gateway / nginx {path} -c{conns}: {ratio:.2f}x")
+            for ours in ("gateway", "gateway2"):
+                for theirs in ("caddy", "nginx"):
+                    if (ours, path, conns) in by and (theirs, path, conns) in by:
+                        ratio = by[(ours, path, conns)] / by[(theirs, path, conns)]
+                        print(f"{ours} / {theirs} {path} -c{conns}: {ratio:.2f}x")
     return 0
 
 

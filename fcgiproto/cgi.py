@@ -193,6 +193,9 @@ def build_params(
     if https:
         params["HTTPS"] = "on"
     for key, items in grouped.items():
+        if len(items) == 1:  # most headers: no spelling to prefer, nothing to join
+            params[key] = items[0][1]
+            continue
         # With underscores_in_headers, X-A-B and X-A_B both become
         # HTTP_X_A_B; nginx keeps the dash spelling, so a client cannot
         # forge a header a proxy added.
@@ -202,7 +205,10 @@ def build_params(
     if extra is not None:
         for raw_name, raw_value in _pairs(extra):
             name = _line("extra param name", raw_name)
-            params[name] = _line(f"extra param {name}", raw_value)
+            value = _text(raw_value) if isinstance(raw_value, (str, bytes)) else str(raw_value)
+            if _LINE_BREAKERS.search(value):  # named only then: an f-string a param costs
+                _line(f"extra param {name}", value)
+            params[name] = value
     return params
 
 

@@ -9,10 +9,12 @@ client that goes away closes the FastCGI connection, which stops the script.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import mimetypes
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
@@ -22,7 +24,6 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import anyio
-import anyio.lowlevel
 
 from fcgiproto import (
     ConnectTimeout,
@@ -238,11 +239,14 @@ class PhpGateway:
             raise ValueError("hash_key must be remote_addr, uri, header:NAME or cookie:NAME")
         self.max_spooled_body = max_spooled_body
         self._entered = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- life ---
 
     async def __aenter__(self) -> PhpGateway:
         await self.client.__aenter__()
+        # Requests run on the loop the gateway was started in.
+        self._loop = _asyncio_loop()
         self._entered = True
         return self
 
@@ -315,19 +319,23 @@ class PhpGateway:
         remote_addr, remote_port, https = self._peer(
             headers, client[0] or "", client[1] or 0, scope
         )
-        host = next((value for name, value in headers if name == b"host"), b"")
+        host = b""
+        for name, value in headers:
+            if name == b"host":
+                host = value
+                break
         server_name = _host_name(host) or str(server[0])
-        root = os.fsencode(self.root)
-        extra: dict[bytes, bytes] = {
-            b"SCRIPT_NAME": route.script_name,
-            b"PATH_INFO": route.path_info,
+        root = self.router.root
+        extra: dict[str, bytes | str] = {
+            "SCRIPT_NAME": route.script_name,
+            "PATH_INFO": route.path_info,
             # nginx's $document_uri: the decoded path that was run.
-            b"DOCUMENT_URI": route.script_name + route.path_info,
+            "DOCUMENT_URI": route.script_name + route.path_info,
         }
         if route.path_info:
-            extra[b"PATH_TRANSLATED"] = root + route.path_info
-        for name, value in self.env.items():
-            extra[name.encode()] = value.encode()
+            extra["PATH_TRANSLATED"] = root + route.path_info
+        if self.env:
+            extra.update(self.env)
         params = build_params(
             scope["method"],
             raw_path,
@@ -408,9 +416,14 @@ class PhpGateway:
         query: bytes,
     ) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        has_length = any(name == b"content-length" for name, _ in headers)
+        has_length = chunked = False
+        for name, _ in headers:
+            if name == b"content-length":
+                has_length = True
+            elif name == b"transfer-encoding":
+                chunked = True
         spooled: _SpooledBody | None = None
-        if not has_length and any(name == b"transfer-encoding" for name, _ in headers):
+        if chunked and not has_length:
             # php-fpm reads CONTENT_LENGTH bytes of body and no more: a body
             # of unknown length (chunked) is spooled to a file first, as
             # nginx does, and sent with its length.
@@ -445,44 +458,66 @@ class PhpGateway:
     ) -> None:
         """The FastCGI request and its answer, while a watcher waits for the client to leave."""
         key = self._key(scope, params) if self.client.balancer.policy is Policy.HASH else None
+        if self._loop is not None:
+            # asyncio: no task at all for a request answered within
+            # _WATCH_AFTER (nearly all); a timer starts the watcher for the rest.
+            with anyio.CancelScope() as cancel:
+                state = _Exchange(cancel)
+                stdin = self._stdin(receive, state, has_length, spooled)
+                watcher = _LateWatcher(self._loop, state, receive)
+                try:
+                    await self._forward(scope, send, params, raw_path, stdin, key, state)
+                finally:
+                    watcher.stop()
+            return
         async with anyio.create_task_group() as tasks:
             state = _Exchange(tasks.cancel_scope)
-            stdin: bytes | _RequestBody | _SpooledBody = _RequestBody(receive, state)
-            if spooled is not None:
-                state.body_done.set()
-                stdin = spooled
-            elif not has_length:
-                state.body_done.set()
-                stdin = b""
-            tasks.start_soon(state.watch_disconnect, receive, name="fcgiproto disconnect watcher")
+            stdin = self._stdin(receive, state, has_length, spooled)
+            tasks.start_soon(state.watch_later, receive, name="fcgiproto disconnect watcher")
             try:
-                async with self.client.stream(
-                    params, stdin, key=key, timeout=self.timeout
-                ) as response:
-                    status = response.status
-                    out_headers = [
-                        (name.lower().encode("latin-1"), value.encode("latin-1"))
-                        for name, value in response.headers
-                        if name.lower() not in _HOP_BY_HOP
-                    ]
-                    await self._relay(scope, send, response, status, out_headers, params, state)
-            except _ClientGone:
-                logger.info("client went away: %s %s", scope["method"], raw_path.decode("latin-1"))
-            except FastCGIError as exc:
-                if state.head_sent:
-                    # Too late for an error page: the client sees the body cut.
-                    logger.warning("answer cut after its head: %s", exc)
-                else:
-                    await self._failed(send, exc, params)
+                await self._forward(scope, send, params, raw_path, stdin, key, state)
             finally:
-                if state.answered:
-                    # ASGI servers answer receive() with http.disconnect once
-                    # the response is sent: one turn of the loop lets the
-                    # watcher end by itself, with no cancel (anyio formats a
-                    # task's repr into every cancel's reason: tens of us).
-                    await anyio.lowlevel.checkpoint()
-                if not state.watcher_done:
-                    tasks.cancel_scope.cancel()
+                tasks.cancel_scope.cancel()
+
+    @staticmethod
+    def _stdin(
+        receive: Receive, state: _Exchange, has_length: bool, spooled: _SpooledBody | None
+    ) -> bytes | _RequestBody | _SpooledBody:
+        if spooled is not None:
+            state.body_done = True
+            return spooled
+        if not has_length:
+            state.body_done = True
+            return b""
+        return _RequestBody(receive, state)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        send: Send,
+        params: dict[str, str],
+        raw_path: bytes,
+        stdin: bytes | _RequestBody | _SpooledBody,
+        key: bytes | None,
+        state: _Exchange,
+    ) -> None:
+        try:
+            async with self.client.stream(params, stdin, key=key, timeout=self.timeout) as response:
+                status = response.status
+                out_headers = [
+                    (name.lower().encode("latin-1"), value.encode("latin-1"))
+                    for name, value in response.headers
+                    if name.lower() not in _HOP_BY_HOP
+                ]
+                await self._relay(scope, send, response, status, out_headers, params, state)
+        except _ClientGone:
+            logger.info("client went away: %s %s", scope["method"], raw_path.decode("latin-1"))
+        except FastCGIError as exc:
+            if state.head_sent:
+                # Too late for an error page: the client sees the body cut.
+                logger.warning("answer cut after its head: %s", exc)
+            else:
+                await self._failed(send, exc, params)
 
     async def _relay(
         self,
@@ -508,18 +543,19 @@ class PhpGateway:
             if response.app_status is None:
                 break  # more is coming: stream it
         else:
+            whole = pending[0] if len(pending) == 1 else b"".join(pending)
             if (
                 scope["method"] != "HEAD"
                 and status not in (204, 304)
-                and not any(name == b"content-length" for name, _ in headers)
+                and not _has_header(headers, b"content-length")
             ):
-                length = sum(len(chunk) for chunk in pending)
-                headers.append((b"content-length", str(length).encode()))
+                headers.append((b"content-length", b"%d" % len(whole)))
             await send({"type": "http.response.start", "status": status, "headers": headers})
             state.head_sent = True
-            self._take_stderr(response, status, params)
+            if response.stderr:
+                self._log_stderr(response.stderr, status, params)
             state.answered = True
-            await send({"type": "http.response.body", "body": b"".join(pending)})
+            await send({"type": "http.response.body", "body": whole})
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         state.head_sent = True
@@ -583,14 +619,14 @@ class _RequestBody:
 
     async def __anext__(self) -> bytes:
         state = self._state
-        while not state.body_done.is_set():
+        while not state.body_done:
             message = await self._receive()
             if message["type"] == "http.disconnect":
-                state.body_done.set()
+                state.body_done = True
                 raise _ClientGone
             chunk: bytes = message.get("body", b"")
             if not message.get("more_body", False):
-                state.body_done.set()
+                state.body_done = True
             if chunk:
                 return chunk
         raise StopAsyncIteration
@@ -647,29 +683,75 @@ class _SpooledBody:
 class _Exchange:
     """What the request's task and its disconnect watcher share."""
 
+    __slots__ = ("answered", "body_done", "cancel", "head_sent")
+
     def __init__(self, cancel: anyio.CancelScope) -> None:
-        self.body_done = anyio.Event()
+        self.body_done = False
         self.head_sent = False
         self.answered = False
-        self.watcher_done = False
         self.cancel = cancel
 
-    async def watch_disconnect(self, receive: Receive) -> None:
-        """Once the body is read, wait for the client to go, and cancel the request then.
+    async def watch(self, receive: Receive) -> None:
+        """Wait for the client to go, and cancel the request then; call once the body is read.
 
         Leaving the FastCGI stream early closes its connection, which is how
         php-fpm learns to stop (it ignores FCGI_ABORT_REQUEST).
         """
-        try:
-            await self.body_done.wait()
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not self.answered:
-                        self.cancel.cancel()
-                    return
-        finally:
-            self.watcher_done = True
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.answered:
+                    self.cancel.cancel()
+                return
+
+    async def watch_later(self, receive: Receive) -> None:
+        """`watch`, from _WATCH_AFTER seconds on and once the body is read (any event loop)."""
+        await anyio.sleep(_WATCH_AFTER)
+        while not self.body_done:
+            await anyio.sleep(_WATCH_AFTER)
+        await self.watch(receive)
+
+
+#: A request still running this many seconds after it was sent gets a task
+#: that watches for its client to leave. Quicker ones (nearly all) never
+#: need one: a task per request costs more than routing it. A client that
+#: leaves stops its script at most this much later than it could.
+_WATCH_AFTER = 0.1
+
+#: Watcher tasks that run (asyncio keeps only weak references to tasks).
+_watchers: set[asyncio.Task[None]] = set()
+
+
+class _LateWatcher:
+    """On asyncio: a timer that starts the watcher task if the request outlives it.
+
+    The receive() of an ASGI request is not for two readers at once, so the
+    watcher waits for the body to be read: until then the timer is set again.
+    """
+
+    __slots__ = ("_loop", "_receive", "_state", "_task", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: _Exchange, receive: Receive) -> None:
+        self._loop = loop
+        self._state = state
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = loop.call_later(_WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        if not self._state.body_done:
+            self._timer = self._loop.call_later(_WATCH_AFTER, self._start)
+            return
+        self._timer = None
+        self._task = task = self._loop.create_task(self._state.watch(self._receive))
+        _watchers.add(task)
+        task.add_done_callback(_watchers.discard)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()  # a plain asyncio task: cheap to cancel
 
 
 async def _plain(
@@ -720,6 +802,16 @@ async def _send_file(scope: Scope, send: Send, filename: bytes) -> None:
         await send({"type": "http.response.body", "body": b""})
 
 
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None under another event loop (trio)."""
+    try:
+        if asyncio.current_task() is not None:
+            return asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    return None
+
+
 def _host_name(host: bytes) -> str:
     """The name in a Host header, without its port; "" if it is not one."""
     text = host.decode("latin-1")
@@ -727,9 +819,20 @@ def _host_name(host: bytes) -> str:
         name = text.partition("]")[0] + "]"
     else:
         name = text.rpartition(":")[0] if ":" in text else text
-    if any(c in name for c in "\r\n\x00/ "):
+    if _NOT_IN_HOST.search(name):
         return ""
     return name
+
+
+_NOT_IN_HOST = re.compile("[\r\n\x00/ ]")
+
+
+def _has_header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bool:
+    # A loop, not any() over a generator: a frame resumed per header.
+    for name, _ in headers:  # noqa: SIM110
+        if name == wanted:
+            return True
+    return False
 
 
 def _is_ip(text: str) -> bool:

@@ -72,7 +72,20 @@ def add_php_command(commands: Any) -> None:
         metavar="BYTES",
         help="largest chunked request body, spooled to a file for its length (413 past it)",
     )
-    php.add_argument("--max-connections", type=int, default=8, help="cap per upstream")
+    php.add_argument(
+        "--max-connections",
+        type=int,
+        default=8,
+        help="cap per upstream, shared by the workers (at most php-fpm's pm.max_children)",
+    )
+    php.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes serving the one listening socket: one per core a Python "
+        "process would leave idle (each has its own connections and health state)",
+    )
     php.add_argument("--max-fails", type=int, default=1)
     php.add_argument("--fail-timeout", type=_seconds, default=10.0)
     php.add_argument("--health-path", help="php-fpm's ping.path, e.g. /ping")

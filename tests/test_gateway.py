@@ -264,6 +264,47 @@ def test_env_option_reaches_the_script(site: Site, pool: FpmPool) -> None:
         gw.stop()
 
 
+def _worker_processes(parent: int) -> list[int]:
+    """The uvicorn workers of `parent` (multiprocessing's spawned children), from /proc."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if ppid == parent and b"spawn_main" in cmdline:
+            workers.append(int(entry.name))
+    return workers
+
+
+def test_workers_share_the_socket_and_the_options(site: Site, pool: FpmPool) -> None:
+    gw = Gateway(
+        site.base,
+        site.root,
+        [pool.address],
+        *("--workers", "2", "--max-connections", "2", "--env", "GREETING=from a worker"),
+    ).start()
+    try:
+        assert wait_for(lambda: len(_worker_processes(gw.pid)) == 2)
+        # A connection each, so that both workers may take some.
+        for _ in range(10):
+            with httpx.Client(base_url=gw.url, timeout=30) as http:
+                assert server_vars(http)["GREETING"] == "from a worker"
+    finally:
+        gw.stop()
+
+
+def test_workers_cannot_exceed_the_connection_cap() -> None:
+    # Each worker has connections of its own: fewer than one each would
+    # break the cap that keeps php-fpm's workers from being all pinned.
+    argv = ["php", "--root", "/", "--upstream", "unix:/nowhere.sock"]
+    assert main([*argv, "--workers", "3", "--max-connections", "2"]) != 0
+
+
 # --- the bypasses, each of which a naive gateway lets through ---
 
 

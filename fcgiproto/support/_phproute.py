@@ -28,6 +28,7 @@ are meant to follow, kept where their bugs were:
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,7 +50,7 @@ __all__ = [
 #: front controller.
 DEFAULT_TRY_FILES = ("{path}", "{path}/index.php", "index.php")
 
-_FORBIDDEN_BYTES = (b"\x00", b"\r", b"\n")
+_FORBIDDEN_BYTES = re.compile(b"[\x00\r\n]")
 
 
 class FileKind(enum.Enum):
@@ -168,6 +169,7 @@ class PhpRouter:
         self.try_files = tuple(t.encode() if isinstance(t, str) else bytes(t) for t in try_files)
         self.hide_dotfiles = hide_dotfiles
         self._real_root = filesystem.realpath(self.root)
+        self._inside_prefix = self._real_root.rstrip(b"/") + b"/"
 
     # --- the request path ---
 
@@ -203,13 +205,17 @@ class PhpRouter:
         Bytes in, bytes out: nothing here decodes text, so every length stays
         what the split will see.
         """
-        if any(b in raw_path for b in _FORBIDDEN_BYTES):
+        if _FORBIDDEN_BYTES.search(raw_path):
             return _bad("the path holds NUL, CR or LF")
         path = raw_path if decoded else unquote_to_bytes(raw_path)
-        if any(b in path for b in _FORBIDDEN_BYTES):
+        if _FORBIDDEN_BYTES.search(path):
             return _bad("the path holds an encoded NUL, CR or LF")
         if not path.startswith(b"/"):
             return _bad("the path does not start with '/'")
+        if b"//" not in path and b"/." not in path:
+            # No empty, "." or ".." segment (each follows a "/"): the loop
+            # below would give the path back as it is.
+            return path
         segments: list[bytes] = []
         parts = path.split(b"/")
         for segment in parts[1:]:
@@ -274,13 +280,11 @@ class PhpRouter:
 
     def _inside(self, filename: bytes) -> bool:
         """The file, symbolic links resolved, is inside the (resolved) root."""
-        real = self.filesystem.realpath(filename)
-        root = self._real_root.rstrip(b"/")
-        return real.startswith(root + b"/")
+        return self.filesystem.realpath(filename).startswith(self._inside_prefix)
 
     def _hidden(self, path: bytes) -> bool:
-        if not self.hide_dotfiles:
-            return False
+        if not self.hide_dotfiles or (b"/." not in path and not path.startswith(b".")):
+            return False  # no segment starts with "."
         return any(
             segment.startswith(b".") and segment != b".well-known" for segment in path.split(b"/")
         )
