@@ -605,6 +605,10 @@ backend application
     use-fcgi-app app
     http-reuse always
     server app {self._server()} proto fcgi
+    # A kept connection the application closes as it drains (a graceful restart) is
+    # retried on another, as nginx does, instead of answering 502.
+    retry-on conn-failure empty-response
+    retries 3
 """
 
 
