@@ -5,7 +5,15 @@ Written once for both clients: the blocking copy is generated from this file.
 
 from __future__ import annotations
 
-from fcgiproto import ClientConnection, Event, ReadTimeout, TimeoutException, WriteTimeout
+from fcgiproto import (
+    ClientConnection,
+    Event,
+    ReadError,
+    ReadTimeout,
+    TimeoutException,
+    WriteError,
+    WriteTimeout,
+)
 from fcgiproto.support import Address, Deadline, receive_from
 
 from ._interface import AsyncNetworkStream
@@ -34,13 +42,15 @@ def timeout_error(
 class AsyncConnection:
     """A stream, the protocol state of the requests on it, and the output not yet written."""
 
-    __slots__ = ("_pending", "address", "proto", "stream")
+    __slots__ = ("_pending", "address", "proto", "stream", "write_failed")
 
     def __init__(self, stream: AsyncNetworkStream, address: Address, multiplex: bool) -> None:
         self.stream = stream
         self.address = address
         self.proto = ClientConnection(multiplex=multiplex)
         self._pending = memoryview(b"")
+        #: A write failed, after which only reading goes on: never reuse it.
+        self.write_failed = False
 
     @property
     def flushed(self) -> bool:
@@ -80,6 +90,8 @@ class AsyncConnection:
         it returns False once it has nothing more to give.
         """
         stream = self.stream
+        if self.write_failed:
+            refill = None  # nothing more goes out on this connection
         while True:
             if not self._pending and refill is not None and await refill():
                 self.queue()
@@ -91,9 +103,13 @@ class AsyncConnection:
                     raise timeout_error(
                         WriteTimeout, self.address, deadline, write_timeout, by_total
                     ) from None
-                self._pending = self._pending[sent:]
-                if data is None:
-                    continue
+                except WriteError as failed:
+                    refill = None
+                    data = await self._read_after(failed, deadline, read_timeout)
+                else:
+                    self._pending = self._pending[sent:]
+                    if data is None:
+                        continue
             else:
                 wait, by_total = deadline.limit(read_timeout)
                 try:
@@ -105,6 +121,27 @@ class AsyncConnection:
             events = receive_from(self.proto, data, self.address)
             if events:
                 return events
+
+    async def _read_after(
+        self, failed: WriteError, deadline: Deadline, read_timeout: float | None
+    ) -> bytes:
+        """What the application sent before the write failed; `failed` when it sent nothing.
+
+        An application may answer without reading the whole body and close
+        the connection (php-fpm, when the rest of the body reads as its next
+        request; uWSGI after every response): the next write then fails while
+        the whole answer waits unread, and the answer is the result.
+        """
+        self.write_failed = True
+        self._pending = memoryview(b"")
+        wait, _ = deadline.limit(read_timeout)
+        try:
+            data = await self.stream.read(READ_SIZE, wait)
+        except (ReadError, ReadTimeout):
+            raise failed from None
+        if not data:
+            raise failed
+        return data
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -474,7 +474,7 @@ class Client:
         self, conn: Connection, ended: bool, deadline: Deadline, limits: Timeout
     ) -> None:
         """Give a connection of its own back after a request, or close it."""
-        if ended and conn.proto.can_send_request:
+        if ended and conn.proto.can_send_request and not conn.write_failed:
             if conn.flushed:
                 self._release(conn)
                 return

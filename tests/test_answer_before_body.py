@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -93,3 +93,112 @@ def test_async_client_reads_the_answer_while_sending(
     started = time.monotonic()
     assert anyio.run(main, backend=backend) == ANSWER
     assert time.monotonic() - started < BOUND
+
+
+# --- an application that answers, then closes without reading the body ---
+#
+# php-fpm does this to a POST without CONTENT_LENGTH: the script runs without
+# the body, and the body's records, read as the next request, make it close the
+# kept connection. uWSGI closes after every response. The client's next write
+# of the body then fails with EPIPE or ECONNRESET while the whole answer sits
+# unread in its socket: the answer is the result, not the write error.
+
+SHORT_ANSWER = b"Status: 200 OK\r\nX-Early: yes\r\n\r\nanswered"
+
+
+def answer_then_close(listener: socket.socket, closed: threading.Event) -> None:
+    """Answer once the params are in, then close with the body unread, for each connection."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            proto = ServerConnection()
+            answered = False
+            while not answered:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                for event in proto.receive_data(data):
+                    if isinstance(event, Params) and not answered:
+                        proto.send_stdout(event.request_id, SHORT_ANSWER)
+                        proto.end_request(event.request_id)
+                        conn.sendall(proto.data_to_send())
+                        answered = True
+        closed.set()
+
+
+@pytest.fixture
+def closing(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
+    path = str(tmp_path / "closing.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    closed = threading.Event()
+    thread = threading.Thread(target=answer_then_close, args=(listener, closed), daemon=True)
+    thread.start()
+    try:
+        yield f"unix:{path}", closed
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(BOUND)
+
+
+def pieces_after(closed: threading.Event) -> Iterator[bytes]:
+    """A first piece, then more only once the application has closed the connection."""
+    yield b"a=1"
+    assert closed.wait(BOUND)
+    time.sleep(0.05)  # the close reaches this side's socket
+    for _ in range(8):
+        yield b"x" * 65536
+
+
+@pytest.mark.parametrize("call", ["request", "stream"])
+def test_blocking_client_keeps_the_answer_of_an_application_that_closed(
+    closing: tuple[str, threading.Event], call: str
+) -> None:
+    address, closed = closing
+    with Client(address, multiplex=False, timeout=LIMITS) as client:
+        params = {"REQUEST_METHOD": "POST"}
+        if call == "request":
+            response = client.request(params, stdin=pieces_after(closed))
+            assert (response.status, response.body) == (200, b"answered")
+        else:
+            with client.stream(params, stdin=pieces_after(closed)) as streamed:
+                assert streamed.header("x-early") == "yes"
+                assert b"".join(streamed.iter_body()) == b"answered"
+        closed.clear()
+        # The closed connection is not reused: the next request has a new one.
+        assert client.request({"REQUEST_METHOD": "GET"}).body == b"answered"
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("call", ["request", "stream"])
+def test_async_client_keeps_the_answer_of_an_application_that_closed(
+    closing: tuple[str, threading.Event], call: str, backend: str
+) -> None:
+    address, closed = closing
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b"a=1"
+        assert await anyio.to_thread.run_sync(closed.wait, BOUND)
+        await anyio.sleep(0.05)
+        for _ in range(8):
+            yield b"x" * 65536
+
+    async def main() -> None:
+        async with AsyncClient(address, multiplex=False, timeout=LIMITS) as client:
+            params = {"REQUEST_METHOD": "POST"}
+            if call == "request":
+                response = await client.request(params, stdin=pieces())
+                assert (response.status, response.body) == (200, b"answered")
+            else:
+                async with client.stream(params, stdin=pieces()) as streamed:
+                    assert streamed.header("x-early") == "yes"
+                    assert b"".join([c async for c in streamed.aiter_body()]) == b"answered"
+            closed.clear()
+            assert (await client.request({"REQUEST_METHOD": "GET"})).body == b"answered"
+
+    anyio.run(main, backend=backend)
