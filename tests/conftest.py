@@ -20,6 +20,7 @@ test, except with CI=true, where it fails.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,12 @@ import peers
 import pytest
 import webservers as web
 from hypothesis import settings
+
+# Each xdist worker imports every test module, and pytest rewrites its asserts
+# first: without a bytecode cache (PYTHONDONTWRITEBYTECODE=1, as on this
+# project's machines) that is about 3 s of CPU per worker and run. The cache
+# lives in the checkout's __pycache__ directories, which git ignores.
+sys.dont_write_bytecode = False
 
 # Properties are about what happens, not how fast: a machine busy with the
 # other test workers (four on two cores) took 256 ms over a 200 ms deadline.

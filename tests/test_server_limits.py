@@ -131,7 +131,7 @@ def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(
 
 def test_a_client_that_reads_slowly_is_not_cut(kind: str, listen: str) -> None:
     """The send timeout is for one send that does not move, not for a whole slow response."""
-    send_timeout = 1.5
+    send_timeout = 1.0
     with (
         start(kind, listen, send_timeout=send_timeout) as address,
         Client(address, timeout=PATIENCE) as client,
