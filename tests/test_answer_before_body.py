@@ -29,24 +29,28 @@ LIMITS = Timeout(connect=5, read=10, write=10, pool=5, total=20)
 BOUND = 8.0
 
 
+def answer_once_the_params_are_in(conn: socket.socket, answer: bytes) -> bool:
+    """Read a request up to its params and send `answer` whole; False if the client left."""
+    proto = ServerConnection()
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            return False
+        for event in proto.receive_data(data):
+            if isinstance(event, Params):
+                proto.send_stdout(event.request_id, answer)
+                proto.end_request(event.request_id)
+                conn.sendall(proto.data_to_send())  # blocks until the client reads
+                return True
+
+
 def answer_early(listener: socket.socket) -> None:
     """Answer as soon as the params are in, then read (and drop) whatever comes."""
     conn, _ = listener.accept()
     with conn:
-        proto = ServerConnection()
-        answered = False
-        while not answered:
-            data = conn.recv(65536)
-            if not data:
-                return
-            for event in proto.receive_data(data):
-                if isinstance(event, Params) and not answered:
-                    proto.send_stdout(event.request_id, ANSWER)
-                    proto.end_request(event.request_id)
-                    conn.sendall(proto.data_to_send())  # blocks until the client reads
-                    answered = True
-        while conn.recv(1 << 20):
-            pass
+        if answer_once_the_params_are_in(conn, ANSWER):
+            while conn.recv(1 << 20):
+                pass
 
 
 def body_pieces() -> Iterator[bytes]:
@@ -114,18 +118,7 @@ def answer_then_close(listener: socket.socket, closed: threading.Event) -> None:
         except OSError:
             return
         with conn:
-            proto = ServerConnection()
-            answered = False
-            while not answered:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                for event in proto.receive_data(data):
-                    if isinstance(event, Params) and not answered:
-                        proto.send_stdout(event.request_id, SHORT_ANSWER)
-                        proto.end_request(event.request_id)
-                        conn.sendall(proto.data_to_send())
-                        answered = True
+            answer_once_the_params_are_in(conn, SHORT_ANSWER)
         closed.set()
 
 
