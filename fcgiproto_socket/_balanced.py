@@ -273,17 +273,8 @@ class BalancedClient:
                         max_response_size=max_response_size,
                     )
                 except FastCGIError as exc:
-                    self._failed(index, exc)
-                    # An application that answers OVERLOADED did not run the
-                    # request, nor one whose pool had no connection to give.
-                    connect_failed = isinstance(exc, _NOTHING_SENT)
-                    retry = isinstance(exc, _RETRIABLE) and may_retry(
-                        connect_failed=connect_failed,
-                        idempotent=safe,
-                        body_sent=tracked is not None and tracked.taken,
-                        answer_started=self._answer_started(index, counter),
-                    )
-                    if not retry or len(tried) >= self.max_tries:
+                    started = self._answer_started(index, counter)
+                    if not self._retry_after(exc, index, tried, safe, tracked, started):
                         raise
                 finally:
                     self.balancer.finished(index)
@@ -331,6 +322,28 @@ class BalancedClient:
     def _failed(self, index: int, exc: BaseException) -> None:
         if isinstance(exc, _BACKEND_FAILURES):
             self.balancer.failed(index, current_time())
+
+    def _retry_after(
+        self,
+        exc: FastCGIError,
+        index: int,
+        tried: list[int],
+        idempotent: bool,
+        tracked: _TrackedBody | None,
+        answer_started: bool,
+    ) -> bool:
+        """Count an attempt's failure against its backend; whether another backend may be tried."""
+        self._failed(index, exc)
+        if not isinstance(exc, _RETRIABLE) or len(tried) >= self.max_tries:
+            return False
+        return may_retry(
+            # An application that answers OVERLOADED did not run the
+            # request, nor one whose pool had no connection to give.
+            connect_failed=isinstance(exc, _NOTHING_SENT),
+            idempotent=idempotent,
+            body_sent=tracked is not None and tracked.taken,
+            answer_started=answer_started,
+        )
 
     # --- active health ---
 
@@ -431,18 +444,11 @@ class BalancedStream:
                 response.__enter__()
             except FastCGIError as exc:
                 balanced.balancer.finished(index)
-                balanced._failed(index, exc)
-                # An application that answers OVERLOADED did not run the
-                # request, nor one whose pool had no connection to give.
-                connect_failed = isinstance(exc, _NOTHING_SENT)
-                retry = isinstance(exc, _RETRIABLE) and may_retry(
-                    connect_failed=connect_failed,
-                    idempotent=self._idempotent,
-                    body_sent=self._tracked is not None and self._tracked.taken,
-                    # A stream has a connection of its own, read by this task.
-                    answer_started=counter[0] > 0,
-                )
-                if not retry or len(tried) >= balanced.max_tries:
+                # A stream has a connection of its own, read by this task.
+                started = counter[0] > 0
+                if not balanced._retry_after(
+                    exc, index, tried, self._idempotent, self._tracked, started
+                ):
                     raise
                 continue
             except BaseException:
