@@ -77,6 +77,8 @@ from fcgiproto.support import (
     output_chunks,
 )
 
+from ._running import loop_clock
+
 __all__ = ["App", "Request", "serve"]
 
 logger = logging.getLogger("fcgiproto_anyio.server")
@@ -138,8 +140,8 @@ class Request(RequestBase):
 class _State(RequestState):
     __slots__ = ("_changed", "dispatched", "scope", "unread")
 
-    def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
-        super().__init__(begin, options, anyio.current_time())
+    def __init__(self, begin: BeginRequest, options: ServerOptions, now: float) -> None:
+        super().__init__(begin, options, now)
         self.scope: anyio.CancelScope | None = None  # set once the app's task is started
         self.dispatched = False
         #: Of a streamed request: body bytes its app has not taken yet.
@@ -267,6 +269,7 @@ class _Connection:
         self.options = server.options
         self.sock = sock
         self.number = number
+        self.clock = server.clock
         self.proto: ServerConnection = server.options.connection()
         self.states: dict[int, _State] = {}
         self.pending: deque[bytes] = deque()
@@ -312,7 +315,7 @@ class _Connection:
                     self._die()
                 if self.streaming:
                     # Streamed apps hear of it (http.disconnect) and may return by themselves.
-                    requests.cancel_scope.deadline = anyio.current_time() + DISCONNECT_GRACE
+                    requests.cancel_scope.deadline = self.clock() + DISCONNECT_GRACE
                 else:
                     requests.cancel_scope.cancel()
             if graceful:
@@ -354,7 +357,7 @@ class _Connection:
                 if not data:
                     self._take(data)  # the core learns of the end (a cut record is logged)
                     return False
-                self.liveness.received(anyio.current_time())
+                self.liveness.received(self.clock())
                 if len(data) <= DECODE_STEP:
                     if not self._take(data):
                         return False
@@ -403,7 +406,7 @@ class _Connection:
     def _route(self, event: Event) -> None:
         if isinstance(event, BeginRequest):
             if self.server.slots.admit(self.proto, event):
-                self.states[event.request_id] = _State(event, self.options)
+                self.states[event.request_id] = _State(event, self.options, self.clock())
             elif self.proto.closed:  # refused, and keep_conn=False: close once it is sent
                 self.closing = True
             return
@@ -497,7 +500,7 @@ class _Connection:
                         status = await self._run_app(state, request)
         finally:
             self._end(state, status)  # queues END_REQUEST, so `sending` is set first
-            self.liveness.app_ended(anyio.current_time())
+            self.liveness.app_ended(self.clock())
             if not self.options.multiplex:
                 self._next_waiting()
 
@@ -788,6 +791,7 @@ class _Server:
         self.connections: set[_Connection] = set()
         self.connection_ended = anyio.Event()
         self.slots = RequestSlots(options.max_requests)  # one thread: no lock needed
+        self.clock = loop_clock()
         self.numbers = itertools.count(1)
 
     async def accept_loop(self, listener: socket.socket) -> None:
@@ -798,7 +802,7 @@ class _Server:
                 with anyio.move_on_after(AT_CAP_RECHECK):
                     await self.connection_ended.wait()
                 continue
-            sock = await _accept(listener, self.options)
+            sock = await _accept(listener, self.options, self.clock)
             if sock is None:
                 continue
             connection = _Connection(self, sock, next(self.numbers))
@@ -812,7 +816,7 @@ class _Server:
         live = [c for c in self.connections if not c.dead]
         if len(live) < self.options.max_connections:
             return True
-        now = anyio.current_time()
+        now = self.clock()
         ranked = [(rank, c) for c in live if (rank := c.liveness.eviction_rank(now)) is not None]
         if not ranked:
             return False
@@ -827,7 +831,7 @@ class _Server:
         # all is never due before the next look.
         every = min(options.params_timeout, options.idle_timeout, options.send_timeout)
         while True:
-            now = anyio.current_time()
+            now = self.clock()
             next_look = now + every
             for connection in list(self.connections):
                 due = None if connection.dead else connection.deadline()
@@ -844,7 +848,7 @@ class _Server:
         """Close connections as they go idle; return once none is left, or after `timeout`."""
         with anyio.move_on_after(timeout):
             while self.connections:
-                now = anyio.current_time()
+                now = self.clock()
                 for connection in list(self.connections):
                     connection.drain(now)
                 with anyio.move_on_after(DRAIN_POLL):
@@ -881,11 +885,12 @@ class _Socket:
     kernel has it all. Errors are OSError.
     """
 
-    __slots__ = ("liveness", "sock")
+    __slots__ = ("clock", "liveness", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, clock: Callable[[], float]) -> None:
         self.sock = sock
-        self.liveness = Liveness(anyio.current_time())
+        self.clock = clock
+        self.liveness = Liveness(clock())
 
     async def receive(self, max_bytes: int) -> bytes:
         """Up to max_bytes, at least one; b"" once the peer has closed."""
@@ -917,10 +922,10 @@ class _Socket:
             try:
                 start += self.sock.send(view[start:])
             except (BlockingIOError, InterruptedError):
-                liveness.send_waiting(anyio.current_time())
+                liveness.send_waiting(self.clock())
                 await anyio.wait_writable(self.sock)
             else:
-                liveness.send_moved(anyio.current_time())
+                liveness.send_moved(self.clock())
 
     def send_nowait(self, data: bytes) -> int:
         """How much of `data` the kernel took at once: 0 if it had no room."""
@@ -936,7 +941,9 @@ class _Socket:
         self.sock.close()
 
 
-async def _accept(listener: socket.socket, options: ServerOptions) -> _Socket | None:
+async def _accept(
+    listener: socket.socket, options: ServerOptions, clock: Callable[[], float]
+) -> _Socket | None:
     """The connection waiting on a listening socket; None if there is none after all."""
     try:
         sock, peer = listener.accept()
@@ -954,7 +961,7 @@ async def _accept(listener: socket.socket, options: ServerOptions) -> _Socket | 
     if sock.family != socket.AF_UNIX:
         with contextlib.suppress(OSError):  # the client may be gone already
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return _Socket(sock)
+    return _Socket(sock, clock)
 
 
 async def _listen(address: Address) -> tuple[socket.socket, Address, int]:
