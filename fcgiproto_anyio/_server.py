@@ -45,6 +45,7 @@ from fcgiproto import (
     ServerConnection,
     StdinData,
     StdinEnd,
+    TransportError,
 )
 from fcgiproto.support import (
     ALL_ROLES,
@@ -77,6 +78,7 @@ from fcgiproto.support import (
     output_chunks,
 )
 
+from ._backend import _stream_type
 from ._running import loop_clock
 
 __all__ = ["App", "Request", "serve"]
@@ -303,7 +305,7 @@ class _Connection:
                 await self._run()
         finally:
             self._die()
-            self.sock.close()
+            await self.sock.aclose()
 
     async def _run(self) -> None:
         async with anyio.create_task_group() as tasks:
@@ -351,7 +353,7 @@ class _Connection:
                     await self.body_taken.wait()
                 try:
                     data = await self.sock.receive(READ_SIZE)
-                except OSError as exc:
+                except (OSError, TransportError) as exc:
                     logger.info("connection %d lost while reading: %s", self.number, exc)
                     return False
                 if not data:
@@ -704,7 +706,7 @@ class _Connection:
                 self.writing = True
                 try:
                     await self.sock.send(data)
-                except OSError as exc:
+                except (OSError, TransportError) as exc:
                     logger.info("connection %d lost while writing: %s", self.number, exc)
                     self._die()
                     return
@@ -749,7 +751,7 @@ class _Connection:
             if self.dead:
                 return
             self.dead = True
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, TransportError):
                 self.sock.send_eof()
                 # Read what the client still sends, so that closing does not reset
                 # the connection (which could drop our last bytes at the client).
@@ -779,6 +781,7 @@ class _Server:
         app: App | StreamApp,
         options: ServerOptions,
         tasks: anyio.abc.TaskGroup,
+        bound: Address,
         *,
         streaming: bool = False,
     ) -> None:
@@ -792,6 +795,9 @@ class _Server:
         self.connection_ended = anyio.Event()
         self.slots = RequestSlots(options.max_requests)  # one thread: no lock needed
         self.clock = loop_clock()
+        #: How accepted sockets are waited on: the client's stream for the running loop.
+        self.stream_type = _stream_type()
+        self.bound = bound
         self.numbers = itertools.count(1)
 
     async def accept_loop(self, listener: socket.socket) -> None:
@@ -802,7 +808,7 @@ class _Server:
                 with anyio.move_on_after(AT_CAP_RECHECK):
                     await self.connection_ended.wait()
                 continue
-            sock = await _accept(listener, self.options, self.clock)
+            sock = await _accept(listener, self)
             if sock is None:
                 continue
             connection = _Connection(self, sock, next(self.numbers))
@@ -871,47 +877,37 @@ class _Server:
 
 
 class _Socket:
-    """A connected non-blocking socket, read and written as readiness allows.
+    """A connected non-blocking socket: read and written at once when it can be, else waited on.
 
-    Not an anyio stream, for two things they do on asyncio: a stream from a
-    listener reads ahead without bound until a receive() first has to wait,
-    so a client that sends without reading its answers fills our memory
-    instead of its socket buffer; and cancelling a Unix stream's receive() or
-    send(), or a listener's accept(), in the loop iteration in which the
-    socket becomes ready makes the event loop call set_result() on a cancelled
-    future (InvalidStateError, reported by the loop). Cancelling is how
-    serve() stops; anyio.wait_readable() and wait_writable() are safe there.
-    Here the kernel holds what we have not read, and a send is done once the
-    kernel has it all. Errors are OSError.
+    The waits go through the stream the client uses on the running loop
+    (AnyioBackend's): on asyncio the socket is registered with the loop once
+    for the life of the connection and read by the loop's callback
+    (AsyncioStream), where anyio.wait_readable() added and removed it with
+    epoll around every wait; on trio through trio itself. Not an anyio
+    stream, for two things they do on asyncio: a stream from a listener reads
+    ahead without bound until a receive() first has to wait, so a client that
+    sends without reading its answers fills our memory instead of its socket
+    buffer; and cancelling a Unix stream's receive() or send(), or a
+    listener's accept(), in the loop iteration in which the socket becomes
+    ready makes the event loop call set_result() on a cancelled future
+    (InvalidStateError, reported by the loop). Cancelling is how serve()
+    stops. Here the kernel holds what we have not read, and a send is done
+    once the kernel has it all. Errors are OSError or fcgiproto's
+    TransportError (ReadError, WriteError).
     """
 
-    __slots__ = ("clock", "liveness", "sock")
+    __slots__ = ("clock", "liveness", "sock", "stream")
 
-    def __init__(self, sock: socket.socket, clock: Callable[[], float]) -> None:
+    def __init__(self, sock: socket.socket, server: _Server) -> None:
         self.sock = sock
-        self.clock = clock
-        self.liveness = Liveness(clock())
+        self.clock = server.clock
+        self.liveness = Liveness(self.clock())
+        self.stream = server.stream_type(sock, server.bound)
 
     async def receive(self, max_bytes: int) -> bytes:
         """Up to max_bytes, at least one; b"" once the peer has closed."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = self.sock.recv(max_bytes)
-        except (BlockingIOError, InterruptedError):
-            pass
-        else:
-            # Read without waiting: let the other tasks run (no cancelling
-            # here, which would lose the data).
-            await anyio.lowlevel.cancel_shielded_checkpoint()
-            return data
-        # A keep-alive connection mostly waits here for its next request;
-        # waiting is the turn of the loop, no checkpoint before it is needed.
-        while True:
-            await anyio.wait_readable(self.sock)
-            try:
-                return self.sock.recv(max_bytes)
-            except (BlockingIOError, InterruptedError):
-                pass
+        # A keep-alive connection mostly waits here for its next request.
+        return await self.stream.read(max_bytes, None)
 
     async def send(self, data: bytes) -> None:
         await anyio.lowlevel.checkpoint()
@@ -923,9 +919,8 @@ class _Socket:
                 start += self.sock.send(view[start:])
             except (BlockingIOError, InterruptedError):
                 liveness.send_waiting(self.clock())
-                await anyio.wait_writable(self.sock)
-            else:
-                liveness.send_moved(self.clock())
+                start += await self.stream.write_some(view[start:], None)
+            liveness.send_moved(self.clock())
 
     def send_nowait(self, data: bytes) -> int:
         """How much of `data` the kernel took at once: 0 if it had no room."""
@@ -937,13 +932,12 @@ class _Socket:
     def send_eof(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)
 
-    def close(self) -> None:
-        self.sock.close()
+    async def aclose(self) -> None:
+        """Off the loop, then closed; a task waiting on the socket wakes."""
+        await self.stream.aclose()
 
 
-async def _accept(
-    listener: socket.socket, options: ServerOptions, clock: Callable[[], float]
-) -> _Socket | None:
+async def _accept(listener: socket.socket, server: _Server) -> _Socket | None:
     """The connection waiting on a listening socket; None if there is none after all."""
     try:
         sock, peer = listener.accept()
@@ -953,7 +947,7 @@ async def _accept(
         logger.warning("accepting a connection failed: %s", exc)
         await anyio.sleep(ACCEPT_RETRY)
         return None
-    if not options.peer_allowed(peer):
+    if not server.options.peer_allowed(peer):
         logger.warning("refused a connection from %s: not in allowed_peers", peer[0])
         sock.close()
         return None
@@ -961,7 +955,7 @@ async def _accept(
     if sock.family != socket.AF_UNIX:
         with contextlib.suppress(OSError):  # the client may be gone already
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return _Socket(sock, clock)
+    return _Socket(sock, server)
 
 
 async def _listen(address: Address) -> tuple[socket.socket, Address, int]:
@@ -1125,7 +1119,7 @@ async def run_server(
         listener, bound, inode = await _listen(listen_address(address))
     try:
         async with anyio.create_task_group() as tasks:
-            server = _Server(app, options, tasks, streaming=streaming)
+            server = _Server(app, options, tasks, bound, streaming=streaming)
             accepting = anyio.CancelScope()
             tasks.start_soon(
                 _accept_until_cancelled, accepting, server, listener, name=f"fcgi-accept {bound}"
