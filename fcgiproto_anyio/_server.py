@@ -79,6 +79,7 @@ from fcgiproto.support import (
 )
 
 from ._backend import _stream_type
+from ._request_tasks import RequestTasks, request_tasks_type
 from ._running import loop_clock
 
 __all__ = ["App", "Request", "serve"]
@@ -286,7 +287,7 @@ class _Connection:
         self.read_scope = anyio.CancelScope()
         self.scope = anyio.CancelScope()  # the whole connection: cancelled to evict it
         self.liveness = sock.liveness
-        self.requests: anyio.abc.TaskGroup | None = None
+        self.requests: RequestTasks | None = None
         self.dead = False  # lost, broken, or shut down: nothing more is sent
         self.closing = False  # a keep_conn=False request ended: close once it is all sent
         self.writing = False  # the writer is in a send
@@ -310,16 +311,16 @@ class _Connection:
     async def _run(self) -> None:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._write_loop, name=f"fcgi-writer-{self.number}")
-            async with anyio.create_task_group() as requests:
+            async with self.server.request_tasks(self._request_failed) as requests:
                 self.requests = requests
                 graceful = await self._read_loop()
                 if not graceful:
                     self._die()
                 if self.streaming:
                     # Streamed apps hear of it (http.disconnect) and may return by themselves.
-                    requests.cancel_scope.deadline = self.clock() + DISCONNECT_GRACE
+                    requests.cancel_at(self.clock() + DISCONNECT_GRACE)
                 else:
-                    requests.cancel_scope.cancel()
+                    requests.cancel()
             if graceful:
                 await self._close_gracefully()
             # The writer returns once it finds nothing to send; one stuck in a
@@ -329,6 +330,12 @@ class _Connection:
                 tasks.cancel_scope.cancel()
             else:
                 self.wake_writer.set()
+
+    def _request_failed(self, exc: BaseException) -> None:
+        """A request's task let an exception out (not the app's: ours): the connection goes."""
+        logger.error("connection %d failed", self.number, exc_info=exc)
+        self._die()
+        self.scope.cancel()
 
     def evict(self, reason: str) -> None:
         """Close the connection from outside its tasks: it waited too long, or gives way."""
@@ -473,7 +480,7 @@ class _Connection:
         if not self.streaming:  # an ABORT_REQUEST cancels it; a streamed app hears of it instead
             state.scope = anyio.CancelScope()
         self.liveness.app_started()
-        self.requests.start_soon(
+        self.requests.start(
             self._respond, state, request, name=f"fcgi-request-{self.number}-{state.request_id}"
         )
 
@@ -797,6 +804,7 @@ class _Server:
         self.clock = loop_clock()
         #: How accepted sockets are waited on: the client's stream for the running loop.
         self.stream_type = _stream_type()
+        self.request_tasks = request_tasks_type()
         self.bound = bound
         self.numbers = itertools.count(1)
 
