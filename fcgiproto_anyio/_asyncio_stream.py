@@ -89,6 +89,14 @@ class AsyncioStream:
 
     # --- the stream ---
 
+    def wait_first(self) -> None:
+        """The next read waits for the socket before it tries: nothing can be there yet.
+
+        What a server says once it has read every request the peer sent
+        whole: the peer sends more only after an answer.
+        """
+        self._wrote = True
+
     async def read(self, max_bytes: int, timeout: float | None) -> bytes:
         if self._undelivered is not None:
             return self._take_undelivered()

@@ -370,6 +370,14 @@ class _Connection:
                 if len(data) <= DECODE_STEP:
                     if not self._take(data):
                         return False
+                    if self.states:
+                        for state in self.states.values():
+                            if not (state.stdin_done and state.data_done):
+                                break
+                        else:
+                            # Every request is in whole: the peer sends more once
+                            # answered, so a read tried now would only fail.
+                            self.sock.stream.wait_first()
                     continue
                 step_began = time.perf_counter()
                 for start in range(0, len(data), DECODE_STEP):
