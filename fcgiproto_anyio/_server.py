@@ -353,7 +353,8 @@ class _Connection:
         """Read and route until the connection is over; True if it closes in good order."""
         with self.read_scope:
             while not (self.dead or self.closing):
-                await self._wait_for_answers()
+                if self.answers:
+                    await self._wait_for_answers()
                 while self.streaming and not self.dead and self._body_full():
                     if self.body_taken is None:
                         self.body_taken = anyio.Event()
@@ -418,7 +419,10 @@ class _Connection:
 
     def _body_full(self) -> bool:
         """Whether a streamed app has more body unread than may be read ahead."""
-        return any(state.unread > BODY_READ_AHEAD for state in self.states.values())
+        for state in self.states.values():
+            if state.unread > BODY_READ_AHEAD:
+                return True
+        return False
 
     def _route(self, event: Event) -> None:
         if isinstance(event, BeginRequest):
