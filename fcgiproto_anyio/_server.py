@@ -78,6 +78,7 @@ from fcgiproto.support import (
     output_chunks,
 )
 
+from ._asyncio_stream import AsyncioStream, Feed
 from ._backend import _stream_type
 from ._request_tasks import RequestTasks, request_tasks_type
 from ._running import loop_clock
@@ -360,16 +361,17 @@ class _Connection:
                         self.body_taken = anyio.Event()
                     await self.body_taken.wait()
                 try:
-                    data = await self.sock.receive(READ_SIZE)
+                    data = await self.sock.receive(READ_SIZE, self._feed)
                 except (OSError, TransportError) as exc:
                     logger.info("connection %d lost while reading: %s", self.number, exc)
                     return False
+                if data is None:
+                    continue  # taken by _feed while the read waited
                 if not data:
                     self._take(data)  # the core learns of the end (a cut record is logged)
                     return False
-                self.liveness.received(self.clock())
                 if len(data) <= DECODE_STEP:
-                    if not self._take(data):
+                    if not self._took(data):
                         return False
                     if self.states:
                         for state in self.states.values():
@@ -380,6 +382,7 @@ class _Connection:
                             # answered, so a read tried now would only fail.
                             self.sock.stream.wait_first()
                     continue
+                self.liveness.received(self.clock())
                 step_began = time.perf_counter()
                 for start in range(0, len(data), DECODE_STEP):
                     if time.perf_counter() - step_began > DECODE_BUDGET:
@@ -391,6 +394,31 @@ class _Connection:
                     if not self._take(data[start : start + DECODE_STEP]):
                         return False
         return self.closing and not self.dead
+
+    def _feed(self, data: bytes) -> bool | bytes:
+        """What the read loop does with a small read, done where the read's callback has it.
+
+        On asyncio the loop's callback that read the bytes hands them here
+        while the read loop waits (AsyncioStream.read_fed): a request is
+        taken, and its task started, in the turn of the loop it arrived in,
+        without a turn to wake the read loop. True when the read loop goes on
+        waiting; False when it has to look again first (an answer to wait
+        for, a streamed body read far enough ahead, the connection over);
+        bytes too many for one step are left to it.
+        """
+        if len(data) > DECODE_STEP:
+            return data
+        if not self._took(data):
+            self._die()
+            return False
+        return not (
+            self.dead or self.closing or self.answers or (self.streaming and self._body_full())
+        )
+
+    def _took(self, data: bytes) -> bool:
+        """Take one small read (DECODE_STEP at most); False if the connection must close."""
+        self.liveness.received(self.clock())
+        return self._take(data)
 
     def _take(self, data: bytes) -> bool:
         """Feed the core and route what it decodes; False if the connection must close."""
@@ -419,7 +447,8 @@ class _Connection:
 
     def _body_full(self) -> bool:
         """Whether a streamed app has more body unread than may be read ahead."""
-        for state in self.states.values():
+        # A loop, not any() over a generator: this runs for every read.
+        for state in self.states.values():  # noqa: SIM110
             if state.unread > BODY_READ_AHEAD:
                 return True
         return False
@@ -916,17 +945,24 @@ class _Socket:
     TransportError (ReadError, WriteError).
     """
 
-    __slots__ = ("clock", "liveness", "sock", "stream")
+    __slots__ = ("clock", "fed", "liveness", "sock", "stream")
 
     def __init__(self, sock: socket.socket, server: _Server) -> None:
         self.sock = sock
         self.clock = server.clock
         self.liveness = Liveness(self.clock())
         self.stream = server.stream_type(sock, server.bound)
+        self.fed = isinstance(self.stream, AsyncioStream)
 
-    async def receive(self, max_bytes: int) -> bytes:
-        """Up to max_bytes, at least one; b"" once the peer has closed."""
+    async def receive(self, max_bytes: int, feed: Feed | None = None) -> bytes | None:
+        """Up to max_bytes, at least one; b"" once the peer has closed.
+
+        With `feed`, bytes that come while it waits go there first where the
+        loop can do that (AsyncioStream.read_fed); None when it took them.
+        """
         # A keep-alive connection mostly waits here for its next request.
+        if feed is not None and self.fed:
+            return await self.stream.read_fed(max_bytes, feed)  # type: ignore[union-attr]
         return await self.stream.read(max_bytes, None)
 
     async def send(self, data: bytes) -> None:
