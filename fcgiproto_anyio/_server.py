@@ -307,6 +307,7 @@ class _Connection:
                 await self._run()
         finally:
             self._die()
+            self.requests = None  # it names _request_failed: a cycle the gc would have to free
             await self.sock.aclose()
 
     async def _run(self) -> None:
