@@ -227,16 +227,17 @@ class AsyncExchange:
         self.started = True
         return await self._connection.write(self._state, _STDOUT, data)
 
-    async def finish(self, data: bytes | bytearray | memoryview) -> bool:
+    def finish(self, data: bytes | bytearray | memoryview) -> Awaitable[bool]:
         """Send the last stdout and end the request; False if it was over already.
 
         Up to max_unsent_size of it goes out with END_REQUEST in one write,
         and the app does not wait for the client to take it: a response whose
-        body is small costs one send and no turn of the loop.
+        body is small costs one send and no turn of the loop. (The
+        connection's coroutine itself, to be awaited: no wrapping one.)
         """
         if data:
             self.started = True
-        return await self._connection.finish(self._state, data, self.app_status)
+        return self._connection.finish(self._state, data, self.app_status)
 
     async def log(self, message: str | bytes) -> None:
         """Write to the request's STDERR (the web server's error log), once it is sent."""
@@ -542,8 +543,19 @@ class _Connection:
         status = ERROR_STATUS
         try:
             if isinstance(request, AsyncExchange):
-                if not state.ended:
-                    status = await self._run_streamed(state, request)
+                if not state.ended:  # the gateway's run inline: a coroutine less a request
+                    try:
+                        await self.server.stream_app(request)
+                        status = request.app_status
+                    except BodyTooLarge:
+                        if not request.started:
+                            await self.write(state, _STDOUT, BODY_TOO_LARGE)
+                    except Exception:
+                        # The gateways answer their app's failures themselves; this is theirs.
+                        logger.exception("the gateway failed on %r", request)
+                        await self.write(state, _STDERR, failure_report())
+                        if not request.started:
+                            await self.write(state, _STDOUT, INTERNAL_ERROR)
             else:
                 assert state.scope is not None
                 with state.scope:
@@ -554,21 +566,6 @@ class _Connection:
             self.liveness.app_ended(self.clock())
             if not self.options.multiplex:
                 self._next_waiting()
-
-    async def _run_streamed(self, state: _State, exchange: AsyncExchange) -> int:
-        try:
-            await self.server.stream_app(exchange)
-            return exchange.app_status
-        except BodyTooLarge:
-            if not exchange.started:
-                await self.write(state, _STDOUT, BODY_TOO_LARGE)
-        except Exception:
-            # The gateways answer their app's failures themselves; this is theirs.
-            logger.exception("the gateway failed on %r", exchange)
-            await self.write(state, _STDERR, failure_report())
-            if not exchange.started:
-                await self.write(state, _STDOUT, INTERNAL_ERROR)
-        return ERROR_STATUS
 
     async def receive_body(self, state: _State) -> tuple[bytes, bool]:
         """The body that came for a streamed request since last asked, and whether more follows."""
