@@ -40,11 +40,14 @@ class AsyncioRequestTasks:
         self._keys = itertools.count()
         self._all_ended: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._cancelled = False
 
     def start(self, run: Run, *args: object, name: str) -> None:
         """Run ``run(*args)`` in a task of its own, from the next turn of the loop."""
         key = next(self._keys)
-        self._tasks[key] = self._loop.create_task(self._guard(key, run, args), name=name)
+        task = self._tasks[key] = self._loop.create_task(self._guard(key, run, args), name=name)
+        if self._cancelled:  # as in a cancelled task group: it ends at its first await
+            task.cancel()
 
     async def _guard(self, key: int, run: Run, args: tuple[object, ...]) -> None:
         try:
@@ -59,6 +62,10 @@ class AsyncioRequestTasks:
                 self._all_ended.set_result(None)
 
     def cancel(self) -> None:
+        """Cancel the tasks, once: a second cancellation would cut short their cleanup."""
+        if self._cancelled:
+            return
+        self._cancelled = True
         for task in self._tasks.values():
             task.cancel()
 
@@ -84,7 +91,7 @@ class AsyncioRequestTasks:
             while self._tasks:
                 self._all_ended = self._loop.create_future()
                 try:
-                    if cancelled is None:
+                    if exc_type is None and cancelled is None:
                         await self._all_ended
                     else:
                         # Cancelled once is enough: the tasks are, and they are
