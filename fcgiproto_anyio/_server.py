@@ -8,8 +8,18 @@ writes to the socket: the others move the core's output to `pending` and,
 for a request's output, wait until the writer has sent it, so a slow peer
 holds back the apps instead of making memory grow.
 
+The control flow is this one for every loop; what differs by loop is in
+small primitives chosen once per server: how a socket is waited on (the
+client's stream for the running loop), the tasks requests run in (bare
+asyncio tasks on asyncio, an anyio task group elsewhere: _request_tasks.py)
+and the clock. On asyncio a small read is taken where the loop's callback
+read it (AsyncioStream.read_fed hands it to the reader's `_feed`, which does
+what the read loop would), so a request's task starts in the turn of the
+loop its bytes arrived in.
+
 Everything runs in one thread, so the protocol state needs no lock: a task
-that calls the core moves its output to `pending` before its next await.
+(or the read callback) that calls the core moves its output to `pending`
+before its next await.
 """
 
 from __future__ import annotations
