@@ -45,7 +45,10 @@ class AsyncioRequestTasks:
     def start(self, run: Run, *args: object, name: str) -> None:
         """Run ``run(*args)`` in a task of its own, from the next turn of the loop."""
         key = next(self._keys)
-        task = self._tasks[key] = self._loop.create_task(self._guard(key, run, args), name=name)
+        task = self._loop.create_task(self._guard(key, run, args), name=name)
+        if task.done():  # run to its end at once, by an eager task factory (Python 3.12+)
+            return
+        self._tasks[key] = task
         if self._cancelled:  # as in a cancelled task group: it ends at its first await
             task.cancel()
 
@@ -57,7 +60,7 @@ class AsyncioRequestTasks:
         except Exception as exc:
             self._on_failure(exc)
         finally:
-            del self._tasks[key]
+            self._tasks.pop(key, None)  # not there yet if it ran eagerly
             if not self._tasks and self._all_ended is not None and not self._all_ended.done():
                 self._all_ended.set_result(None)
 
