@@ -138,9 +138,8 @@ class _Cycle:
             status = message["status"]
             if type(status) is not int or not 100 <= status <= 999:
                 raise ValueError(f"http.response.start status must be an int, not {status!r}")
-            self.head = cgi_head(
-                status, [(name, value) for name, value in message.get("headers", ())]
-            )
+            # cgi_head takes each (name, value) pair as it comes: no copy of the list.
+            self.head = cgi_head(status, message.get("headers", ()))
             return
         if kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r} in an http request")

@@ -22,17 +22,24 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeAlias
 
 from fcgiproto import ReadError, ReadTimeout, WriteError, WriteTimeout
 from fcgiproto.support import Address
 
-__all__ = ["AsyncioStream"]
+__all__ = ["AsyncioStream", "Feed"]
 
 # What a wait ends with, besides the bytes a read was given.
 _WRITABLE: Final = object()
 _TIMED_OUT: Final = object()
 _CLOSED: Final = object()
+_FED: Final = object()
+
+#: What read_fed offers the bytes it waited for, in the loop's callback: True
+#: when it took them and the wait goes on, False when it took them and the
+#: read returns None, or the bytes themselves to leave them to the read.
+Feed: TypeAlias = "Callable[[bytes], bool | bytes]"
 
 
 def _expire(waiter: asyncio.Future[object]) -> None:
@@ -57,6 +64,7 @@ class AsyncioStream:
         self._read_waiter: asyncio.Future[object] | None = None
         self._read_size = 0
         self._write_waiter: asyncio.Future[object] | None = None
+        self._feed: Feed | None = None  # while a read_fed waits
         # What a wait was given but could not deliver (its task was
         # cancelled just after): the next read or write_or_read gets it.
         self._undelivered: object = None
@@ -80,6 +88,22 @@ class AsyncioStream:
             error.__cause__ = exc
             waiter.set_exception(error)
             return
+        feed = self._feed
+        if feed is not None and data:
+            try:
+                taken = feed(data)
+            except Exception as exc:  # raised by the read, as if it had fed itself
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                return
+            if taken is True:
+                return
+            if waiter.done():  # cancelled by what `feed` did (the read's scope)
+                return
+            if taken is False:
+                waiter.set_result(_FED)
+                return
+            data = taken
         waiter.set_result(data)
 
     def _on_writable(self) -> None:
@@ -88,6 +112,14 @@ class AsyncioStream:
             waiter.set_result(_WRITABLE)
 
     # --- the stream ---
+
+    def wait_first(self) -> None:
+        """The next read waits for the socket before it tries: nothing can be there yet.
+
+        What a server says once it has read every request the peer sent
+        whole: the peer sends more only after an answer.
+        """
+        self._wrote = True
 
     async def read(self, max_bytes: int, timeout: float | None) -> bytes:
         if self._undelivered is not None:
@@ -110,6 +142,39 @@ class AsyncioStream:
             result = await self._wait(max_bytes, False, timeout, ReadTimeout)
             if type(result) is bytes:
                 return result
+
+    async def read_fed(self, max_bytes: int, feed: Feed) -> bytes | None:
+        """As read() without a limit, but bytes that come while it waits go to `feed` first.
+
+        `feed` runs in the loop's callback that read them: a server takes a
+        request there in the turn of the loop it arrived in, instead of
+        waking the task that reads in a turn of its own. None when `feed`
+        took the bytes and ended the wait.
+        """
+        if self._undelivered is not None:
+            return self._take_undelivered()
+        if self._wrote:
+            self._wrote = False
+        else:
+            try:
+                data = self._sock.recv(max_bytes)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise self._read_error(exc) from exc
+            else:
+                await asyncio.sleep(0)
+                return data
+        self._feed = feed
+        try:
+            while True:
+                result = await self._wait(max_bytes, False, None, ReadTimeout)
+                if type(result) is bytes:
+                    return result
+                if result is _FED:
+                    return None
+        finally:
+            self._feed = None
 
     async def write_some(self, data: memoryview, timeout: float | None) -> int:
         while True:

@@ -109,6 +109,14 @@ class AnyioStream:
         self._wrote = False
         self._poller: select.poll | None = None
 
+    def wait_first(self) -> None:
+        """The next read waits for the socket before it tries: nothing can be there yet.
+
+        What a server says once it has read every request the peer sent
+        whole: the peer sends more only after an answer.
+        """
+        self._wrote = True
+
     async def read(self, max_bytes: int, timeout: float | None) -> bytes:
         waited = self._wrote
         if waited:

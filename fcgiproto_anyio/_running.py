@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-__all__ = ["running_asyncio", "running_library"]
+__all__ = ["loop_clock", "running_asyncio", "running_library"]
 
 
 def running_library() -> str | None:
@@ -25,3 +26,21 @@ def running_library() -> str | None:
 
 def running_asyncio() -> bool:
     return running_library() == "asyncio"
+
+
+def loop_clock() -> Callable[[], float]:
+    """The running loop's clock (anyio.current_time's), found once for whoever calls it often.
+
+    anyio.current_time() looks the loop up on every call: sniffio, then on
+    asyncio get_running_loop(), which costs a getpid system call.
+    """
+    library = running_library()
+    if library == "asyncio":
+        return asyncio.get_running_loop().time
+    if library == "trio":
+        import trio  # trio is an optional extra
+
+        return trio.current_time
+    import anyio
+
+    return anyio.current_time

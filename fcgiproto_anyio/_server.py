@@ -8,8 +8,18 @@ writes to the socket: the others move the core's output to `pending` and,
 for a request's output, wait until the writer has sent it, so a slow peer
 holds back the apps instead of making memory grow.
 
+The control flow is this one for every loop; what differs by loop is in
+small primitives chosen once per server: how a socket is waited on (the
+client's stream for the running loop), the tasks requests run in (bare
+asyncio tasks on asyncio, an anyio task group elsewhere: _request_tasks.py)
+and the clock. On asyncio a small read is taken where the loop's callback
+read it (AsyncioStream.read_fed hands it to the reader's `_feed`, which does
+what the read loop would), so a request's task starts in the turn of the
+loop its bytes arrived in.
+
 Everything runs in one thread, so the protocol state needs no lock: a task
-that calls the core moves its output to `pending` before its next await.
+(or the read callback) that calls the core moves its output to `pending`
+before its next await.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from fcgiproto import (
     ServerConnection,
     StdinData,
     StdinEnd,
+    TransportError,
 )
 from fcgiproto.support import (
     ALL_ROLES,
@@ -76,6 +87,11 @@ from fcgiproto.support import (
     log_bytes,
     output_chunks,
 )
+
+from ._asyncio_stream import AsyncioStream, Feed
+from ._backend import _stream_type
+from ._request_tasks import RequestTasks, request_tasks_type
+from ._running import loop_clock
 
 __all__ = ["App", "Request", "serve"]
 
@@ -138,8 +154,8 @@ class Request(RequestBase):
 class _State(RequestState):
     __slots__ = ("_changed", "dispatched", "scope", "unread")
 
-    def __init__(self, begin: BeginRequest, options: ServerOptions) -> None:
-        super().__init__(begin, options, anyio.current_time())
+    def __init__(self, begin: BeginRequest, options: ServerOptions, now: float) -> None:
+        super().__init__(begin, options, now)
         self.scope: anyio.CancelScope | None = None  # set once the app's task is started
         self.dispatched = False
         #: Of a streamed request: body bytes its app has not taken yet.
@@ -221,16 +237,17 @@ class AsyncExchange:
         self.started = True
         return await self._connection.write(self._state, _STDOUT, data)
 
-    async def finish(self, data: bytes | bytearray | memoryview) -> bool:
+    def finish(self, data: bytes | bytearray | memoryview) -> Awaitable[bool]:
         """Send the last stdout and end the request; False if it was over already.
 
         Up to max_unsent_size of it goes out with END_REQUEST in one write,
         and the app does not wait for the client to take it: a response whose
-        body is small costs one send and no turn of the loop.
+        body is small costs one send and no turn of the loop. (The
+        connection's coroutine itself, to be awaited: no wrapping one.)
         """
         if data:
             self.started = True
-        return await self._connection.finish(self._state, data, self.app_status)
+        return self._connection.finish(self._state, data, self.app_status)
 
     async def log(self, message: str | bytes) -> None:
         """Write to the request's STDERR (the web server's error log), once it is sent."""
@@ -267,6 +284,7 @@ class _Connection:
         self.options = server.options
         self.sock = sock
         self.number = number
+        self.clock = server.clock
         self.proto: ServerConnection = server.options.connection()
         self.states: dict[int, _State] = {}
         self.pending: deque[bytes] = deque()
@@ -281,7 +299,7 @@ class _Connection:
         self.read_scope = anyio.CancelScope()
         self.scope = anyio.CancelScope()  # the whole connection: cancelled to evict it
         self.liveness = sock.liveness
-        self.requests: anyio.abc.TaskGroup | None = None
+        self.requests: RequestTasks | None = None
         self.dead = False  # lost, broken, or shut down: nothing more is sent
         self.closing = False  # a keep_conn=False request ended: close once it is all sent
         self.writing = False  # the writer is in a send
@@ -300,21 +318,22 @@ class _Connection:
                 await self._run()
         finally:
             self._die()
-            self.sock.close()
+            self.requests = None  # it names _request_failed: a cycle the gc would have to free
+            await self.sock.aclose()
 
     async def _run(self) -> None:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._write_loop, name=f"fcgi-writer-{self.number}")
-            async with anyio.create_task_group() as requests:
+            async with self.server.request_tasks(self._request_failed) as requests:
                 self.requests = requests
                 graceful = await self._read_loop()
                 if not graceful:
                     self._die()
                 if self.streaming:
                     # Streamed apps hear of it (http.disconnect) and may return by themselves.
-                    requests.cancel_scope.deadline = anyio.current_time() + DISCONNECT_GRACE
+                    requests.cancel_at(self.clock() + DISCONNECT_GRACE)
                 else:
-                    requests.cancel_scope.cancel()
+                    requests.cancel()
             if graceful:
                 await self._close_gracefully()
             # The writer returns once it finds nothing to send; one stuck in a
@@ -324,6 +343,12 @@ class _Connection:
                 tasks.cancel_scope.cancel()
             else:
                 self.wake_writer.set()
+
+    def _request_failed(self, exc: BaseException) -> None:
+        """A request's task let an exception out (not the app's: ours): the connection goes."""
+        logger.error("connection %d failed", self.number, exc_info=exc)
+        self._die()
+        self.scope.cancel()
 
     def evict(self, reason: str) -> None:
         """Close the connection from outside its tasks: it waited too long, or gives way."""
@@ -341,24 +366,35 @@ class _Connection:
         """Read and route until the connection is over; True if it closes in good order."""
         with self.read_scope:
             while not (self.dead or self.closing):
-                await self._wait_for_answers()
+                if self.answers:
+                    await self._wait_for_answers()
                 while self.streaming and not self.dead and self._body_full():
                     if self.body_taken is None:
                         self.body_taken = anyio.Event()
                     await self.body_taken.wait()
                 try:
-                    data = await self.sock.receive(READ_SIZE)
-                except OSError as exc:
+                    data = await self.sock.receive(READ_SIZE, self._feed)
+                except (OSError, TransportError) as exc:
                     logger.info("connection %d lost while reading: %s", self.number, exc)
                     return False
+                if data is None:
+                    continue  # taken by _feed while the read waited
                 if not data:
                     self._take(data)  # the core learns of the end (a cut record is logged)
                     return False
-                self.liveness.received(anyio.current_time())
                 if len(data) <= DECODE_STEP:
-                    if not self._take(data):
+                    if not self._took(data):
                         return False
+                    if self.states:
+                        for state in self.states.values():
+                            if not (state.stdin_done and state.data_done):
+                                break
+                        else:
+                            # Every request is in whole: the peer sends more once
+                            # answered, so a read tried now would only fail.
+                            self.sock.stream.wait_first()
                     continue
+                self.liveness.received(self.clock())
                 step_began = time.perf_counter()
                 for start in range(0, len(data), DECODE_STEP):
                     if time.perf_counter() - step_began > DECODE_BUDGET:
@@ -370,6 +406,31 @@ class _Connection:
                     if not self._take(data[start : start + DECODE_STEP]):
                         return False
         return self.closing and not self.dead
+
+    def _feed(self, data: bytes) -> bool | bytes:
+        """What the read loop does with a small read, done where the read's callback has it.
+
+        On asyncio the loop's callback that read the bytes hands them here
+        while the read loop waits (AsyncioStream.read_fed): a request is
+        taken, and its task started, in the turn of the loop it arrived in,
+        without a turn to wake the read loop. True when the read loop goes on
+        waiting; False when it has to look again first (an answer to wait
+        for, a streamed body read far enough ahead, the connection over);
+        bytes too many for one step are left to it.
+        """
+        if len(data) > DECODE_STEP:
+            return data
+        if not self._took(data):
+            self._die()
+            return False
+        return not (
+            self.dead or self.closing or self.answers or (self.streaming and self._body_full())
+        )
+
+    def _took(self, data: bytes) -> bool:
+        """Take one small read (DECODE_STEP at most); False if the connection must close."""
+        self.liveness.received(self.clock())
+        return self._take(data)
 
     def _take(self, data: bytes) -> bool:
         """Feed the core and route what it decodes; False if the connection must close."""
@@ -398,12 +459,16 @@ class _Connection:
 
     def _body_full(self) -> bool:
         """Whether a streamed app has more body unread than may be read ahead."""
-        return any(state.unread > BODY_READ_AHEAD for state in self.states.values())
+        # A loop, not any() over a generator: this runs for every read.
+        for state in self.states.values():  # noqa: SIM110
+            if state.unread > BODY_READ_AHEAD:
+                return True
+        return False
 
     def _route(self, event: Event) -> None:
         if isinstance(event, BeginRequest):
             if self.server.slots.admit(self.proto, event):
-                self.states[event.request_id] = _State(event, self.options)
+                self.states[event.request_id] = _State(event, self.options, self.clock())
             elif self.proto.closed:  # refused, and keep_conn=False: close once it is sent
                 self.closing = True
             return
@@ -468,7 +533,7 @@ class _Connection:
         if not self.streaming:  # an ABORT_REQUEST cancels it; a streamed app hears of it instead
             state.scope = anyio.CancelScope()
         self.liveness.app_started()
-        self.requests.start_soon(
+        self.requests.start(
             self._respond, state, request, name=f"fcgi-request-{self.number}-{state.request_id}"
         )
 
@@ -488,8 +553,19 @@ class _Connection:
         status = ERROR_STATUS
         try:
             if isinstance(request, AsyncExchange):
-                if not state.ended:
-                    status = await self._run_streamed(state, request)
+                if not state.ended:  # the gateway's run inline: a coroutine less a request
+                    try:
+                        await self.server.stream_app(request)
+                        status = request.app_status
+                    except BodyTooLarge:
+                        if not request.started:
+                            await self.write(state, _STDOUT, BODY_TOO_LARGE)
+                    except Exception:
+                        # The gateways answer their app's failures themselves; this is theirs.
+                        logger.exception("the gateway failed on %r", request)
+                        await self.write(state, _STDERR, failure_report())
+                        if not request.started:
+                            await self.write(state, _STDOUT, INTERNAL_ERROR)
             else:
                 assert state.scope is not None
                 with state.scope:
@@ -497,24 +573,9 @@ class _Connection:
                         status = await self._run_app(state, request)
         finally:
             self._end(state, status)  # queues END_REQUEST, so `sending` is set first
-            self.liveness.app_ended(anyio.current_time())
+            self.liveness.app_ended(self.clock())
             if not self.options.multiplex:
                 self._next_waiting()
-
-    async def _run_streamed(self, state: _State, exchange: AsyncExchange) -> int:
-        try:
-            await self.server.stream_app(exchange)
-            return exchange.app_status
-        except BodyTooLarge:
-            if not exchange.started:
-                await self.write(state, _STDOUT, BODY_TOO_LARGE)
-        except Exception:
-            # The gateways answer their app's failures themselves; this is theirs.
-            logger.exception("the gateway failed on %r", exchange)
-            await self.write(state, _STDERR, failure_report())
-            if not exchange.started:
-                await self.write(state, _STDOUT, INTERNAL_ERROR)
-        return ERROR_STATUS
 
     async def receive_body(self, state: _State) -> tuple[bytes, bool]:
         """The body that came for a streamed request since last asked, and whether more follows."""
@@ -701,7 +762,7 @@ class _Connection:
                 self.writing = True
                 try:
                     await self.sock.send(data)
-                except OSError as exc:
+                except (OSError, TransportError) as exc:
                     logger.info("connection %d lost while writing: %s", self.number, exc)
                     self._die()
                     return
@@ -746,7 +807,7 @@ class _Connection:
             if self.dead:
                 return
             self.dead = True
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, TransportError):
                 self.sock.send_eof()
                 # Read what the client still sends, so that closing does not reset
                 # the connection (which could drop our last bytes at the client).
@@ -776,6 +837,7 @@ class _Server:
         app: App | StreamApp,
         options: ServerOptions,
         tasks: anyio.abc.TaskGroup,
+        bound: Address,
         *,
         streaming: bool = False,
     ) -> None:
@@ -788,6 +850,11 @@ class _Server:
         self.connections: set[_Connection] = set()
         self.connection_ended = anyio.Event()
         self.slots = RequestSlots(options.max_requests)  # one thread: no lock needed
+        self.clock = loop_clock()
+        #: How accepted sockets are waited on: the client's stream for the running loop.
+        self.stream_type = _stream_type()
+        self.request_tasks = request_tasks_type()
+        self.bound = bound
         self.numbers = itertools.count(1)
 
     async def accept_loop(self, listener: socket.socket) -> None:
@@ -798,7 +865,7 @@ class _Server:
                 with anyio.move_on_after(AT_CAP_RECHECK):
                     await self.connection_ended.wait()
                 continue
-            sock = await _accept(listener, self.options)
+            sock = await _accept(listener, self)
             if sock is None:
                 continue
             connection = _Connection(self, sock, next(self.numbers))
@@ -812,7 +879,7 @@ class _Server:
         live = [c for c in self.connections if not c.dead]
         if len(live) < self.options.max_connections:
             return True
-        now = anyio.current_time()
+        now = self.clock()
         ranked = [(rank, c) for c in live if (rank := c.liveness.eviction_rank(now)) is not None]
         if not ranked:
             return False
@@ -827,7 +894,7 @@ class _Server:
         # all is never due before the next look.
         every = min(options.params_timeout, options.idle_timeout, options.send_timeout)
         while True:
-            now = anyio.current_time()
+            now = self.clock()
             next_look = now + every
             for connection in list(self.connections):
                 due = None if connection.dead else connection.deadline()
@@ -844,7 +911,7 @@ class _Server:
         """Close connections as they go idle; return once none is left, or after `timeout`."""
         with anyio.move_on_after(timeout):
             while self.connections:
-                now = anyio.current_time()
+                now = self.clock()
                 for connection in list(self.connections):
                     connection.drain(now)
                 with anyio.move_on_after(DRAIN_POLL):
@@ -867,46 +934,44 @@ class _Server:
 
 
 class _Socket:
-    """A connected non-blocking socket, read and written as readiness allows.
+    """A connected non-blocking socket: read and written at once when it can be, else waited on.
 
-    Not an anyio stream, for two things they do on asyncio: a stream from a
-    listener reads ahead without bound until a receive() first has to wait,
-    so a client that sends without reading its answers fills our memory
-    instead of its socket buffer; and cancelling a Unix stream's receive() or
-    send(), or a listener's accept(), in the loop iteration in which the
-    socket becomes ready makes the event loop call set_result() on a cancelled
-    future (InvalidStateError, reported by the loop). Cancelling is how
-    serve() stops; anyio.wait_readable() and wait_writable() are safe there.
-    Here the kernel holds what we have not read, and a send is done once the
-    kernel has it all. Errors are OSError.
+    The waits go through the stream the client uses on the running loop
+    (AnyioBackend's): on asyncio the socket is registered with the loop once
+    for the life of the connection and read by the loop's callback
+    (AsyncioStream), where anyio.wait_readable() added and removed it with
+    epoll around every wait; on trio through trio itself. Not an anyio
+    stream, for two things they do on asyncio: a stream from a listener reads
+    ahead without bound until a receive() first has to wait, so a client that
+    sends without reading its answers fills our memory instead of its socket
+    buffer; and cancelling a Unix stream's receive() or send(), or a
+    listener's accept(), in the loop iteration in which the socket becomes
+    ready makes the event loop call set_result() on a cancelled future
+    (InvalidStateError, reported by the loop). Cancelling is how serve()
+    stops. Here the kernel holds what we have not read, and a send is done
+    once the kernel has it all. Errors are OSError or fcgiproto's
+    TransportError (ReadError, WriteError).
     """
 
-    __slots__ = ("liveness", "sock")
+    __slots__ = ("clock", "fed", "liveness", "sock", "stream")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, server: _Server) -> None:
         self.sock = sock
-        self.liveness = Liveness(anyio.current_time())
+        self.clock = server.clock
+        self.liveness = Liveness(self.clock())
+        self.stream = server.stream_type(sock, server.bound)
+        self.fed = isinstance(self.stream, AsyncioStream)
 
-    async def receive(self, max_bytes: int) -> bytes:
-        """Up to max_bytes, at least one; b"" once the peer has closed."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = self.sock.recv(max_bytes)
-        except (BlockingIOError, InterruptedError):
-            pass
-        else:
-            # Read without waiting: let the other tasks run (no cancelling
-            # here, which would lose the data).
-            await anyio.lowlevel.cancel_shielded_checkpoint()
-            return data
-        # A keep-alive connection mostly waits here for its next request;
-        # waiting is the turn of the loop, no checkpoint before it is needed.
-        while True:
-            await anyio.wait_readable(self.sock)
-            try:
-                return self.sock.recv(max_bytes)
-            except (BlockingIOError, InterruptedError):
-                pass
+    async def receive(self, max_bytes: int, feed: Feed | None = None) -> bytes | None:
+        """Up to max_bytes, at least one; b"" once the peer has closed.
+
+        With `feed`, bytes that come while it waits go there first where the
+        loop can do that (AsyncioStream.read_fed); None when it took them.
+        """
+        # A keep-alive connection mostly waits here for its next request.
+        if feed is not None and self.fed:
+            return await self.stream.read_fed(max_bytes, feed)  # type: ignore[union-attr]
+        return await self.stream.read(max_bytes, None)
 
     async def send(self, data: bytes) -> None:
         await anyio.lowlevel.checkpoint()
@@ -917,10 +982,9 @@ class _Socket:
             try:
                 start += self.sock.send(view[start:])
             except (BlockingIOError, InterruptedError):
-                liveness.send_waiting(anyio.current_time())
-                await anyio.wait_writable(self.sock)
-            else:
-                liveness.send_moved(anyio.current_time())
+                liveness.send_waiting(self.clock())
+                start += await self.stream.write_some(view[start:], None)
+            liveness.send_moved(self.clock())
 
     def send_nowait(self, data: bytes) -> int:
         """How much of `data` the kernel took at once: 0 if it had no room."""
@@ -932,11 +996,12 @@ class _Socket:
     def send_eof(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)
 
-    def close(self) -> None:
-        self.sock.close()
+    async def aclose(self) -> None:
+        """Off the loop, then closed; a task waiting on the socket wakes."""
+        await self.stream.aclose()
 
 
-async def _accept(listener: socket.socket, options: ServerOptions) -> _Socket | None:
+async def _accept(listener: socket.socket, server: _Server) -> _Socket | None:
     """The connection waiting on a listening socket; None if there is none after all."""
     try:
         sock, peer = listener.accept()
@@ -946,7 +1011,7 @@ async def _accept(listener: socket.socket, options: ServerOptions) -> _Socket | 
         logger.warning("accepting a connection failed: %s", exc)
         await anyio.sleep(ACCEPT_RETRY)
         return None
-    if not options.peer_allowed(peer):
+    if not server.options.peer_allowed(peer):
         logger.warning("refused a connection from %s: not in allowed_peers", peer[0])
         sock.close()
         return None
@@ -954,7 +1019,7 @@ async def _accept(listener: socket.socket, options: ServerOptions) -> _Socket | 
     if sock.family != socket.AF_UNIX:
         with contextlib.suppress(OSError):  # the client may be gone already
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return _Socket(sock)
+    return _Socket(sock, server)
 
 
 async def _listen(address: Address) -> tuple[socket.socket, Address, int]:
@@ -1118,7 +1183,7 @@ async def run_server(
         listener, bound, inode = await _listen(listen_address(address))
     try:
         async with anyio.create_task_group() as tasks:
-            server = _Server(app, options, tasks, streaming=streaming)
+            server = _Server(app, options, tasks, bound, streaming=streaming)
             accepting = anyio.CancelScope()
             tasks.start_soon(
                 _accept_until_cancelled, accepting, server, listener, name=f"fcgi-accept {bound}"

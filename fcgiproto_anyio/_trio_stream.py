@@ -9,8 +9,6 @@ so the waits themselves stay as they were.
 
 from __future__ import annotations
 
-import math
-
 import anyio
 import trio
 import trio.lowlevel
@@ -40,8 +38,13 @@ class TrioStream(AnyioStream):
             if wait is anyio.wait_readable
             else trio.lowlevel.wait_writable
         )
-        deadline = math.inf if timeout is None else trio.current_time() + timeout
-        with trio.CancelScope(deadline=deadline) as scope:
+        if timeout is None:  # no scope to make: a server's reads and writes have no limit here
+            try:
+                await wait_for(self._sock)
+            except (trio.ClosedResourceError, OSError):
+                raise self._closed_error(error) from None
+            return
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             try:
                 await wait_for(self._sock)
             except (trio.ClosedResourceError, OSError):

@@ -1,0 +1,122 @@
+"""The set of request tasks a server connection keeps: bare tasks on asyncio, a task group on trio.
+
+What the connection relies on, the same on both: a task runs in a copy of
+the context it was started from, cancel() and cancel_at() end the tasks still
+running, leaving the block waits for every task, a cancelled host cancels its
+tasks and still waits for them, and an exception a task lets out is not lost.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import anyio
+import pytest
+
+from fcgiproto_anyio._request_tasks import AsyncioRequestTasks, request_tasks_type
+
+pytestmark = pytest.mark.anyio
+
+marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="")
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def never_fails(exc: BaseException) -> None:
+    raise AssertionError(f"no task should fail: {exc!r}")
+
+
+async def test_each_task_has_its_own_copy_of_the_context() -> None:
+    seen: list[str] = []
+
+    async def run(value: str) -> None:
+        await anyio.sleep(0)
+        seen.append(marker.get())
+        marker.set(value)  # stays in this task's copy
+        await anyio.sleep(0)
+        seen.append(marker.get())
+
+    marker.set("host")
+    async with request_tasks_type()(never_fails) as tasks:
+        tasks.start(run, "a", name="a")
+        tasks.start(run, "b", name="b")
+    assert sorted(seen) == ["a", "b", "host", "host"]
+    assert marker.get() == "host"
+
+
+async def test_leaving_waits_for_every_task() -> None:
+    ended: list[int] = []
+
+    async def run(number: int) -> None:
+        await anyio.sleep(0.01 * number)
+        ended.append(number)
+
+    async with request_tasks_type()(never_fails) as tasks:
+        for number in range(3):
+            tasks.start(run, number, name=str(number))
+    assert sorted(ended) == [0, 1, 2]
+
+
+async def test_cancel_ends_the_tasks_still_running() -> None:
+    cancelled: list[str] = []
+
+    async def run() -> None:
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            cancelled.append("yes")
+            raise
+
+    with anyio.fail_after(5):
+        async with request_tasks_type()(never_fails) as tasks:
+            tasks.start(run, name="sleeper")
+            await anyio.sleep(0.01)
+            tasks.cancel()
+    assert cancelled == ["yes"]
+
+
+async def test_cancel_at_ends_them_at_the_deadline() -> None:
+    async def run() -> None:
+        await anyio.sleep(30)
+
+    with anyio.fail_after(5):
+        async with request_tasks_type()(never_fails) as tasks:
+            tasks.start(run, name="sleeper")
+            tasks.cancel_at(anyio.current_time() + 0.05)
+
+
+async def test_a_cancelled_host_cancels_its_tasks_and_waits_for_them() -> None:
+    finished: list[str] = []
+
+    async def run() -> None:
+        try:
+            await anyio.sleep(30)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.05)  # cleanup that takes a while: waited for
+            finished.append("cleaned up")
+
+    with anyio.fail_after(5):
+        with anyio.CancelScope() as scope:
+            async with request_tasks_type()(never_fails) as tasks:
+                tasks.start(run, name="sleeper")
+                await anyio.sleep(0.01)
+                scope.cancel()
+                await anyio.sleep(30)
+    assert scope.cancelled_caught
+    assert finished == ["cleaned up"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_exception_a_bare_task_lets_out_goes_to_on_failure() -> None:
+    failures: list[BaseException] = []
+
+    async def run() -> None:
+        raise RuntimeError("a bug of the server")
+
+    async with AsyncioRequestTasks(failures.append) as tasks:
+        tasks.start(run, name="failing")
+    assert [str(exc) for exc in failures] == ["a bug of the server"]
