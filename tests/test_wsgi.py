@@ -13,11 +13,15 @@ from wsgiref.validate import validator
 
 import pytest
 from helpers import no_new_thread_left
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_socket_server import Raw
 
 from fcgiproto import ProtocolStatus
 from fcgiproto.cgi import build_params
 from fcgiproto.support import Address, wsgi_environ
+from fcgiproto.support._application import text_params
+from fcgiproto.support._environ import _native
 from fcgiproto_socket import Client, serve_wsgi
 
 WAIT = 10.0
@@ -182,6 +186,27 @@ def test_environ_from_nginx_params() -> None:
     assert seen["wsgi.multithread"] is True
     assert seen["wsgi.run_once"] is False
     assert "HTTP_CONTENT_TYPE" not in seen
+
+
+# Names and values of any bytes, UTF-8 or not, NULs and cut sequences too.
+_param_bytes = st.binary(max_size=6) | st.sampled_from(
+    [b"", b"GET", b"caf\xc3\xa9", b"\xc3", b"\xe2\x82", b"\xf0\x9f\x98", b"\xff", b"a\0b"]
+)
+
+
+@given(st.dictionaries(_param_bytes, _param_bytes, max_size=6))
+@settings(max_examples=500, deadline=None)
+def test_params_decoded_together_equal_each_decoded_alone(raw: dict[bytes, bytes]) -> None:
+    expected = {
+        k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+        for k, v in raw.items()
+    }
+    decoded = text_params(raw)
+    assert decoded == expected
+    assert list(decoded) == list(expected)  # in the order the web server sent them
+    environ = wsgi_environ(decoded, input=None, errors=None, multithread=False, multiprocess=False)
+    for name, value in decoded.items():  # every param as PEP 3333's native str
+        assert environ[name] == _native(value)  # (none is a name the environ sets itself)
 
 
 def test_environ_split_by_the_web_server_is_kept() -> None:

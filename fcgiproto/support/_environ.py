@@ -117,10 +117,15 @@ def wsgi_environ(
     (SERVER_NAME "localhost", SERVER_PORT "80" or "443", REQUEST_METHOD "GET");
     CONTENT_TYPE and CONTENT_LENGTH only when not empty.
     """
-    # Most params are ASCII, native already: _native() only for the others.
-    environ: dict[str, Any] = {
-        name: value if value.isascii() else _native(value) for name, value in params.items()
-    }
+    # Most params are ASCII, native already: _native() only for the others,
+    # and when all are (one check of them joined), one copy of them all.
+    environ: dict[str, Any]
+    if "".join(params.values()).isascii():
+        environ = dict(params)
+    else:
+        environ = {
+            name: value if value.isascii() else _native(value) for name, value in params.items()
+        }
     for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
         if not environ.get(name):
             environ.pop(name, None)
