@@ -228,6 +228,9 @@ class _Connection:
         # `drained` while there are more than max_unsent_size of them.
         self.unsent = 0
         self.drained = threading.Condition(self.lock)
+        # Threads waiting on `drained`: with none, there is nobody to notify
+        # (a notify_all costs three Python calls even then, several a request).
+        self.drain_waits = 0
         self.states: dict[int, _State] = {}
         # Requests ready for their app, in order: whole ones, or with
         # `streaming`, those whose PARAMS are in. Without multiplexing they run
@@ -260,7 +263,11 @@ class _Connection:
                 # refusals) into a socket it does not empty: read on once it does.
                 # A streamed body is not read further ahead of its app either.
                 while (self.unsent > limit or self._body_full()) and not self.dead:
-                    self.drained.wait()
+                    self.drain_waits += 1
+                    try:
+                        self.drained.wait()
+                    finally:
+                        self.drain_waits -= 1
             if not self._read_once():
                 return
             while True:
@@ -358,11 +365,13 @@ class _Connection:
                 self._end(state, ERROR_STATUS)
             else:  # its app reads BodyTooLarge, and answers 413 if it can
                 state.unread = 0
-                self.body_arrived.notify_all()
+                if self.liveness.body_waits:
+                    self.body_arrived.notify_all()
             return
         if isinstance(event, StdinData):
             state.unread += len(event.data)
-        if len(state.stdin) != before or state.stdin_done:
+        # Only an app waiting for body can be waiting on body_arrived.
+        if (len(state.stdin) != before or state.stdin_done) and self.liveness.body_waits:
             self.body_arrived.notify_all()
         if state.params is not None and not state.dispatched:
             if _declared_length(state.params) > self.options.max_body_size:
@@ -487,7 +496,8 @@ class _Connection:
                     chunks.append(chunk)
                     got += want
                     state.unread -= want
-                    self.drained.notify_all()
+                    if self.drain_waits:
+                        self.drained.notify_all()
                     continue
                 if got or state.stdin_done or state.ended or self.dead:
                     break  # what there is, as a file's read() returns it
@@ -587,8 +597,10 @@ class _Connection:
         self.served += 1
         state.stdin = state.data = []
         state.unread = 0
-        self.drained.notify_all()
-        self.body_arrived.notify_all()
+        if self.drain_waits:
+            self.drained.notify_all()
+        if self.liveness.body_waits:
+            self.body_arrived.notify_all()
 
     def _queue(self) -> bool:
         """Move the protocol's output to `pending`; True if anything is pending. `lock` is held."""
@@ -630,7 +642,8 @@ class _Connection:
             view = view[sent:]
             with self.lock:
                 self.unsent = max(0, self.unsent - sent)  # _die() may have zeroed it
-                self.drained.notify_all()
+                if self.drain_waits:
+                    self.drained.notify_all()
 
     def _die(self) -> None:
         """The connection is over: abandon every request; `lock` is held."""
