@@ -22,6 +22,7 @@ from ._events import (
 from ._records import (
     FCGI_VERSION,
     HEADER,
+    STREAM_CHUNK,
     ProtocolStatus,
     RecordType,
     Role,
@@ -58,6 +59,13 @@ _PARAMS, _STDIN, _STDOUT, _STDERR, _DATA = 4, 5, 6, 7, 8
 _GET_VALUES, _GET_VALUES_RESULT, _UNKNOWN_TYPE = 9, 10, 11
 _BEGIN_BODY = struct.Struct(">HB5x")
 _END_BODY = struct.Struct(">IB3x")
+# What end_request() queues: the empty STDOUT (and STDERR) closing the
+# streams, and the END_REQUEST record (header, then _END_BODY), in one pack.
+_STDOUT_END = struct.Struct(">BBHHBx BBHHBx IB3x")
+_STDOUT_STDERR_END = struct.Struct(">BBHHBx BBHHBx BBHHBx IB3x")
+#: ProtocolStatus by value, found as ProtocolStatus() finds it, without its two Python calls.
+_PROTOCOL_STATUSES: dict[object, ProtocolStatus] = {status: status for status in ProtocolStatus}
+_PADDING = bytes(7)
 _RECEIVE_STREAMS = {
     Role.RESPONDER: Layout((_PARAMS,), (_STDIN,)),
     Role.AUTHORIZER: Layout((_PARAMS,), (_STDIN,)),
@@ -178,8 +186,18 @@ class ServerConnection(Connection):
     def send_stdout(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue response bytes (a CGI head, then the body), of any length; b"" queues nothing."""
         self._local_move(request_id, SEND)
-        if data:
-            self._out.extend(encode_stream_records(_STDOUT, request_id, _frozen(data)))
+        if not data:
+            return
+        if type(data) is bytes and len(data) <= STREAM_CHUNK:
+            # One record (what encode_stream_records makes of it), built here.
+            padding = -len(data) & 7
+            out = self._out
+            out.append(HEADER.pack(FCGI_VERSION, _STDOUT, request_id, len(data), padding))
+            out.append(data)
+            if padding:
+                out.append(_PADDING[:padding])
+            return
+        self._out.extend(encode_stream_records(_STDOUT, request_id, _frozen(data)))
 
     def send_stderr(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes for the web server's error log; b"" queues nothing."""
@@ -201,14 +219,24 @@ class ServerConnection(Connection):
         if not 0 <= app_status <= 0xFFFFFFFF:
             raise LocalProtocolError(f"app_status {app_status} does not fit in 32 bits")
         try:
-            body = _END_BODY.pack(app_status, ProtocolStatus(protocol_status))
+            status = _PROTOCOL_STATUSES[protocol_status]
+        except (KeyError, TypeError):
+            status = ProtocolStatus(protocol_status)  # raises ValueError: it is none
+        try:
+            if request.stderr_used:
+                ends = _STDOUT_STDERR_END.pack(
+                    FCGI_VERSION, _STDOUT, request_id, 0, 0,
+                    FCGI_VERSION, _STDERR, request_id, 0, 0,
+                    FCGI_VERSION, _END_REQUEST, request_id, 8, 0, app_status, status,
+                )  # fmt: skip
+            else:
+                ends = _STDOUT_END.pack(
+                    FCGI_VERSION, _STDOUT, request_id, 0, 0,
+                    FCGI_VERSION, _END_REQUEST, request_id, 8, 0, app_status, status,
+                )  # fmt: skip
         except struct.error:
             raise LocalProtocolError(f"app_status {app_status!r} is not an integer") from None
-        out = self._out
-        out.append(HEADER.pack(FCGI_VERSION, _STDOUT, request_id, 0, 0))
-        if request.stderr_used:
-            out.append(HEADER.pack(FCGI_VERSION, _STDERR, request_id, 0, 0))
-        out.append(record(_END_REQUEST, request_id, body))
+        self._out.append(ends)
         del self._requests[request_id]
         if target != IDLE:  # its late records are dropped; IDLE needs no memory
             self._ended[request_id] = target

@@ -564,20 +564,20 @@ class _Connection:
 
     def finish(self, state: _State, data: bytes | bytearray | memoryview, app_status: int) -> bool:
         """Send a request's last stdout and END_REQUEST together; False once it is over."""
-        view = memoryview(data)
         piece = self.options.max_unsent_size
-        if len(view) > piece:  # all but the last piece as any output, waiting on the client
+        if len(data) > piece:  # all but the last piece as any output, waiting on the client
+            view = memoryview(data)
             cut = len(view) - piece
             if not self.write(state, _STDOUT, view[:cut]):
                 return False
-            view = view[cut:]
+            data = view[cut:]
         if state.wrote and self.streaming and not self.options.multiplex:
             self._look_for_abort(state)  # as write() does between pieces
         with self.lock:
             if state.ended or self.dead:
                 return False
-            if view:
-                self.proto.send_stdout(state.request_id, view)
+            if data:
+                self.proto.send_stdout(state.request_id, data)
             self._end(state, app_status)
             queued = self._queue()
         if queued:
