@@ -96,6 +96,8 @@ BODY_READ_AHEAD = 256 * 1024
 DRAIN_FRESH_GRACE = 1.0
 
 _STDOUT, _STDERR = True, False
+#: The events of a request begun, after its BeginRequest.
+_REQUEST_INPUT = (Params, StdinEnd, StdinData, FilterData, FilterDataEnd, AbortRequest)
 
 
 class Request(RequestBase):
@@ -262,7 +264,9 @@ class _Connection:
                 # A client that sends without reading makes us answer (GET_VALUES,
                 # refusals) into a socket it does not empty: read on once it does.
                 # A streamed body is not read further ahead of its app either.
-                while (self.unsent > limit or self._body_full()) and not self.dead:
+                while (
+                    self.unsent > limit or (self.streaming and self.states and self._body_full())
+                ) and not self.dead:
                     self.drain_waits += 1
                     try:
                         self.drained.wait()
@@ -305,12 +309,11 @@ class _Connection:
                 logger.info("closing connection %d: %s", self.number, exc)
                 self._die()
                 return False
-            if dropped_too_much(self.proto, self.options):
+            if self.proto.dropped_size and dropped_too_much(self.proto, self.options):
                 logger.info("closing connection %d: %s", self.number, DROPPED_TOO_MUCH)
                 self._die()
                 return False
-            for event in events:
-                self._route(event)
+            self._route(events)
             if not data:
                 # The client is gone: a streamed app still running hears of it.
                 self._die()
@@ -321,39 +324,36 @@ class _Connection:
 
     def _body_full(self) -> bool:
         """Whether a streamed app has more body unread than may be read ahead; `lock` is held."""
-        return self.streaming and any(
-            state.unread > BODY_READ_AHEAD for state in self.states.values()
-        )
+        return any(state.unread > BODY_READ_AHEAD for state in self.states.values())
 
-    def _route(self, event: Event) -> None:
-        if isinstance(event, BeginRequest):
-            listener = self.listener
-            with listener.slots_lock:
-                admitted = listener.slots.admit(self.proto, event)
-            if admitted:
-                self.states[event.request_id] = _State(event, self.options)
-            return
-        if not isinstance(
-            event, (Params, StdinData, StdinEnd, FilterData, FilterDataEnd, AbortRequest)
-        ):
-            return
-        state = self.states.get(event.request_id)
-        if state is None:
-            return
-        if isinstance(event, AbortRequest):
-            state.aborted = True
-            self._end(state, ERROR_STATUS)
-            return
-        if self.streaming:
-            self._route_streamed(state, event)
-            return
-        if state.gather(event) and not state.dispatched:
-            state.dispatched = True
-            self.liveness.app_started()
-            self.ready.append(state)
-        elif state.too_large:
-            self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
-            self._end(state, ERROR_STATUS)
+    def _route(self, events: list[Event]) -> None:
+        """Act on what the core made of the bytes read; `lock` is held."""
+        # One call for all of a read's events (a request's head is three).
+        for event in events:
+            if isinstance(event, BeginRequest):
+                listener = self.listener
+                with listener.slots_lock:
+                    admitted = listener.slots.admit(self.proto, event)
+                if admitted:
+                    self.states[event.request_id] = _State(event, self.options)
+                continue
+            if not isinstance(event, _REQUEST_INPUT):
+                continue
+            state = self.states.get(event.request_id)
+            if state is None:
+                continue
+            if isinstance(event, AbortRequest):
+                state.aborted = True
+                self._end(state, ERROR_STATUS)
+            elif self.streaming:
+                self._route_streamed(state, event)
+            elif state.gather(event) and not state.dispatched:
+                state.dispatched = True
+                self.liveness.app_started()
+                self.ready.append(state)
+            elif state.too_large:
+                self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
+                self._end(state, ERROR_STATUS)
 
     def _route_streamed(self, state: _State, event: Event) -> None:
         """Gather for a streamed request: ready once PARAMS are in, the body read by its app."""
@@ -374,7 +374,10 @@ class _Connection:
         if (len(state.stdin) != before or state.stdin_done) and self.liveness.body_waits:
             self.body_arrived.notify_all()
         if state.params is not None and not state.dispatched:
-            if _declared_length(state.params) > self.options.max_body_size:
+            if (
+                state.params.get("CONTENT_LENGTH")
+                and _declared_length(state.params) > self.options.max_body_size
+            ):
                 self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
                 self._end(state, ERROR_STATUS)
                 return
@@ -467,7 +470,8 @@ class _Connection:
                 self.write(state, _STDOUT, INTERNAL_ERROR)
         finally:
             with self.lock:
-                self._end(state, status)
+                if not state.ended:  # finish() ended it, as a rule
+                    self._end(state, status)
                 queued = self._queue()
                 self.liveness.app_ended(time.monotonic())
             if queued:
@@ -615,8 +619,9 @@ class _Connection:
         """Write out `pending` until it is empty, then let go of `send_lock`, which is held."""
         while True:
             with self.lock:
-                data = b"".join(self.pending)
-                self.pending.clear()
+                pending = self.pending
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
                 if not data or self.dead:
                     self.liveness.sending = False
                     if self.proto.closed:
@@ -634,7 +639,8 @@ class _Connection:
     def _send_all(self, data: bytes) -> None:
         """sendall, piece by piece, telling `liveness` and the reader how it goes."""
         liveness = self.liveness
-        view = memoryview(data)
+        # Sliced as a view only when it goes in pieces (a small one is sent whole, as a rule).
+        view = memoryview(data) if len(data) > SEND_PIECE else data
         while view:
             liveness.send_waiting(time.monotonic())
             sent = self.sock.send(view[:SEND_PIECE])
