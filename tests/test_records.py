@@ -137,7 +137,7 @@ def _pairs_content(draw: st.DrawFn) -> bytes:
     return data
 
 
-@given(data=_pairs_content(), max_pairs=st.integers(1, 10))
+@given(data=_pairs_content(), max_pairs=st.integers(1, 10) | st.just(1000))
 @settings(max_examples=500, deadline=None)
 def test_decode_params_is_decode_pairs_as_a_dict_or_none_where_that_raises(
     data: bytes, max_pairs: int
