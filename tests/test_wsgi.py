@@ -19,7 +19,7 @@ from test_socket_server import Raw
 
 from fcgiproto import ProtocolStatus
 from fcgiproto.cgi import build_params
-from fcgiproto.support import Address, wsgi_environ
+from fcgiproto.support import Address, cgi_head, wsgi_environ
 from fcgiproto.support._environ import _native
 from fcgiproto_socket import Client, serve_wsgi
 
@@ -203,6 +203,31 @@ def test_every_param_is_in_the_environ_as_a_native_string(raw: dict[bytes, bytes
     environ = wsgi_environ(decoded, input=None, errors=None, multithread=False, multiprocess=False)
     for name, value in decoded.items():  # every param as PEP 3333's native str
         assert environ[name] == _native(value)  # (none is a name the environ sets itself)
+
+
+_header_text = st.text(st.sampled_from("aZ-: \t\r\n\u00e9\u0100\x7f"), max_size=5)
+
+
+@given(
+    st.sampled_from(["200 OK", "404 Not Found", "200 \u00e9", "200 \u0100", "200 A\r\nB"]),
+    st.lists(st.tuples(_header_text, _header_text), max_size=4),
+)
+@settings(max_examples=500, deadline=None)
+def test_a_head_of_str_is_what_it_is_as_bytes(status: str, headers: list[tuple[str, str]]) -> None:
+    """WSGI's str head takes its own way; what it makes, or refuses, is the general way's."""
+
+    def head(status: str, headers: Any) -> bytes | type[Exception]:
+        try:
+            return cgi_head(status, headers)
+        except (ValueError, UnicodeError) as exc:
+            return ValueError if type(exc) is ValueError else UnicodeError
+
+    # A tuple of them, or bytes, go the general way.
+    expected = head(status, tuple(headers))
+    assert head(status, headers) == expected
+    if all(f"{n}{v}".isascii() for n, v in headers) and status.isascii():
+        raw = [(n.encode(), v.encode()) for n, v in headers]
+        assert head(status, raw) == expected
 
 
 def test_environ_split_by_the_web_server_is_kept() -> None:
