@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_socket_server import Raw
 
-from fcgiproto import ProtocolStatus
+from fcgiproto import BeginRequest, Params, ProtocolStatus, Role
 from fcgiproto.cgi import build_params
-from fcgiproto.support import Address, cgi_head, wsgi_environ
+from fcgiproto.support import Address, RequestState, ServerOptions, cgi_head, wsgi_environ
 from fcgiproto.support._environ import _native
 from fcgiproto_socket import Client, serve_wsgi
 
@@ -200,6 +200,10 @@ def test_every_param_is_in_the_environ_as_a_native_string(raw: dict[bytes, bytes
         k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
         for k, v in raw.items()
     }
+    # As the servers decode them (strict UTF-8 first, which must not show).
+    state = RequestState(BeginRequest(1, Role.RESPONDER, True), ServerOptions(), 0.0)
+    state.gather(Params(1, raw))
+    assert state.params == decoded
     environ = wsgi_environ(decoded, input=None, errors=None, multithread=False, multiprocess=False)
     for name, value in decoded.items():  # every param as PEP 3333's native str
         assert environ[name] == _native(value)  # (none is a name the environ sets itself)
