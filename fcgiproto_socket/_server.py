@@ -387,10 +387,14 @@ class _Connection:
 
     def _dispatch(self, state: _State) -> None:
         assert state.params is not None
-        logger.debug("connection %d: request %d starts", self.number, state.request_id)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("connection %d: request %d starts", self.number, state.request_id)
         request: Request | Exchange
         if self.streaming:
             request = Exchange(self, state)
+            if not self.options.multiplex:
+                self._respond_streamed(state, request)  # what _respond() would call
+                return
         else:
             request = Request(self, state)
             state.stdin = state.data = []
