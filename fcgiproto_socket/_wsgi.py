@@ -397,7 +397,7 @@ def serve_wsgi(
         raise TypeError("serve_wsgi takes an address or a listening sock, one of them")
     gateway = Gateway(app, root_path=root_path, threads=threads, multiprocess=multiprocess)
     listener = _Listener(
-        gateway if gateway.slots else gateway.serve,
+        gateway if gateway.slots is not None else gateway.serve,
         address,
         options,
         streaming=True,
