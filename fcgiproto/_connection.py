@@ -123,9 +123,9 @@ class Connection:
             raise RemoteProtocolError(f"the {self._PEER} closed the connection {where}")
         self._on_eof()
 
-    def _parse(self, data: bytes | memoryview, events: list[Event]) -> None:
+    def _parse(self, data: bytes | memoryview, events: list[Event], pos: int = 0) -> None:
+        """Read `data` from offset `pos` (a record boundary when not 0) on."""
         end = len(data)
-        pos = 0
         # The stream run being gathered: start/stop offsets into `data` of the
         # content of consecutive records of one stream of one request, and
         # their header's first four bytes (version, type, request id) as one

@@ -24,6 +24,7 @@ __all__ = [
     "RecordType",
     "Role",
     "decode_pairs",
+    "decode_params",
     "encode_pair",
     "encode_pair_records",
     "encode_stream_records",
@@ -290,3 +291,52 @@ def decode_pairs(
         pos = stop + value_len
         pairs.append((data[stop - name_len : stop], data[stop:pos]))
     return pairs
+
+
+def decode_params(data: bytes, max_pairs: int) -> dict[bytes, bytes] | None:
+    """`dict(decode_pairs(data, ..., max_pairs))` when that succeeds; None when it would raise.
+
+    A server's PARAMS, decoded straight into the dict its Params event
+    carries: one pass, no list of tuples, and no error message built. On
+    None the caller runs decode_pairs, which raises with the reason (a
+    property test holds the two equal).
+    """
+    end = len(data)
+    if end > 2 * max_pairs:
+        # Room for more pairs than allowed (each takes two bytes at least):
+        # decode_pairs counts them, and stops at the limit.
+        try:
+            return dict(decode_pairs(data, "PARAMS", max_pairs))
+        except RemoteProtocolError:
+            return None
+    pairs: dict[bytes, bytes] = {}
+    pos = 0
+    try:
+        while pos < end:
+            name_len = data[pos]
+            value_len = data[pos + 1]
+            if name_len | value_len < 128:  # both lengths in one byte, as a rule
+                stop = pos + 2 + name_len
+            else:
+                if name_len < 128:
+                    pos += 1
+                else:
+                    # Four bytes, or fewer at the end: then pos passes `end`,
+                    # and the pair's end too.
+                    name_len = int.from_bytes(data[pos : pos + 4], "big") & 0x7FFFFFFF
+                    pos += 4
+                    if pos >= end:
+                        return None
+                value_len = data[pos]
+                if value_len < 128:
+                    pos += 1
+                else:
+                    value_len = int.from_bytes(data[pos : pos + 4], "big") & 0x7FFFFFFF
+                    pos += 4
+                stop = pos + name_len
+            pos = stop + value_len
+            # A pair cut short is sliced short, and ends past `end`: None below.
+            pairs[data[stop - name_len : stop]] = data[stop:pos]
+    except IndexError:  # a pair's lengths cut off at the end
+        return None
+    return pairs if pos == end else None

@@ -6,7 +6,7 @@ import struct
 from collections.abc import Collection
 from typing import ClassVar
 
-from ._connection import Connection
+from ._connection import _HEADER, _RUN_BASE, Connection
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
     AbortRequest,
@@ -14,18 +14,20 @@ from ._events import (
     Event,
     FilterData,
     FilterDataEnd,
-    Params,
     StdinData,
     StdinEnd,
+    request_head_makers,
     stream_event_maker,
 )
 from ._records import (
     FCGI_VERSION,
     HEADER,
+    STREAM_CHUNK,
     ProtocolStatus,
     RecordType,
     Role,
     decode_pairs,
+    decode_params,
     encode_pair,
     encode_stream_records,
     record,
@@ -38,7 +40,9 @@ from ._state import (
     END,
     END_EARLY,
     ENDED,
+    GO,
     IDLE,
+    OPEN,
     RECEIVE,
     REFUSE,
     SEND,
@@ -55,12 +59,20 @@ _PARAMS, _STDIN, _STDOUT, _STDERR, _DATA = 4, 5, 6, 7, 8
 _GET_VALUES, _GET_VALUES_RESULT, _UNKNOWN_TYPE = 9, 10, 11
 _BEGIN_BODY = struct.Struct(">HB5x")
 _END_BODY = struct.Struct(">IB3x")
+# What end_request() queues: the empty STDOUT (and STDERR) closing the
+# streams, and the END_REQUEST record (header, then _END_BODY), in one pack.
+_STDOUT_END = struct.Struct(">BBHHBx BBHHBx IB3x")
+_STDOUT_STDERR_END = struct.Struct(">BBHHBx BBHHBx BBHHBx IB3x")
+#: ProtocolStatus by value, found as ProtocolStatus() finds it, without its two Python calls.
+_PROTOCOL_STATUSES: dict[object, ProtocolStatus] = {status: status for status in ProtocolStatus}
+_PADDING = bytes(7)
 _RECEIVE_STREAMS = {
     Role.RESPONDER: Layout((_PARAMS,), (_STDIN,)),
     Role.AUTHORIZER: Layout((_PARAMS,), (_STDIN,)),
     Role.FILTER: Layout((_PARAMS,), (_STDIN, _DATA)),
 }
 _STREAM_END_EVENTS = {_STDIN: StdinEnd, _DATA: FilterDataEnd}
+_new_begin_request, _new_params, _new_stdin_end = request_head_makers()
 
 #: CGI environments are a few KiB; nginx caps a whole request head at 32 KiB
 #: by default (large_client_header_buffers 4 8k). 1 MiB leaves room for odd
@@ -71,6 +83,20 @@ DEFAULT_MAX_PARAMS_SIZE = 1 << 20
 #: than its bytes, so 1 MiB of 7-byte pairs (150,000 of them) is refused long
 #: before it costs tens of MB and a quarter of a second of CPU.
 DEFAULT_MAX_PARAMS_PAIRS = 1000
+
+
+# The request head's fast path (ServerConnection._request_head), derived from
+# the tables once, here and in _Head: a BEGIN_REQUEST that the table lets
+# begin leads to BEGUN, its PARAMS and STDIN records leave it there, and its
+# streams move as the stream table says.
+_BEGIN_STEP = (BEGUN, GO)
+_HEAD_RECEIVES = SERVER.steps.get(BEGUN << 3 | RECEIVE) == (BEGUN, GO)
+_ROLE_BY_NUMBER = {role.value: role for role in Role}
+_BEGIN_PREFIX = _RUN_BASE | _BEGIN_REQUEST << 16
+_PARAMS_PREFIX = _RUN_BASE | _PARAMS << 16
+_STDIN_PREFIX = _RUN_BASE | _STDIN << 16
+_unpack_prefix = struct.Struct(">IHBx").unpack_from
+_unpack_begin = _BEGIN_BODY.unpack_from
 
 
 class _Request:
@@ -109,6 +135,9 @@ class ServerConnection(Connection):
     _WHOLE: ClassVar = frozenset({_BEGIN_REQUEST, _ABORT_REQUEST, _PARAMS, _GET_VALUES})
     _PEER: ClassVar = "client"
     _LIFECYCLE: ClassVar = SERVER
+    #: Whether a request head arriving whole takes the fast path (the tests
+    #: turn it off in a twin connection, which must behave the same).
+    _head_fast: bool = _HEAD_RECEIVES
 
     def __init__(
         self,
@@ -157,8 +186,18 @@ class ServerConnection(Connection):
     def send_stdout(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue response bytes (a CGI head, then the body), of any length; b"" queues nothing."""
         self._local_move(request_id, SEND)
-        if data:
-            self._out.extend(encode_stream_records(_STDOUT, request_id, _frozen(data)))
+        if not data:
+            return
+        if type(data) is bytes and len(data) <= STREAM_CHUNK:
+            # One record (what encode_stream_records makes of it), built here.
+            padding = -len(data) & 7
+            out = self._out
+            out.append(HEADER.pack(FCGI_VERSION, _STDOUT, request_id, len(data), padding))
+            out.append(data)
+            if padding:
+                out.append(_PADDING[:padding])
+            return
+        self._out.extend(encode_stream_records(_STDOUT, request_id, _frozen(data)))
 
     def send_stderr(self, request_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes for the web server's error log; b"" queues nothing."""
@@ -180,14 +219,24 @@ class ServerConnection(Connection):
         if not 0 <= app_status <= 0xFFFFFFFF:
             raise LocalProtocolError(f"app_status {app_status} does not fit in 32 bits")
         try:
-            body = _END_BODY.pack(app_status, ProtocolStatus(protocol_status))
+            status = _PROTOCOL_STATUSES[protocol_status]
+        except (KeyError, TypeError):
+            status = ProtocolStatus(protocol_status)  # raises ValueError: it is none
+        try:
+            if request.stderr_used:
+                ends = _STDOUT_STDERR_END.pack(
+                    FCGI_VERSION, _STDOUT, request_id, 0, 0,
+                    FCGI_VERSION, _STDERR, request_id, 0, 0,
+                    FCGI_VERSION, _END_REQUEST, request_id, 8, 0, app_status, status,
+                )  # fmt: skip
+            else:
+                ends = _STDOUT_END.pack(
+                    FCGI_VERSION, _STDOUT, request_id, 0, 0,
+                    FCGI_VERSION, _END_REQUEST, request_id, 8, 0, app_status, status,
+                )  # fmt: skip
         except struct.error:
             raise LocalProtocolError(f"app_status {app_status!r} is not an integer") from None
-        out = self._out
-        out.append(HEADER.pack(FCGI_VERSION, _STDOUT, request_id, 0, 0))
-        if request.stderr_used:
-            out.append(HEADER.pack(FCGI_VERSION, _STDERR, request_id, 0, 0))
-        out.append(record(_END_REQUEST, request_id, body))
+        self._out.append(ends)
         del self._requests[request_id]
         if target != IDLE:  # its late records are dropped; IDLE needs no memory
             self._ended[request_id] = target
@@ -208,6 +257,103 @@ class ServerConnection(Connection):
         return request, step[0], step[1]
 
     # --- receiving ---
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes from the peer; b"" means the peer closed the connection."""
+        if (
+            type(data) is bytes
+            and not self._requests
+            and self._state == _HEADER
+            and not self._header_buf
+            and self._error is None
+            and not self._peer_closed
+            and self._head_fast
+        ):
+            events: list[Event] = []
+            pos = self._request_head(data, events)
+            if pos:
+                if pos < len(data):
+                    try:
+                        self._parse(data, events, pos)
+                    except RemoteProtocolError as exc:
+                        self._error = str(exc)
+                        raise
+                return events
+        return super().receive_data(data)
+
+    def _request_head(self, data: bytes, events: list[Event]) -> int:
+        """Take a request's head in one step, if `data` starts with all of it; where it ended.
+
+        The shape web servers send a request in, in one write: BEGIN_REQUEST,
+        PARAMS records, the empty PARAMS, and (when the request has no body)
+        the empty STDIN. Taken here, with no request in flight, it has exactly
+        the effect the record-by-record path would have (a property test holds
+        the two equal); anything else, or anything that path would refuse or
+        drop, returns 0 having changed nothing, and goes that way.
+        """
+        end = len(data)
+        if end < 24:
+            return 0
+        prefix: int
+        clen: int
+        plen: int
+        prefix, clen, plen = _unpack_prefix(data)
+        rid = prefix - _BEGIN_PREFIX
+        if not 0 < rid <= 0xFFFF or clen != 8:
+            return 0
+        role_number, flags = _unpack_begin(data, 8)
+        if role_number not in self.roles or self.max_requests < 1:
+            return 0
+        ended = self._ended
+        if SERVER.steps.get(ended.get(rid, IDLE) << 3 | BEGIN) != _BEGIN_STEP:
+            return 0
+        pos = 16 + plen
+        # The PARAMS records, whole, up to the empty one.
+        params_prefix = _PARAMS_PREFIX | rid
+        pieces: list[bytes] = []
+        size = 0
+        while True:
+            if pos + 8 > end:
+                return 0
+            prefix, clen, plen = _unpack_prefix(data, pos)
+            if prefix != params_prefix:
+                return 0
+            pos += 8
+            if not clen:
+                pos += plen
+                break
+            stop = pos + clen
+            pieces.append(data[pos:stop])
+            size += clen
+            pos = stop + plen
+        if pos > end or size > self.max_params_size:
+            return 0
+        content = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pairs = decode_params(content, self.max_params_pairs)
+        if pairs is None:
+            return 0
+        # Nothing refused it: now it happens.
+        role = _ROLE_BY_NUMBER[role_number]
+        keep_conn = bool(flags & 1)
+        ended.pop(rid, None)
+        request = self._requests[rid] = _Request(role, keep_conn)
+        events.append(_new_begin_request(rid, role, keep_conn))
+        events.append(_new_params(rid, pairs))
+        # With no other request in flight, no stream of the connection was
+        # delivering: the streams that opened are all there is to add.
+        head = _HEAD[role]
+        if pos + 8 <= end and head.after_stdin is not None:
+            prefix, clen, plen = _unpack_prefix(data, pos)
+            if prefix == _STDIN_PREFIX | rid and not clen and pos + 8 + plen <= end:
+                request.received.states = dict(head.after_stdin)
+                for base in head.open_after_stdin:
+                    self._delivering.add(base | rid)
+                events.append(_new_stdin_end(rid))
+                return pos + 8 + plen
+        request.received.states = dict(head.after_params)
+        for base in head.open_after_params:
+            self._delivering.add(base | rid)
+        return pos
 
     def _received(self, rtype: int, rid: int, clen: int, move: int) -> _Request | None:
         """Apply the peer's `move` to request `rid`; the request, or None to drop the record."""
@@ -322,9 +468,13 @@ class ServerConnection(Connection):
             request.params += content
             return
         self._settle(rid, request.state, request.received)  # its end opened STDIN (and DATA)
-        pairs = decode_pairs(request.params, f"PARAMS of request {rid}", self.max_params_pairs)
+        content = bytes(request.params)
+        pairs = decode_params(content, self.max_params_pairs)
+        if pairs is None:  # malformed: decode_pairs raises, saying why
+            where = f"PARAMS of request {rid}"
+            pairs = dict(decode_pairs(content, where, self.max_params_pairs))
         request.params = bytearray()
-        events.append(Params(rid, dict(pairs)))
+        events.append(_new_params(rid, pairs))
 
     def _get_values(self, rid: int, content: bytes) -> None:
         if rid != 0:
@@ -361,3 +511,32 @@ class ServerConnection(Connection):
 
 def _frozen(data: bytes | bytearray | memoryview) -> bytes:
     return data if type(data) is bytes else bytes(data)
+
+
+class _Head:
+    """What the request head's fast path does to a request's streams, from the stream table."""
+
+    __slots__ = ("after_params", "after_stdin", "open_after_params", "open_after_stdin")
+
+    def __init__(self, role: Role) -> None:
+        streams = Streams(_RECEIVE_STREAMS[role])
+        complaint = streams.move(_PARAMS, True)
+        assert complaint is None, complaint
+        #: The streams once PARAMS ended, and once an empty STDIN followed
+        #: (None where the table refuses that).
+        self.after_params = dict(streams.states)
+        self.after_stdin = dict(streams.states) if streams.move(_STDIN, True) is None else None
+        #: The reader's delivering-set entries (less the request id) of each:
+        #: what _settle() makes of a BEGUN request's open streams.
+        items = ServerConnection._STREAM_ITEMS
+        self.open_after_params = tuple(
+            base for rtype, base in items if self.after_params.get(rtype) == OPEN
+        )
+        after_stdin = self.after_stdin or {}
+        self.open_after_stdin = tuple(
+            base for rtype, base in items if after_stdin.get(rtype) == OPEN
+        )
+
+
+assert BEGUN in SERVER.delivering_states  # what _Head's delivering entries assume
+_HEAD = {role: _Head(role) for role in Role}

@@ -96,6 +96,8 @@ BODY_READ_AHEAD = 256 * 1024
 DRAIN_FRESH_GRACE = 1.0
 
 _STDOUT, _STDERR = True, False
+#: The events of a request begun, after its BeginRequest.
+_REQUEST_INPUT = (Params, StdinEnd, StdinData, FilterData, FilterDataEnd, AbortRequest)
 
 
 class Request(RequestBase):
@@ -228,6 +230,9 @@ class _Connection:
         # `drained` while there are more than max_unsent_size of them.
         self.unsent = 0
         self.drained = threading.Condition(self.lock)
+        # Threads waiting on `drained`: with none, there is nobody to notify
+        # (a notify_all costs three Python calls even then, several a request).
+        self.drain_waits = 0
         self.states: dict[int, _State] = {}
         # Requests ready for their app, in order: whole ones, or with
         # `streaming`, those whose PARAMS are in. Without multiplexing they run
@@ -259,8 +264,14 @@ class _Connection:
                 # A client that sends without reading makes us answer (GET_VALUES,
                 # refusals) into a socket it does not empty: read on once it does.
                 # A streamed body is not read further ahead of its app either.
-                while (self.unsent > limit or self._body_full()) and not self.dead:
-                    self.drained.wait()
+                while (
+                    self.unsent > limit or (self.streaming and self.states and self._body_full())
+                ) and not self.dead:
+                    self.drain_waits += 1
+                    try:
+                        self.drained.wait()
+                    finally:
+                        self.drain_waits -= 1
             if not self._read_once():
                 return
             while True:
@@ -298,12 +309,11 @@ class _Connection:
                 logger.info("closing connection %d: %s", self.number, exc)
                 self._die()
                 return False
-            if dropped_too_much(self.proto, self.options):
+            if self.proto.dropped_size and dropped_too_much(self.proto, self.options):
                 logger.info("closing connection %d: %s", self.number, DROPPED_TOO_MUCH)
                 self._die()
                 return False
-            for event in events:
-                self._route(event)
+            self._route(events)
             if not data:
                 # The client is gone: a streamed app still running hears of it.
                 self._die()
@@ -314,39 +324,36 @@ class _Connection:
 
     def _body_full(self) -> bool:
         """Whether a streamed app has more body unread than may be read ahead; `lock` is held."""
-        return self.streaming and any(
-            state.unread > BODY_READ_AHEAD for state in self.states.values()
-        )
+        return any(state.unread > BODY_READ_AHEAD for state in self.states.values())
 
-    def _route(self, event: Event) -> None:
-        if isinstance(event, BeginRequest):
-            listener = self.listener
-            with listener.slots_lock:
-                admitted = listener.slots.admit(self.proto, event)
-            if admitted:
-                self.states[event.request_id] = _State(event, self.options)
-            return
-        if not isinstance(
-            event, (Params, StdinData, StdinEnd, FilterData, FilterDataEnd, AbortRequest)
-        ):
-            return
-        state = self.states.get(event.request_id)
-        if state is None:
-            return
-        if isinstance(event, AbortRequest):
-            state.aborted = True
-            self._end(state, ERROR_STATUS)
-            return
-        if self.streaming:
-            self._route_streamed(state, event)
-            return
-        if state.gather(event) and not state.dispatched:
-            state.dispatched = True
-            self.liveness.app_started()
-            self.ready.append(state)
-        elif state.too_large:
-            self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
-            self._end(state, ERROR_STATUS)
+    def _route(self, events: list[Event]) -> None:
+        """Act on what the core made of the bytes read; `lock` is held."""
+        # One call for all of a read's events (a request's head is three).
+        for event in events:
+            if isinstance(event, BeginRequest):
+                listener = self.listener
+                with listener.slots_lock:
+                    admitted = listener.slots.admit(self.proto, event)
+                if admitted:
+                    self.states[event.request_id] = _State(event, self.options)
+                continue
+            if not isinstance(event, _REQUEST_INPUT):
+                continue
+            state = self.states.get(event.request_id)
+            if state is None:
+                continue
+            if isinstance(event, AbortRequest):
+                state.aborted = True
+                self._end(state, ERROR_STATUS)
+            elif self.streaming:
+                self._route_streamed(state, event)
+            elif state.gather(event) and not state.dispatched:
+                state.dispatched = True
+                self.liveness.app_started()
+                self.ready.append(state)
+            elif state.too_large:
+                self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
+                self._end(state, ERROR_STATUS)
 
     def _route_streamed(self, state: _State, event: Event) -> None:
         """Gather for a streamed request: ready once PARAMS are in, the body read by its app."""
@@ -358,14 +365,19 @@ class _Connection:
                 self._end(state, ERROR_STATUS)
             else:  # its app reads BodyTooLarge, and answers 413 if it can
                 state.unread = 0
-                self.body_arrived.notify_all()
+                if self.liveness.body_waits:
+                    self.body_arrived.notify_all()
             return
         if isinstance(event, StdinData):
             state.unread += len(event.data)
-        if len(state.stdin) != before or state.stdin_done:
+        # Only an app waiting for body can be waiting on body_arrived.
+        if (len(state.stdin) != before or state.stdin_done) and self.liveness.body_waits:
             self.body_arrived.notify_all()
         if state.params is not None and not state.dispatched:
-            if _declared_length(state.params) > self.options.max_body_size:
+            if (
+                state.params.get("CONTENT_LENGTH")
+                and _declared_length(state.params) > self.options.max_body_size
+            ):
                 self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
                 self._end(state, ERROR_STATUS)
                 return
@@ -375,10 +387,14 @@ class _Connection:
 
     def _dispatch(self, state: _State) -> None:
         assert state.params is not None
-        logger.debug("connection %d: request %d starts", self.number, state.request_id)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("connection %d: request %d starts", self.number, state.request_id)
         request: Request | Exchange
         if self.streaming:
             request = Exchange(self, state)
+            if not self.options.multiplex:
+                self._respond_streamed(state, request)  # what _respond() would call
+                return
         else:
             request = Request(self, state)
             state.stdin = state.data = []
@@ -458,7 +474,8 @@ class _Connection:
                 self.write(state, _STDOUT, INTERNAL_ERROR)
         finally:
             with self.lock:
-                self._end(state, status)
+                if not state.ended:  # finish() ended it, as a rule
+                    self._end(state, status)
                 queued = self._queue()
                 self.liveness.app_ended(time.monotonic())
             if queued:
@@ -487,7 +504,8 @@ class _Connection:
                     chunks.append(chunk)
                     got += want
                     state.unread -= want
-                    self.drained.notify_all()
+                    if self.drain_waits:
+                        self.drained.notify_all()
                     continue
                 if got or state.stdin_done or state.ended or self.dead:
                     break  # what there is, as a file's read() returns it
@@ -554,20 +572,20 @@ class _Connection:
 
     def finish(self, state: _State, data: bytes | bytearray | memoryview, app_status: int) -> bool:
         """Send a request's last stdout and END_REQUEST together; False once it is over."""
-        view = memoryview(data)
         piece = self.options.max_unsent_size
-        if len(view) > piece:  # all but the last piece as any output, waiting on the client
+        if len(data) > piece:  # all but the last piece as any output, waiting on the client
+            view = memoryview(data)
             cut = len(view) - piece
             if not self.write(state, _STDOUT, view[:cut]):
                 return False
-            view = view[cut:]
+            data = view[cut:]
         if state.wrote and self.streaming and not self.options.multiplex:
             self._look_for_abort(state)  # as write() does between pieces
         with self.lock:
             if state.ended or self.dead:
                 return False
-            if view:
-                self.proto.send_stdout(state.request_id, view)
+            if data:
+                self.proto.send_stdout(state.request_id, data)
             self._end(state, app_status)
             queued = self._queue()
         if queued:
@@ -587,8 +605,10 @@ class _Connection:
         self.served += 1
         state.stdin = state.data = []
         state.unread = 0
-        self.drained.notify_all()
-        self.body_arrived.notify_all()
+        if self.drain_waits:
+            self.drained.notify_all()
+        if self.liveness.body_waits:
+            self.body_arrived.notify_all()
 
     def _queue(self) -> bool:
         """Move the protocol's output to `pending`; True if anything is pending. `lock` is held."""
@@ -603,8 +623,9 @@ class _Connection:
         """Write out `pending` until it is empty, then let go of `send_lock`, which is held."""
         while True:
             with self.lock:
-                data = b"".join(self.pending)
-                self.pending.clear()
+                pending = self.pending
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
                 if not data or self.dead:
                     self.liveness.sending = False
                     if self.proto.closed:
@@ -622,7 +643,8 @@ class _Connection:
     def _send_all(self, data: bytes) -> None:
         """sendall, piece by piece, telling `liveness` and the reader how it goes."""
         liveness = self.liveness
-        view = memoryview(data)
+        # Sliced as a view only when it goes in pieces (a small one is sent whole, as a rule).
+        view = memoryview(data) if len(data) > SEND_PIECE else data
         while view:
             liveness.send_waiting(time.monotonic())
             sent = self.sock.send(view[:SEND_PIECE])
@@ -630,7 +652,8 @@ class _Connection:
             view = view[sent:]
             with self.lock:
                 self.unsent = max(0, self.unsent - sent)  # _die() may have zeroed it
-                self.drained.notify_all()
+                if self.drain_waits:
+                    self.drained.notify_all()
 
     def _die(self) -> None:
         """The connection is over: abandon every request; `lock` is held."""

@@ -262,13 +262,14 @@ class Gateway:
 
     def __call__(self, exchange: Exchange) -> None:
         if self.slots is None:
-            self._serve(exchange)
+            self.serve(exchange)
             return
         with self.slots:
             if not exchange.aborted:
-                self._serve(exchange)
+                self.serve(exchange)
 
-    def _serve(self, exchange: Exchange) -> None:
+    def serve(self, exchange: Exchange) -> None:
+        """Run the app on one request: the gateway itself when `threads` caps nothing."""
         environ = wsgi_environ(
             exchange.params,
             root_path=self.root_path,
@@ -396,7 +397,7 @@ def serve_wsgi(
         raise TypeError("serve_wsgi takes an address or a listening sock, one of them")
     gateway = Gateway(app, root_path=root_path, threads=threads, multiprocess=multiprocess)
     listener = _Listener(
-        gateway,
+        gateway if gateway.slots is not None else gateway.serve,
         address,
         options,
         streaming=True,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fcgiproto import LocalProtocolError, RemoteProtocolError
 from fcgiproto._records import (
     MAX_PAIR_LENGTH,
     STREAM_CHUNK,
     decode_pairs,
+    decode_params,
     encode_pair,
     encode_pair_records,
     encode_stream_records,
@@ -110,3 +113,37 @@ def test_a_dict_encodes_as_the_same_pairs_given_one_by_one(
     # A dict of short ASCII str takes a shortcut; it must put on the wire
     # exactly what the general loop puts there for the same pairs.
     assert encode_pair_records(4, 1, params) == encode_pair_records(4, 1, list(params.items()))
+
+
+# Pairs as web servers send them, and bytes that are almost that: cut short,
+# a byte changed, lengths of one and of four bytes, more pairs than allowed.
+_pair_parts = st.binary(max_size=3) | st.sampled_from([b"N" * 127, b"v" * 128, b"x" * 300])
+_encoded_pairs = st.lists(st.tuples(_pair_parts, _pair_parts), max_size=8).map(
+    lambda pairs: b"".join(encode_pair(name, value) for name, value in pairs)
+)
+
+
+@st.composite
+def _pairs_content(draw: st.DrawFn) -> bytes:
+    data = draw(_encoded_pairs)
+    how = draw(st.sampled_from(["as is", "as is", "cut", "byte", "random"]))
+    if how == "cut" and data:
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif how == "byte" and data:
+        at = draw(st.integers(0, len(data) - 1))
+        data = data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1 :]
+    elif how == "random":
+        data = draw(st.binary(max_size=40))
+    return data
+
+
+@given(data=_pairs_content(), max_pairs=st.integers(1, 10) | st.just(1000))
+@settings(max_examples=500, deadline=None)
+def test_decode_params_is_decode_pairs_as_a_dict_or_none_where_that_raises(
+    data: bytes, max_pairs: int
+) -> None:
+    try:
+        expected: dict[bytes, bytes] | None = dict(decode_pairs(data, "PARAMS", max_pairs))
+    except RemoteProtocolError:
+        expected = None
+    assert decode_params(data, max_pairs) == expected

@@ -20,12 +20,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fcgiproto import (
+    BeginRequest,
     ClientConnection,
     LocalProtocolError,
+    Params,
     RemoteProtocolError,
     Role,
     ServerConnection,
+    StdinEnd,
 )
+from fcgiproto._records import encode_pair
 from fcgiproto._state import CLIENT, SERVER, Lifecycle, delivers
 from tests.helpers import begin_body, end_request_body, parse_records, raw_record
 
@@ -219,6 +223,8 @@ class _NeverCached(set[int]):
 def run(make: Callable[[], Connection], lifecycle: Lifecycle, ops: list[Op]) -> None:
     main, shadow, slow = Driver(make()), Driver(make()), Driver(make())
     slow.conn._delivering = _NeverCached()
+    if isinstance(slow.conn, ServerConnection):
+        slow.conn._head_fast = False  # and no request head in one step either
     for op in [*ops, ("feed", 1 << 20), ("drain",)]:
         before = main.observe()
         outcome = main.apply(op)
@@ -249,6 +255,123 @@ def test_server_fast_path_equals_the_tables_and_refused_calls_change_nothing(
     ops: list[Op], multiplex: bool
 ) -> None:
     run(lambda: ServerConnection(multiplex=multiplex, max_requests=2), SERVER, ops)
+
+
+# --- the server's request head in one step, against record by record ---
+
+head_pairs = st.lists(
+    st.tuples(
+        st.binary(max_size=4) | st.sampled_from([b"REQUEST_METHOD", b"N" * 130]),
+        st.binary(max_size=4) | st.sampled_from([b"GET", b"v" * 127, b"w" * 128]),
+    ),
+    max_size=6,
+)
+
+
+@st.composite
+def request_heads(draw: st.DrawFn) -> bytes:
+    """A request as web servers send it, often whole and well formed, sometimes not."""
+    rid = draw(st.sampled_from([1, 1, 2, 65535]))
+    padding = st.sampled_from([0, 0, 3, 7])
+    wire = raw_record(
+        1,
+        rid,
+        begin_body(draw(st.sampled_from([1, 1, 2, 3, 9])), draw(st.booleans())),
+        draw(padding),
+    )
+    content = b"".join(encode_pair(name, value) for name, value in draw(head_pairs))
+    shape = draw(st.sampled_from(["whole"] * 4 + ["bad pair", "other rid", "version"]))
+    if shape == "bad pair":
+        content += draw(st.sampled_from([b"\x05", b"\x80\x00", b"\x01\x09A"]))
+    # PARAMS in records cut anywhere, a pair split between two of them too.
+    cuts = sorted(draw(st.lists(st.integers(0, len(content)), max_size=3)))
+    for start, stop in zip([0, *cuts], [*cuts, len(content)], strict=True):
+        if stop > start:
+            wire += raw_record(4, rid, content[start:stop], draw(padding))
+    params_rid = rid % 65535 + 1 if shape == "other rid" else rid
+    wire += raw_record(4, params_rid, b"", draw(padding), 2 if shape == "version" else 1)
+    tail = draw(st.sampled_from(["stdin_end"] * 3 + ["body", "data", "abort", "none", "junk"]))
+    if tail == "stdin_end":
+        wire += raw_record(5, rid, b"", draw(padding))
+    elif tail == "body":
+        wire += raw_record(5, rid, b"body", draw(padding)) + raw_record(5, rid, b"")
+    elif tail == "data":
+        wire += raw_record(5, rid, b"") + raw_record(8, rid, b"dd") + raw_record(8, rid, b"")
+    elif tail == "abort":
+        wire += raw_record(2, rid)
+    elif tail == "junk":
+        wire += b"HTTP/1.1"
+    return wire
+
+
+head_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("queue"), request_heads()),
+        st.tuples(st.just("feed"), st.sampled_from([1 << 20, 1 << 20, 9, 30])),
+        st.tuples(st.just("end_request"), st.sampled_from([1, 2, 65535]), st.just(0), st.just(0)),
+        st.tuples(st.just("drain")),
+    ),
+    max_size=12,
+)
+
+
+def server_inside(conn: ServerConnection) -> tuple[object, ...]:
+    """Everything the request head changes in a server connection."""
+    requests = {
+        rid: (r.state, r.role, r.keep_conn, r.received.states, bytes(r.params), r.stderr_used)
+        for rid, r in conn._requests.items()
+    }
+    reader = (conn._state, bytes(conn._header_buf), conn._left + conn._padding)
+    return (requests, conn._ended, conn._delivering, conn.dropped_size, conn.closed, reader)
+
+
+@given(
+    ops=head_ops,
+    multiplex=st.booleans(),
+    roles=st.sampled_from([(Role.RESPONDER,), (Role.RESPONDER, Role.AUTHORIZER, Role.FILTER)]),
+    max_params_size=st.sampled_from([1 << 20, 1 << 20, 20]),
+    max_params_pairs=st.sampled_from([1000, 1000, 2]),
+)
+@settings(max_examples=500, deadline=None)
+def test_server_request_head_in_one_step_equals_record_by_record(
+    ops: list[Op],
+    multiplex: bool,
+    roles: tuple[Role, ...],
+    max_params_size: int,
+    max_params_pairs: int,
+) -> None:
+    def make() -> ServerConnection:
+        return ServerConnection(
+            roles=roles,
+            multiplex=multiplex,
+            max_requests=2,
+            max_params_size=max_params_size,
+            max_params_pairs=max_params_pairs,
+        )
+
+    fast, plain = Driver(make()), Driver(make())
+    assert isinstance(plain.conn, ServerConnection) and isinstance(fast.conn, ServerConnection)
+    plain.conn._head_fast = False
+    for op in [*ops, ("feed", 1 << 20), ("drain",)]:
+        assert fast.apply(op) == plain.apply(op), op
+        assert server_inside(fast.conn) == server_inside(plain.conn), op
+        assert fast.conn._delivering == table_delivering(fast.conn, SERVER), op
+
+
+def test_the_request_head_of_nginx_takes_one_step() -> None:
+    """The fast path above is the one a web server's request takes (so the property covers it)."""
+    conn = ServerConnection()
+    params = {b"REQUEST_METHOD": b"GET", b"SCRIPT_NAME": b"/hello", b"HTTP_X": b"y" * 200}
+    content = b"".join(encode_pair(name, value) for name, value in params.items())
+    wire = (
+        raw_record(1, 1, begin_body(), 0)
+        + raw_record(4, 1, content, -len(content) & 7)
+        + raw_record(4, 1, b"")
+        + raw_record(5, 1, b"")
+    )
+    events: list[object] = []
+    assert conn._request_head(wire, events) == len(wire)  # type: ignore[arg-type]
+    assert events == [BeginRequest(1, Role.RESPONDER, True), Params(1, params), StdinEnd(1)]
 
 
 # --- the cases the properties found or guard, spelled out ---

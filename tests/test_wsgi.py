@@ -13,11 +13,14 @@ from wsgiref.validate import validator
 
 import pytest
 from helpers import no_new_thread_left
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_socket_server import Raw
 
-from fcgiproto import ProtocolStatus
+from fcgiproto import BeginRequest, Params, ProtocolStatus, Role
 from fcgiproto.cgi import build_params
-from fcgiproto.support import Address, wsgi_environ
+from fcgiproto.support import Address, RequestState, ServerOptions, cgi_head, wsgi_environ
+from fcgiproto.support._environ import _native
 from fcgiproto_socket import Client, serve_wsgi
 
 WAIT = 10.0
@@ -182,6 +185,53 @@ def test_environ_from_nginx_params() -> None:
     assert seen["wsgi.multithread"] is True
     assert seen["wsgi.run_once"] is False
     assert "HTTP_CONTENT_TYPE" not in seen
+
+
+# Names and values of any bytes, UTF-8 or not, NULs and cut sequences too.
+_param_bytes = st.binary(max_size=6) | st.sampled_from(
+    [b"", b"GET", b"caf\xc3\xa9", b"\xc3", b"\xe2\x82", b"\xf0\x9f\x98", b"\xff", b"a\0b"]
+)
+
+
+@given(st.dictionaries(_param_bytes, _param_bytes, max_size=6))
+@settings(max_examples=500, deadline=None)
+def test_every_param_is_in_the_environ_as_a_native_string(raw: dict[bytes, bytes]) -> None:
+    decoded = {
+        k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+        for k, v in raw.items()
+    }
+    # As the servers decode them (strict UTF-8 first, which must not show).
+    state = RequestState(BeginRequest(1, Role.RESPONDER, True), ServerOptions(), 0.0)
+    state.gather(Params(1, raw))
+    assert state.params == decoded
+    environ = wsgi_environ(decoded, input=None, errors=None, multithread=False, multiprocess=False)
+    for name, value in decoded.items():  # every param as PEP 3333's native str
+        assert environ[name] == _native(value)  # (none is a name the environ sets itself)
+
+
+_header_text = st.text(st.sampled_from("aZ-: \t\r\n\u00e9\u0100\x7f"), max_size=5)
+
+
+@given(
+    st.sampled_from(["200 OK", "404 Not Found", "200 \u00e9", "200 \u0100", "200 A\r\nB"]),
+    st.lists(st.tuples(_header_text, _header_text), max_size=4),
+)
+@settings(max_examples=500, deadline=None)
+def test_a_head_of_str_is_what_it_is_as_bytes(status: str, headers: list[tuple[str, str]]) -> None:
+    """WSGI's str head takes its own way; what it makes, or refuses, is the general way's."""
+
+    def head(status: str, headers: Any) -> bytes | type[Exception]:
+        try:
+            return cgi_head(status, headers)
+        except (ValueError, UnicodeError) as exc:
+            return ValueError if type(exc) is ValueError else UnicodeError
+
+    # A tuple of them, or bytes, go the general way.
+    expected = head(status, tuple(headers))
+    assert head(status, headers) == expected
+    if all(f"{n}{v}".isascii() for n, v in headers) and status.isascii():
+        raw = [(n.encode(), v.encode()) for n, v in headers]
+        assert head(status, raw) == expected
 
 
 def test_environ_split_by_the_web_server_is_kept() -> None:

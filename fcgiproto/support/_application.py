@@ -144,11 +144,17 @@ class RequestState:
         """Take one input event of this request; whether the request is now whole."""
         if isinstance(event, Params):
             # Decoded inline: a function call per name and value costs about
-            # 5% of what serving a small WSGI request does (callgrind).
-            self.params = {
-                k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
-                for k, v in event.params.items()
-            }
+            # 5% of what serving a small WSGI request does (callgrind), and
+            # joining them to decode once costs as much. Strict UTF-8 first:
+            # where it succeeds it gives what surrogateescape gives, for about
+            # a quarter less; bytes that are not UTF-8 raise, and go that way.
+            try:
+                self.params = {k.decode(): v.decode() for k, v in event.params.items()}
+            except UnicodeDecodeError:
+                self.params = {
+                    k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+                    for k, v in event.params.items()
+                }
         elif isinstance(event, StdinData):
             self.input_left -= len(event.data)
             if self.input_left >= 0:

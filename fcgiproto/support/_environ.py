@@ -117,10 +117,15 @@ def wsgi_environ(
     (SERVER_NAME "localhost", SERVER_PORT "80" or "443", REQUEST_METHOD "GET");
     CONTENT_TYPE and CONTENT_LENGTH only when not empty.
     """
-    # Most params are ASCII, native already: _native() only for the others.
-    environ: dict[str, Any] = {
-        name: value if value.isascii() else _native(value) for name, value in params.items()
-    }
+    # Most params are ASCII, native already: _native() only for the others,
+    # and when all are (one check of them joined), one copy of them all.
+    environ: dict[str, Any]
+    if "".join(params.values()).isascii():
+        environ = dict(params)
+    else:
+        environ = {
+            name: value if value.isascii() else _native(value) for name, value in params.items()
+        }
     for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
         if not environ.get(name):
             environ.pop(name, None)
@@ -129,8 +134,8 @@ def wsgi_environ(
     environ.pop("HTTP_CONTENT_LENGTH", None)
     scheme = url_scheme(params)
     script_name, path_info = request_path(params, root_path)
-    environ["SCRIPT_NAME"] = _native(script_name)
-    environ["PATH_INFO"] = _native(path_info)
+    environ["SCRIPT_NAME"] = script_name if script_name.isascii() else _native(script_name)
+    environ["PATH_INFO"] = path_info if path_info.isascii() else _native(path_info)
     environ.setdefault("QUERY_STRING", "")
     environ["REQUEST_METHOD"] = environ.get("REQUEST_METHOD") or "GET"
     if not environ.get("SERVER_NAME"):
@@ -223,6 +228,18 @@ def cgi_head(status: int | str, headers: Iterable[tuple[bytes | str, bytes | str
     and values are bytes, or str of latin-1 characters; a CR or LF in either
     is refused (ValueError): it would let the app forge headers.
     """
+    if type(status) is str and type(headers) is list:
+        # WSGI's case, all str: one text, one encode, one count of line ends.
+        try:
+            text = "".join([name + ": " + value + "\r\n" for name, value in headers])
+        except TypeError:  # bytes among them
+            pass
+        else:
+            head = ("Status: " + status + "\r\n" + text).encode("latin-1")
+            ends = len(headers) + 1  # the line ends put here
+            if head.count(b"\r") != ends or head.count(b"\n") != ends:
+                raise ValueError("a response header contains CR or LF")
+            return head + b"\r\n"
     if isinstance(status, int):
         first = _status_lines.get(status)
         if first is None:
