@@ -65,10 +65,13 @@ class Background:
 
     def start(self, run: Callable[[], object], name: str) -> None:
         thread = threading.Thread(target=run, name=name, daemon=True)
+        # Started under the lock: a join() between listing the thread and
+        # starting it would find it not yet started (RuntimeError), and so
+        # would is_alive() here, dropping another caller's thread from the list.
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
-        thread.start()
+            thread.start()
 
     def __enter__(self) -> None:
         return None
