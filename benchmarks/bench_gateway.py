@@ -2,7 +2,7 @@
 
     uv run python benchmarks/bench_gateway.py [--seconds 5] [--only gateway,nginx,caddy]
 
-One php-fpm pool (8 static workers, opcache on) on a Unix socket serves
+A php-fpm pool per front (8 static workers, opcache on) on a Unix socket serves
 hello.php and a front controller (index.php) that prints REQUEST_URI. Each front server is set up as
 its documentation recommends for a PHP front controller:
 
@@ -16,8 +16,10 @@ its documentation recommends for a PHP front controller:
 
 wrk asks each for /hello.php (a script) and for /blog/post (the front
 controller: every file check fails until index.php) with -t1 -c1 and -t2 -c16.
-Figures: requests/s, and CPU per request of the front server (its process
-tree, from /proc) and of php-fpm.
+All fronts run at once and each cell of the table runs them back to back, so
+that the fronts compared saw the same load from other jobs.
+Figures: requests/s, CPU per request of the front server (its process
+tree, from /proc), of php-fpm and of wrk, and the cores each used over the run.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -43,6 +48,46 @@ from gateway_peers import FpmPool
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+class Row(NamedTuple):
+    """One wrk run: req/s, requests, seconds, and CPU seconds of the front, php-fpm and wrk."""
+
+    rate: float
+    count: int
+    elapsed: float
+    front: float
+    php: float
+    wrk: float
+
+    def __str__(self) -> str:
+        per = 1e6 / self.count
+        return (
+            f"{self.rate:9,.0f} req/s  front {self.front * per:5,.0f} us/req  "
+            f"php-fpm {self.php * per:4,.0f} us/req  wrk {self.wrk * per:3,.0f} us/req  "
+            f"cores: front {self.front / self.elapsed:.2f} php-fpm {self.php / self.elapsed:.2f} "
+            f"wrk {self.wrk / self.elapsed:.2f}"
+        )
+
+
+def wrk_timed(url: str, threads: int, connections: int, seconds: int) -> tuple[int, float, float]:
+    """wrk's requests and requests/s, and the CPU seconds wrk itself used."""
+    argv = [WRK, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", url]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0  # reaped here, for Popen's sake
+    count, rate = _parse_wrk(out)
+    return count, rate, usage.ru_utime + usage.ru_stime
+
+
+def _parse_wrk(out: str) -> tuple[int, float]:
+    count = re.search(r"(\d+) requests in", out)
+    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if count is None or rate is None or "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk failed:\n{out}")
+    return int(count.group(1)), float(rate.group(1))
+
+
 def wrk(url: str, threads: int, connections: int, seconds: int) -> tuple[int, float]:
     """wrk's requests and requests/s; fails on errors or non-2xx answers.
 
@@ -51,11 +96,7 @@ def wrk(url: str, threads: int, connections: int, seconds: int) -> tuple[int, fl
     """
     argv = [WRK, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", url]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
-    count = re.search(r"(\d+) requests in", out)
-    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    if count is None or rate is None or "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"wrk failed:\n{out}")
-    return int(count.group(1)), float(rate.group(1))
+    return _parse_wrk(out)
 
 
 OPCACHE = ["-d", "zend_extension=opcache", "-d", "opcache.enable=1"]
@@ -220,6 +261,18 @@ FRONTS: dict[str, Callable[[Path, Path, str], Front]] = {
 }
 
 
+def measure(url: str, threads: int, conns: int, seconds: int, front_pid: int, fpm_pid: int) -> Row:
+    """One wrk run against a front: its rate, and the CPU each party spent on it."""
+    wrk(url, threads, conns, 1)  # warm-up
+    front_before, php_before = tree_cpu(front_pid), tree_cpu(fpm_pid)
+    started = time.monotonic()
+    count, rate, wrk_cpu = wrk_timed(url, threads, conns, seconds)
+    elapsed = time.monotonic() - started
+    front = tree_cpu(front_pid) - front_before
+    php = tree_cpu(fpm_pid) - php_before
+    return Row(rate, count, elapsed, front, php, wrk_cpu)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
@@ -227,46 +280,44 @@ def main() -> int:
     args = parser.parse_args()
     binary = peers.find_php_fpm()
     assert binary, "php-fpm is not installed"
-    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as scratch:
+    names = args.only.split(",")
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as scratch, ExitStack() as stack:
         base = Path(scratch)
         root = base / "www"
         root.mkdir()
         (root / "hello.php").write_text('<?php echo "Hello, world\\n";')
         (root / "index.php").write_text('<?php echo "front controller: ", $_SERVER["REQUEST_URI"];')
-        fpm = FpmPool(binary, base, "bench", workers=8)
-        fpm._proc.argv[1:1] = OPCACHE
-        fpm.start()
-        fpm_pid = fpm._proc.process.pid  # type: ignore[union-attr]
-        rows = []
-        try:
-            for name in args.only.split(","):
-                with FRONTS[name](base, root, fpm.socket) as front:
-                    for path in PATHS:
-                        url = f"http://127.0.0.1:{front.port}{path}"
-                        for threads, conns in LOADS:
-                            wrk(url, threads, conns, 1)  # warm-up
-                            front_cpu, php_cpu = tree_cpu(front.pid), tree_cpu(fpm_pid)
-                            count, rate = wrk(url, threads, conns, args.seconds)
-                            front_cpu = tree_cpu(front.pid) - front_cpu
-                            php_cpu = tree_cpu(fpm_pid) - php_cpu
-                            rows.append(
-                                (name, path, conns, rate, front_cpu / count, php_cpu / count)
-                            )
-                            print(
-                                f"{name:8} {path:11} -c{conns:<3} {rate:9,.0f} req/s  "
-                                f"front {front_cpu / count * 1e6:6,.0f} us/req  "
-                                f"php-fpm {php_cpu / count * 1e6:6,.0f} us/req",
-                                flush=True,
-                            )
-        finally:
-            fpm.stop()
-    by = {(n, p, c): r for n, p, c, r, _, _ in rows}
+        # A pool each, alike: php-fpm pins a worker to every connection a
+        # front keeps alive, so fronts sharing one pool would starve each other.
+        fronts: dict[str, tuple[Front, int]] = {}
+        for name in names:
+            fpm = FpmPool(binary, base, f"bench-{name}", workers=8)
+            fpm._proc.argv[1:1] = OPCACHE
+            fpm.start()
+            stack.callback(fpm.stop)
+            fpm_pid = fpm._proc.process.pid  # type: ignore[union-attr]
+            # Every front runs from the start (an idle one costs nothing), and
+            # each cell of the table runs them back to back: what other jobs
+            # do to the machine changes by the minute, so fronts compared
+            # within seconds of each other see the same load.
+            front = stack.enter_context(FRONTS[name](base, root, fpm.socket))
+            fronts[name] = (front, fpm_pid)
+        print(f"load average at start: {os.getloadavg()}", flush=True)
+        rows: dict[tuple[str, str, int], Row] = {}
+        for path in PATHS:
+            for threads, conns in LOADS:
+                for name, (front, fpm_pid) in fronts.items():
+                    url = f"http://127.0.0.1:{front.port}{path}"
+                    row = measure(url, threads, conns, args.seconds, front.pid, fpm_pid)
+                    rows[(name, path, conns)] = row
+                    print(f"{name:8} {path:11} -c{conns:<3} {row}", flush=True)
+        print(f"load average at end: {os.getloadavg()}", flush=True)
     for path in PATHS:
         for _, conns in LOADS:
             for ours in ("gateway", "gateway2"):
                 for theirs in ("caddy", "nginx"):
-                    if (ours, path, conns) in by and (theirs, path, conns) in by:
-                        ratio = by[(ours, path, conns)] / by[(theirs, path, conns)]
+                    if (ours, path, conns) in rows and (theirs, path, conns) in rows:
+                        ratio = rows[(ours, path, conns)].rate / rows[(theirs, path, conns)].rate
                         print(f"{ours} / {theirs} {path} -c{conns}: {ratio:.2f}x")
     return 0
 

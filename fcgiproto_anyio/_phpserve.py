@@ -89,6 +89,15 @@ def worker_app() -> PhpGateway:
     return PhpGateway(**json.loads(os.environ[_OPTIONS_VARIABLE]))
 
 
+def _http_protocol() -> type[Any] | str:
+    """uvicorn's httptools protocol with coalesced writes, or uvicorn's choice without httptools."""
+    try:
+        from ._phphttp import CoalescingHttpToolsProtocol
+    except ImportError:
+        return "auto"
+    return CoalescingHttpToolsProtocol
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; the exit status."""
     try:
@@ -103,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = _listen(args.listen)
     _log_to_stderr()
     server_options: dict[str, Any] = {
+        "http": _http_protocol(),
         "host": host,
         "port": port,
         "lifespan": "on",

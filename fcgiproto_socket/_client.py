@@ -709,6 +709,18 @@ class StreamResponse(ResponseState):
         """Give the connection back when the exchange ended cleanly, else close (or abort) it."""
         exchange, self._exchange = self._exchange, None
         pieces, self._pieces = self._pieces, None
+        if (
+            pieces is None
+            and type(exchange) is _SoloExchange
+            and self._end is not None
+            and exchange.conn.flushed
+        ):
+            # Ended, with nothing left to write (most streams): giving the
+            # connection back waits for nothing that cancellation could cut
+            # (_release shields what it closes), so no shield of its own,
+            # the dearest part of leaving on anyio.
+            exchange.finish(True, self._deadline, self._limits)
+            return
         with shield():
             if exchange is not None:
                 exchange.finish(self._end is not None, self._deadline, self._limits)

@@ -178,9 +178,19 @@ class PhpRouter:
         path = self.normalize(raw_path)
         if isinstance(path, Refusal):
             return path
+        # What the path itself is, asked once: the directory check below and
+        # the "{path}" candidate (nearly always the first) both need it.
+        known: tuple[bytes, FileKind] | None = None
         if self.index is not None and not path.endswith(b"/"):
-            index = self._join(path.rstrip(b"/") + b"/" + self.index)
-            if self.filesystem.kind(index) is FileKind.FILE and self._inside(index):
+            filename = self._join(path)
+            known = (filename, self.filesystem.kind(filename))
+            # Only a directory can hold an index: anything else spares a stat.
+            index = self._join(path + b"/" + self.index)
+            if (
+                known[1] is FileKind.DIRECTORY
+                and self.filesystem.kind(index) is FileKind.FILE
+                and self._inside(index)
+            ):
                 # A directory without its slash: relative links in its index
                 # page would resolve against the parent otherwise.
                 # Built from the normalized path, never the raw one: "//host"
@@ -188,13 +198,17 @@ class PhpRouter:
                 location = quote(path, safe="/!$&'()*+,;=:@~-._").encode() + b"/"
                 return Redirect(location + b"?" + query if query else location)
         for candidate in self.try_files:
-            expanded = candidate.replace(b"{path}", path)
-            if not expanded.startswith(b"/"):
-                expanded = b"/" + expanded
-            target = self.normalize(expanded, decoded=True)
+            target: bytes | Refusal
+            if candidate == b"{path}":
+                target = path  # normalized already, and normalizing is idempotent
+            else:
+                expanded = candidate.replace(b"{path}", path)
+                if not expanded.startswith(b"/"):
+                    expanded = b"/" + expanded
+                target = self.normalize(expanded, decoded=True)
             if isinstance(target, Refusal):
                 return target
-            found = self._match(target)
+            found = self._match(target, known)
             if found is not None:
                 return found
         return Refusal(404, "no file matches the request path")
@@ -207,9 +221,13 @@ class PhpRouter:
         """
         if _FORBIDDEN_BYTES.search(raw_path):
             return _bad("the path holds NUL, CR or LF")
-        path = raw_path if decoded else unquote_to_bytes(raw_path)
-        if _FORBIDDEN_BYTES.search(path):
-            return _bad("the path holds an encoded NUL, CR or LF")
+        # Without a "%" there is nothing to decode, nor anything new to check.
+        if not decoded and b"%" in raw_path:
+            path = unquote_to_bytes(raw_path)
+            if _FORBIDDEN_BYTES.search(path):
+                return _bad("the path holds an encoded NUL, CR or LF")
+        else:
+            path = raw_path
         if not path.startswith(b"/"):
             return _bad("the path does not start with '/'")
         if b"//" not in path and b"/." not in path:
@@ -255,25 +273,33 @@ class PhpRouter:
 
     # --- the filesystem ---
 
-    def _match(self, path: bytes) -> Route | None:
-        """The route for a try_files candidate if it names a file, else None."""
+    def _match(self, path: bytes, known: tuple[bytes, FileKind] | None = None) -> Route | None:
+        """The route for a try_files candidate if it names a file, else None.
+
+        ``known`` is a filename whose kind route() has asked already.
+        """
         split = self.split(path)
         if split is not None:
             script_name, path_info = split
             filename = self._join(script_name)
             if self._hidden(script_name):
                 return None
-            if self.filesystem.kind(filename) is FileKind.FILE and self._inside(filename):
+            if self._kind(filename, known) is FileKind.FILE and self._inside(filename):
                 return Script(filename, script_name, path_info)
             return None
         if path.endswith(b"/"):
             return None  # a directory is never a file; its index is a candidate of its own
         filename = self._join(path)
-        if self.filesystem.kind(filename) is not FileKind.FILE:
+        if self._kind(filename, known) is not FileKind.FILE:
             return None
         if self._hidden(path) or not self._inside(filename):
             return Refusal(404, "the file is hidden or outside the document root")
         return StaticFile(filename)
+
+    def _kind(self, filename: bytes, known: tuple[bytes, FileKind] | None) -> FileKind:
+        if known is not None and known[0] == filename:
+            return known[1]
+        return self.filesystem.kind(filename)
 
     def _join(self, path: bytes) -> bytes:
         return self.root + path if self.root != b"/" else path
