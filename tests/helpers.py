@@ -6,6 +6,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from fcgiproto import (
@@ -143,3 +144,22 @@ def serving_anyio(app: Any, address: str, **options: Any) -> Iterator[Any]:
             yield bound
         finally:
             future.cancel()
+
+
+def mypy_strict(blocks: Sequence[str], directory: Path, name: str) -> tuple[int, str]:
+    """mypy --strict over code blocks written as files in `directory`: (status, report).
+
+    Incremental, with a cache of its own per caller in the checkout's
+    .mypy_cache (two test workers may run two callers at once): the standard
+    library's and the packages' stubs are checked once, not on every run.
+    """
+    from mypy import api
+
+    files = []
+    for index, block in enumerate(blocks):
+        path = directory / f"{name}_block{index}.py"
+        path.write_text(block, encoding="utf-8")
+        files.append(str(path))
+    cache = Path(__file__).resolve().parent.parent / ".mypy_cache" / f"tests-{name}"
+    out, err, status = api.run(["--strict", "--cache-dir", str(cache), *files])
+    return status, out + err

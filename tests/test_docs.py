@@ -26,6 +26,7 @@ from pathlib import Path
 
 import peers
 import pytest
+from helpers import mypy_strict
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -132,14 +133,9 @@ def test_the_php_scripts_shown_are_those_the_examples_run() -> None:
 
 def test_docs_examples_pass_mypy_strict(tmp_path: Path) -> None:
     """A user who copies an example gets code that mypy --strict accepts."""
-    mypy = pytest.importorskip("mypy.api")
-    files = []
-    for index, block in enumerate(RUN + PHP):
-        path = tmp_path / f"docs_block{index}.py"
-        path.write_text(block.code, encoding="utf-8")
-        files.append(str(path))
-    out, err, status = mypy.run(["--strict", "--no-incremental", *files])
-    assert status == 0, out + err
+    pytest.importorskip("mypy.api")
+    status, report = mypy_strict([block.code for block in RUN + PHP], tmp_path, "docs")
+    assert status == 0, report
 
 
 # --- the API reference: mkdocstrings renders docstrings, so every public name needs one ---

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import mypy_strict
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
@@ -22,14 +23,9 @@ def test_readme_example_runs(block: str) -> None:
 
 def test_readme_examples_pass_mypy_strict(tmp_path: Path) -> None:
     """A user who copies an example gets code that mypy --strict accepts."""
-    mypy = pytest.importorskip("mypy.api")
-    files = []
-    for index, block in enumerate(BLOCKS):
-        path = tmp_path / f"readme_block{index}.py"
-        path.write_text(block, encoding="utf-8")
-        files.append(str(path))
-    out, err, status = mypy.run(["--strict", "--no-incremental", *files])
-    assert status == 0, out + err
+    pytest.importorskip("mypy.api")
+    status, report = mypy_strict(BLOCKS, tmp_path, "readme")
+    assert status == 0, report
 
 
 def _shown(name: str, value: object) -> str:
