@@ -10,6 +10,7 @@ clock, and the tasks a client runs in the background.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from asyncio import _get_running_loop
 from collections.abc import (
@@ -96,7 +97,7 @@ class AsyncLock:
 class AsyncFlag:
     """A flag to wait for, with a limit; it can be cleared and set again.
 
-    On asyncio a wait is a future and a loop timer: an anyio Event waited in
+    On asyncio a wait is a future and a LoopTimeouts entry: an anyio Event waited in
     a move_on_after scope costs several times that, once per request on a
     multiplexed connection. anyio scopes cancel the future like any await
     there. Elsewhere (trio) it is an anyio Event.
@@ -141,19 +142,78 @@ class AsyncFlag:
             return self._is_set
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
-        timer = None if timeout is None else loop.call_at(loop.time() + timeout, _end_wait, waiter)
+        if timeout is not None:
+            timeouts = loop_timeouts(loop)
+            timeouts.add(waiter, loop.time() + timeout, None)
         try:
             await waiter
         finally:
-            if timer is not None:
-                timer.cancel()
+            if timeout is not None:
+                timeouts.discard(waiter)
             self._waiters.remove(waiter)
         return self._is_set
 
 
-def _end_wait(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+class LoopTimeouts:
+    """The limits of many waits on an asyncio loop, kept by one loop timer.
+
+    A timer per wait is a TimerHandle pushed on the loop's heap and a cancelled
+    one popped from it later, comparisons in Python each; with a read limit
+    of seconds and answers in microseconds, nearly every such timer is made
+    only to be cancelled. Here a wait is an entry in a dict; the one timer is
+    armed for the soonest limit when a sooner one comes, and when it fires
+    it ends the waits that are due and arms itself again for the soonest of
+    the others: about once per limit's length, not once per wait.
+    """
+
+    __slots__ = ("_handle", "_loop", "_waits", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waits: dict[asyncio.Future[Any], tuple[float, object]] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = math.inf
+
+    def add(self, waiter: asyncio.Future[Any], deadline: float, result: object) -> None:
+        """End `waiter` with `result` at `deadline` (the loop's clock) unless it is done."""
+        self._waits[waiter] = (deadline, result)
+        if deadline < self._when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._handle = self._loop.call_at(deadline, self._fire)
+            self._when = deadline
+
+    def discard(self, waiter: asyncio.Future[Any]) -> None:
+        self._waits.pop(waiter, None)
+
+    def _fire(self) -> None:
+        # Due: what the timer was armed for (the loop runs a timer up to its
+        # clock's resolution early); the others arm it again.
+        due = self._when
+        self._handle, self._when = None, math.inf
+        ended = [waiter for waiter, (deadline, _) in self._waits.items() if deadline <= due]
+        for waiter in ended:
+            _, result = self._waits.pop(waiter)
+            if not waiter.done():
+                waiter.set_result(result)
+        if self._waits:
+            soonest = min(deadline for deadline, _ in self._waits.values())
+            self._handle = self._loop.call_at(soonest, self._fire)
+            self._when = soonest
+
+
+# The running loop's LoopTimeouts: (loop, its timeouts), read and replaced whole.
+_timeouts: tuple[asyncio.AbstractEventLoop | None, LoopTimeouts | None] = (None, None)
+
+
+def loop_timeouts(loop: asyncio.AbstractEventLoop) -> LoopTimeouts:
+    """The LoopTimeouts of `loop`, the running one (one kept: loops rarely change)."""
+    global _timeouts
+    cached_loop, timeouts = _timeouts
+    if cached_loop is not loop or timeouts is None:
+        timeouts = LoopTimeouts(loop)
+        _timeouts = (loop, timeouts)
+    return timeouts
 
 
 class AsyncBackground:

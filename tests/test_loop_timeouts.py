@@ -1,0 +1,69 @@
+"""LoopTimeouts: the limits of many asyncio waits on one loop timer."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from fcgiproto_anyio._primitives import AsyncFlag, LoopTimeouts, loop_timeouts
+
+
+def test_each_wait_ends_at_its_own_limit_whatever_the_order_they_came_in() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        timeouts = LoopTimeouts(loop)
+        start = loop.time()
+        ended: dict[str, float] = {}
+        limits = {"long": 0.30, "short": 0.05, "middle": 0.15, "later_shorter": 0.10}
+        waiters: dict[str, asyncio.Future[object]] = {}
+
+        def note(name: str, _: object) -> None:
+            ended.setdefault(name, loop.time())
+
+        for name, limit in limits.items():
+            waiter: asyncio.Future[object] = loop.create_future()
+            waiter.add_done_callback(functools.partial(note, name))
+            timeouts.add(waiter, start + limit, name)
+            waiters[name] = waiter
+        done: asyncio.Future[object] = (
+            loop.create_future()
+        )  # done before its limit: never ended by the timer
+        timeouts.add(done, start + 0.01, "late")
+        done.set_result("first")
+        gone: asyncio.Future[object] = loop.create_future()  # discarded: its limit passes unseen
+        timeouts.add(gone, start + 0.02, "gone")
+        timeouts.discard(gone)
+        await asyncio.gather(*waiters.values())
+        for name, waiter in waiters.items():
+            assert waiter.result() == name
+            assert ended[name] - start >= limits[name] - 0.005
+            assert ended[name] - start < limits[name] + 0.2
+        assert done.result() == "first"
+        assert not gone.done()
+        assert sorted(ended, key=ended.__getitem__) == ["short", "later_shorter", "middle", "long"]
+
+    asyncio.run(main())
+
+
+def test_the_running_loop_keeps_one_and_a_new_loop_gets_its_own() -> None:
+    async def one() -> LoopTimeouts:
+        loop = asyncio.get_running_loop()
+        assert loop_timeouts(loop) is loop_timeouts(loop)
+        return loop_timeouts(loop)
+
+    assert asyncio.run(one()) is not asyncio.run(one())
+
+
+def test_a_flag_wait_ends_at_its_limit_and_a_set_flag_wakes_it_before() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        flag = AsyncFlag()
+        start = loop.time()
+        assert not await flag.wait(0.05)
+        assert loop.time() - start >= 0.045
+        loop.call_later(0.01, flag.set)
+        start = loop.time()
+        assert await flag.wait(5)
+        assert loop.time() - start < 1
+
+    asyncio.run(main())
