@@ -97,18 +97,18 @@ class AsyncLock:
 class AsyncFlag:
     """A flag to wait for, with a limit; it can be cleared and set again.
 
-    On asyncio a wait is a future and a LoopTimeouts entry: an anyio Event waited in
-    a move_on_after scope costs several times that, once per request on a
-    multiplexed connection. anyio scopes cancel the future like any await
-    there. Elsewhere (trio) it is an anyio Event.
+    On asyncio a wait is a future and a LoopTimeouts entry, on trio a parked
+    task in a trio cancel scope: an anyio Event waited in a move_on_after
+    scope costs several times either, once per request on a multiplexed
+    connection. anyio scopes cancel both like any other wait.
     """
 
-    __slots__ = ("_event", "_is_set", "_waiters")
+    __slots__ = ("_is_set", "_tasks", "_waiters")
 
     def __init__(self) -> None:
         self._is_set = False
         self._waiters: list[asyncio.Future[None]] = []  # tasks waiting on asyncio
-        self._event: anyio.Event | None = None  # made when a task waits elsewhere
+        self._tasks: list[Any] = []  # trio tasks parked here
 
     def set(self) -> None:
         if self._is_set:
@@ -117,28 +117,26 @@ class AsyncFlag:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if self._event is not None:
-            self._event.set()
+        if self._tasks:
+            from ._trio_stream import wake_parked
+
+            wake_parked(self._tasks)
 
     def is_set(self) -> bool:
         return self._is_set
 
     def clear(self) -> None:
-        if self._is_set:
-            self._is_set = False
-            self._event = None
+        self._is_set = False
 
     async def wait(self, timeout: float | None) -> bool:
         """Whether the flag was set within `timeout` seconds (None: no limit)."""
         if self._is_set:
             return True
         loop = _get_running_loop()
-        if loop is None:
-            if self._event is None:
-                self._event = anyio.Event()
-            event = self._event
-            with anyio.move_on_after(timeout):
-                await event.wait()
+        if loop is None:  # anyio runs on asyncio or trio: this is trio
+            from ._trio_stream import park
+
+            await park(self._tasks, timeout)
             return self._is_set
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)

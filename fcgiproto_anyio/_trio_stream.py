@@ -24,7 +24,7 @@ from fcgiproto.support import Address
 
 from ._backend import AnyioStream, _Wait
 
-__all__ = ["TrioStream"]
+__all__ = ["TrioStream", "park", "wake_parked"]
 
 
 class _Timeouts:
@@ -157,3 +157,25 @@ class TrioStream(AnyioStream):
                     # Woken for the other direction's limit: still ours to wait.
         finally:
             timeouts.discard(key)
+
+
+async def park(parked: list[trio.lowlevel.Task], timeout: float | None) -> None:
+    """Wait in `parked` until wake_parked() or `timeout` seconds (AsyncFlag on trio)."""
+    task = trio.lowlevel.current_task()
+    parked.append(task)
+
+    def abort(_: object) -> trio.lowlevel.Abort:
+        parked.remove(task)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    if timeout is None:
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        return
+    with trio.CancelScope(deadline=trio.current_time() + timeout):
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def wake_parked(parked: list[trio.lowlevel.Task]) -> None:
+    for task in parked:
+        trio.lowlevel.reschedule(task)
+    parked.clear()
