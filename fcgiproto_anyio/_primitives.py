@@ -136,7 +136,7 @@ class AsyncFlag:
         if loop is None:  # anyio runs on asyncio or trio: this is trio
             from ._trio_stream import park
 
-            await park(self._tasks, timeout)
+            await park(self._tasks, timeout, self.is_set)
             return self._is_set
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
+from collections.abc import Callable
 
 import anyio
+import outcome
 import trio
 import trio.lowlevel
 
@@ -25,6 +27,9 @@ from fcgiproto.support import Address
 from ._backend import AnyioStream, _Wait
 
 __all__ = ["TrioStream", "park", "wake_parked"]
+
+#: What a parked task is woken with when the keeper of its limit ends.
+_HANDED_BACK = object()
 
 
 class _Timeouts:
@@ -37,13 +42,17 @@ class _Timeouts:
     sooner one comes), and at a limit wakes the waits that are due through
     trio.lowlevel.notify_closing, which their stream reads as the timeout
     when their entry is gone. A wait woken so for the other direction's limit
-    waits again.
+    waits again. A task parked by AsyncFlag while the keeper runs has its
+    limit kept here too: the keeper takes it out of its list and reschedules
+    it. When the last stream closes the keeper ends, and hands the tasks
+    still parked back to park(), which waits on in a cancel scope of its own.
     """
 
-    __slots__ = ("_life", "_scope", "_streams", "_waits", "_when")
+    __slots__ = ("_life", "_parked_in", "_scope", "_streams", "_waits", "_when")
 
     def __init__(self) -> None:
-        self._waits: dict[tuple[TrioStream, bool], float] = {}
+        self._waits: dict[tuple[TrioStream, bool] | trio.lowlevel.Task, float] = {}
+        self._parked_in: dict[trio.lowlevel.Task, list[trio.lowlevel.Task]] = {}
         self._when = math.inf
         self._scope: trio.CancelScope | None = None
         # The keeper lives while streams are open, so that nothing is left
@@ -56,12 +65,28 @@ class _Timeouts:
 
     def closed(self) -> None:
         self._streams -= 1
-        if self._streams == 0:
-            self._life.cancel()
-            if _TIMEOUTS.get(None) is self:
-                _TIMEOUTS.set(None)  # the next stream starts a new keeper
+        if self._streams:
+            return
+        self._life.cancel()
+        if _TIMEOUTS.get(None) is self:
+            _TIMEOUTS.set(None)  # the next stream starts a new keeper
+        for task, parked in self._parked_in.items():
+            if task in parked:  # not woken meanwhile
+                parked.remove(task)
+                trio.lowlevel.reschedule(task, outcome.Value(_HANDED_BACK))
+        self._parked_in.clear()
 
-    def add(self, key: tuple[TrioStream, bool], deadline: float) -> None:
+    def park(
+        self, task: trio.lowlevel.Task, parked: list[trio.lowlevel.Task], deadline: float
+    ) -> None:
+        self._parked_in[task] = parked
+        self.add(task, deadline)
+
+    def unpark(self, task: trio.lowlevel.Task) -> None:
+        self._waits.pop(task, None)
+        self._parked_in.pop(task, None)
+
+    def add(self, key: tuple[TrioStream, bool] | trio.lowlevel.Task, deadline: float) -> None:
         self._waits[key] = deadline
         if deadline < self._when:
             self._when = deadline
@@ -86,9 +111,18 @@ class _Timeouts:
             self._scope = None
             now = trio.current_time()
             due = [key for key, deadline in self._waits.items() if deadline <= now]
+            streams = set()
             for key in due:
                 del self._waits[key]
-            for stream in {stream for stream, _ in due}:
+                if type(key) is tuple:
+                    streams.add(key[0])
+                    continue
+                assert isinstance(key, trio.lowlevel.Task)
+                parked = self._parked_in.pop(key, None)
+                if parked is not None and key in parked:  # not woken meanwhile
+                    parked.remove(key)
+                    trio.lowlevel.reschedule(key)
+            for stream in streams:
                 if not stream._closed:
                     # A system task must not fail: that would end the whole run.
                     with contextlib.suppress(OSError, ValueError):
@@ -159,8 +193,14 @@ class TrioStream(AnyioStream):
             timeouts.discard(key)
 
 
-async def park(parked: list[trio.lowlevel.Task], timeout: float | None) -> None:
-    """Wait in `parked` until wake_parked() or `timeout` seconds (AsyncFlag on trio)."""
+async def park(
+    parked: list[trio.lowlevel.Task], timeout: float | None, woken: Callable[[], bool]
+) -> None:
+    """Wait in `parked` until wake_parked() or `timeout` seconds (AsyncFlag on trio).
+
+    `woken` tells whether the wake-up came while the task was out of the
+    list: handed back by a keeper that ended, it waits on only if not.
+    """
     task = trio.lowlevel.current_task()
     parked.append(task)
 
@@ -171,7 +211,22 @@ async def park(parked: list[trio.lowlevel.Task], timeout: float | None) -> None:
     if timeout is None:
         await trio.lowlevel.wait_task_rescheduled(abort)
         return
-    with trio.CancelScope(deadline=trio.current_time() + timeout):
+    deadline = trio.current_time() + timeout
+    timeouts = _TIMEOUTS.get(None)
+    if timeouts is None:  # no keeper runs (no trio stream is open): a scope of its own
+        with trio.CancelScope(deadline=deadline):
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return
+    timeouts.park(task, parked, deadline)
+    try:
+        if await trio.lowlevel.wait_task_rescheduled(abort) is not _HANDED_BACK:
+            return
+    finally:
+        timeouts.unpark(task)
+    if woken():
+        return
+    parked.append(task)  # the keeper ended before the limit: wait on without it
+    with trio.CancelScope(deadline=deadline):
         await trio.lowlevel.wait_task_rescheduled(abort)
 
 

@@ -68,3 +68,75 @@ def test_a_flag_wait_ends_at_its_limit_and_a_set_flag_wakes_it_before() -> None:
         assert loop.time() - start < 1
 
     asyncio.run(main())
+
+
+def test_on_trio_a_flag_wait_ends_at_its_limit_with_and_without_the_streams_keeper() -> None:
+    import socket
+
+    import anyio
+    import trio
+
+    from fcgiproto.support import parse_address
+    from fcgiproto_anyio._trio_stream import TrioStream
+
+    async def waits() -> None:
+        flag = AsyncFlag()
+        start = trio.current_time()
+        assert not await flag.wait(0.05)
+        assert trio.current_time() - start >= 0.05
+        trio.lowlevel.current_trio_token().run_sync_soon(flag.set)
+        assert await flag.wait(5)
+
+    async def main() -> None:
+        tasks = len(anyio.get_running_tasks())
+        await waits()  # no stream open: a cancel scope of its own
+        left, right = socket.socketpair()
+        left.setblocking(False)
+        stream = TrioStream(left, parse_address("127.0.0.1:9000"))
+        try:
+            await waits()  # kept by the streams' system task
+        finally:
+            await stream.aclose()
+            right.close()
+        await trio.sleep(0.01)
+        assert len(anyio.get_running_tasks()) == tasks  # the keeper ended with the stream
+
+    trio.run(main)
+
+
+def test_on_trio_a_flag_wait_outlives_the_keeper_that_kept_its_limit() -> None:
+    import socket
+
+    import trio
+
+    from fcgiproto.support import parse_address
+    from fcgiproto_anyio._trio_stream import TrioStream
+
+    async def main() -> None:
+        for set_it in (True, False):
+            left, right = socket.socketpair()
+            left.setblocking(False)
+            stream = TrioStream(left, parse_address("127.0.0.1:9000"))
+            flag = AsyncFlag()
+            results: list[tuple[bool, float]] = []
+
+            async def waiter(
+                flag: AsyncFlag = flag, results: list[tuple[bool, float]] = results
+            ) -> None:
+                start = trio.current_time()
+                got = await flag.wait(0.2)
+                results.append((got, trio.current_time() - start))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                await trio.sleep(0.01)  # parked, its limit kept by the streams' keeper
+                await stream.aclose()  # the last stream: the keeper ends, hands it back
+                right.close()
+                await trio.sleep(0.01)
+                if set_it:
+                    flag.set()
+            [(got, waited)] = results
+            assert got is set_it
+            assert waited < 0.2 if set_it else 0.2 <= waited < 5
+
+    trio.run(main)
