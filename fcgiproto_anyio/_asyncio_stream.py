@@ -5,11 +5,11 @@ every wait (two epoll_ctl calls and a Handle), and a timeout through anyio is
 a cancel scope; together they cost more than the client's own work per
 request. Here the socket is registered once, as a reader whose callback does
 the recv itself and hands the bytes to the one waiting read, and a timeout is
-one loop timer. The socket is never readable after the callback has taken its
-bytes, so a kept connection waiting for its next request costs the loop
-nothing; only bytes nobody waits for (the application closing an idle
-connection) unregister it, since the loop would otherwise call again on
-every pass.
+an entry in the loop's LoopTimeouts (one timer for every wait). The socket
+is never readable after the callback has taken its bytes, so a kept
+connection waiting for its next request costs the loop nothing; only bytes
+nobody waits for (the application closing an idle connection) unregister
+it, since the loop would otherwise call again on every pass.
 
 A waiting read is a plain asyncio future, which anyio cancel scopes cancel
 like any other await on asyncio (anyio cancels the task natively there), so
@@ -28,6 +28,8 @@ from typing import Final, TypeAlias
 from fcgiproto import ReadError, ReadTimeout, WriteError, WriteTimeout
 from fcgiproto.support import Address
 
+from ._primitives import loop_timeouts
+
 __all__ = ["AsyncioStream", "Feed"]
 
 # What a wait ends with, besides the bytes a read was given.
@@ -40,11 +42,6 @@ _FED: Final = object()
 #: when it took them and the wait goes on, False when it took them and the
 #: read returns None, or the bytes themselves to leave them to the read.
 Feed: TypeAlias = "Callable[[bytes], bool | bytes]"
-
-
-def _expire(waiter: asyncio.Future[object]) -> None:
-    if not waiter.done():
-        waiter.set_result(_TIMED_OUT)
 
 
 class AsyncioStream:
@@ -260,7 +257,9 @@ class AsyncioStream:
         if writable:
             self._write_waiter = waiter
             loop.add_writer(self._fd, self._on_writable)
-        timer = None if timeout is None else loop.call_at(loop.time() + timeout, _expire, waiter)
+        if timeout is not None:
+            timeouts = loop_timeouts(loop)
+            timeouts.add(waiter, loop.time() + timeout, _TIMED_OUT)
         try:
             result = await waiter
         except BaseException:
@@ -272,8 +271,8 @@ class AsyncioStream:
                     self._undelivered = given
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            if timeout is not None:
+                timeouts.discard(waiter)
             if read_size:
                 self._read_waiter = None
             if writable:

@@ -171,8 +171,11 @@ class AsyncClient:
         """
         limits = self._limits(timeout)
         max_size = self._max_size(max_response_size)
-        if self.multiplex is False and isinstance(stdin, (bytes, bytearray, memoryview)):
-            return await self._request_whole(params, bytes(stdin), role, limits, max_size)
+        if isinstance(stdin, (bytes, bytearray, memoryview)):
+            if self.multiplex is False:
+                return await self._request_whole(params, bytes(stdin), role, limits, max_size)
+            if self.multiplex:
+                return await self._request_shared(params, bytes(stdin), role, limits, max_size)
         async with AsyncStreamResponse(
             self, params, stdin, role, limits, max_size, shared=True, whole=True
         ) as r:
@@ -212,6 +215,54 @@ class AsyncClient:
             if reused:
                 self._kept_one = True
             await self._finish_solo(conn, True, deadline, limits)
+            return answer.response(end)
+        raise AssertionError("unreachable")
+
+    async def _request_shared(
+        self, params: ParamsInput, body: bytes, role: Role, limits: Timeout, max_size: int
+    ) -> Response:
+        """request() on the shared connection, with the body at hand: the hot path.
+
+        What AsyncStreamResponse does on a _MuxExchange, without its iterators,
+        and with no shielded scope unless the request ends early.
+        """
+        deadline = Deadline(limits.total, current_time)
+        for attempt in (1, 2):
+            self._check_open()
+            mux = self._mux
+            if mux is not None and mux.usable and not mux.expired():
+                reused = True
+            else:
+                exchange = await self._mux_exchange(deadline, limits)
+                mux, reused = exchange.mux, exchange.reused
+            answer = WholeAnswer(max_size, mux.address)
+            inbox: AsyncInbox | None = None
+            rid = 0
+            end: EndRequest | None = None
+            try:
+                rid, inbox = await mux.begin(params, body, role, deadline, limits.write, max_size)
+                while end is None:
+                    end = answer.take(await mux.events(inbox, deadline, limits.read), rid)
+            except BaseException as exc:
+                with shield():
+                    if inbox is not None:
+                        await mux.finish(rid, inbox)  # aborts it while in flight
+                    await self._mux_done(mux)
+                # The retry rule of AsyncStreamResponse._start: a kept connection
+                # found closed, and no byte of an answer.
+                if (
+                    isinstance(exc, (ReadError, WriteError))
+                    and reused
+                    and attempt == 1
+                    and not answer.got_output
+                ):
+                    continue
+                raise
+            # Ended: finishing writes nothing, and nothing here can be cut short.
+            await mux.finish(rid, inbox)
+            if mux is not self._mux:
+                with shield():
+                    await self._reap_retired()
             return answer.response(end)
         raise AssertionError("unreachable")
 

@@ -10,6 +10,9 @@ clock, and the tasks a client runs in the background.
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
+from asyncio import _get_running_loop
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -28,8 +31,6 @@ import anyio.lowlevel
 
 from fcgiproto import LocalProtocolError
 
-from ._running import running_asyncio
-
 __all__ = [
     "AsyncBackground",
     "AsyncFlag",
@@ -46,14 +47,13 @@ __all__ = [
 
 
 def current_time() -> float:
-    """The event loop's clock, in seconds.
+    """The event loop's clock (a mocked one in tests too), in seconds.
 
-    On asyncio it is the loop's own: anyio.current_time asks sniffio which
-    library runs (a lookup of the current task) at every call, and the
-    client reads the clock several times a request. Elsewhere (trio, its
-    test clocks included) it is anyio's.
+    On asyncio straight from the loop: anyio.current_time() asks sniffio
+    which library runs first, several times the cost of the clock itself,
+    and requests read it a few times each.
     """
-    loop = asyncio._get_running_loop()
+    loop = _get_running_loop()
     if loop is not None:
         return loop.time()
     return anyio.current_time()
@@ -71,20 +71,11 @@ def shield() -> anyio.CancelScope:
     return anyio.CancelScope(shield=True)
 
 
-class StateLock:
-    """Guards state that a reader and a sender change together.
-
-    Tasks of one event loop never run at once, so between two awaits nothing
-    else can change the state: on this face the lock does nothing.
-    """
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
+#: Guards state that a reader and a sender change together. Tasks of one event
+#: loop never run at once and no block under it awaits, so it is never
+#: contended here; a C lock is the cheapest `with` there is (no Python frame
+#: on entry or exit, where a do-nothing class costs two calls per block).
+StateLock = threading.Lock
 
 
 class AsyncLock:
@@ -106,18 +97,18 @@ class AsyncLock:
 class AsyncFlag:
     """A flag to wait for, with a limit; it can be cleared and set again.
 
-    On asyncio a wait is a future and a loop timer: an anyio Event waited in
-    a move_on_after scope costs several times that, once per request on a
-    multiplexed connection. anyio scopes cancel the future like any await
-    there. Elsewhere (trio) it is an anyio Event.
+    On asyncio a wait is a future and a LoopTimeouts entry, on trio a parked
+    task in a trio cancel scope: an anyio Event waited in a move_on_after
+    scope costs several times either, once per request on a multiplexed
+    connection. anyio scopes cancel both like any other wait.
     """
 
-    __slots__ = ("_event", "_is_set", "_waiters")
+    __slots__ = ("_is_set", "_tasks", "_waiters")
 
     def __init__(self) -> None:
         self._is_set = False
         self._waiters: list[asyncio.Future[None]] = []  # tasks waiting on asyncio
-        self._event: anyio.Event | None = None  # made when a task waits elsewhere
+        self._tasks: list[Any] = []  # trio tasks parked here
 
     def set(self) -> None:
         if self._is_set:
@@ -126,44 +117,101 @@ class AsyncFlag:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if self._event is not None:
-            self._event.set()
+        if self._tasks:
+            from ._trio_stream import wake_parked
+
+            wake_parked(self._tasks)
 
     def is_set(self) -> bool:
         return self._is_set
 
     def clear(self) -> None:
-        if self._is_set:
-            self._is_set = False
-            self._event = None
+        self._is_set = False
 
     async def wait(self, timeout: float | None) -> bool:
         """Whether the flag was set within `timeout` seconds (None: no limit)."""
         if self._is_set:
             return True
-        if not running_asyncio():
-            if self._event is None:
-                self._event = anyio.Event()
-            event = self._event
-            with anyio.move_on_after(timeout):
-                await event.wait()
+        loop = _get_running_loop()
+        if loop is None:  # anyio runs on asyncio or trio: this is trio
+            from ._trio_stream import park
+
+            await park(self._tasks, timeout, self.is_set)
             return self._is_set
-        loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
-        timer = None if timeout is None else loop.call_at(loop.time() + timeout, _end_wait, waiter)
+        if timeout is not None:
+            timeouts = loop_timeouts(loop)
+            timeouts.add(waiter, loop.time() + timeout, None)
         try:
             await waiter
         finally:
-            if timer is not None:
-                timer.cancel()
+            if timeout is not None:
+                timeouts.discard(waiter)
             self._waiters.remove(waiter)
         return self._is_set
 
 
-def _end_wait(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+class LoopTimeouts:
+    """The limits of many waits on an asyncio loop, kept by one loop timer.
+
+    A timer per wait is a TimerHandle pushed on the loop's heap and a cancelled
+    one popped from it later, comparisons in Python each; with a read limit
+    of seconds and answers in microseconds, nearly every such timer is made
+    only to be cancelled. Here a wait is an entry in a dict; the one timer is
+    armed for the soonest limit when a sooner one comes, and when it fires
+    it ends the waits that are due and arms itself again for the soonest of
+    the others: about once per limit's length, not once per wait.
+    """
+
+    __slots__ = ("_handle", "_loop", "_waits", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waits: dict[asyncio.Future[Any], tuple[float, object]] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = math.inf
+
+    def add(self, waiter: asyncio.Future[Any], deadline: float, result: object) -> None:
+        """End `waiter` with `result` at `deadline` (the loop's clock) unless it is done."""
+        self._waits[waiter] = (deadline, result)
+        if deadline < self._when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._handle = self._loop.call_at(deadline, self._fire)
+            self._when = deadline
+
+    def discard(self, waiter: asyncio.Future[Any]) -> None:
+        self._waits.pop(waiter, None)
+
+    def _fire(self) -> None:
+        # Due: what the timer was armed for (the loop runs a timer up to its
+        # clock's resolution early); the others arm it again.
+        due = self._when
+        self._handle, self._when = None, math.inf
+        ended = [waiter for waiter, (deadline, _) in self._waits.items() if deadline <= due]
+        for waiter in ended:
+            _, result = self._waits.pop(waiter)
+            if not waiter.done():
+                waiter.set_result(result)
+        if self._waits:
+            soonest = min(deadline for deadline, _ in self._waits.values())
+            self._handle = self._loop.call_at(soonest, self._fire)
+            self._when = soonest
+
+
+# The running loop's LoopTimeouts: (loop, its timeouts), read and replaced whole.
+_timeouts: tuple[asyncio.AbstractEventLoop | None, LoopTimeouts | None] = (None, None)
+
+
+def loop_timeouts(loop: asyncio.AbstractEventLoop) -> LoopTimeouts:
+    """The LoopTimeouts of `loop`, the running one (one kept: loops rarely change)."""
+    global _timeouts
+    cached_loop, timeouts = _timeouts
+    if cached_loop is not loop or timeouts is None:
+        timeouts = LoopTimeouts(loop)
+        _timeouts = (loop, timeouts)
+    return timeouts
 
 
 class AsyncBackground:

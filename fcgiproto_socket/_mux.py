@@ -2,10 +2,11 @@
 """One connection shared by many requests, for applications that multiplex (FCGI_MPXS_CONNS=1).
 
 A reader (task or thread) feeds the protocol state and routes each event to
-the inbox of its request, waking only that request. Writes go out whole under
-a lock and shielded from cancellation, since a record cut in half would
-corrupt the connection for every request on it; a cancelled request is
-aborted instead, and its id held until its END_REQUEST.
+the inbox of its request, waking only that request. Requests queue their
+records and one writer at a time sends all that is queued, under a lock and
+shielded from cancellation, since a record cut in half would corrupt the
+connection for every request on it; a cancelled request is aborted instead,
+and its id held until its END_REQUEST.
 
 Written once for both clients: the blocking copy is generated from this file.
 """
@@ -32,13 +33,16 @@ from fcgiproto import (
 from fcgiproto.support import Address, Deadline, receive_from, recipient, response_too_large
 
 from ._connection import READ_SIZE, Connection, timeout_error
-from ._primitives import Flag, Lock, StateLock, current_time, shield
+from ._primitives import Flag, Lock, StateLock, checkpoint, current_time, shield
 
-__all__ = ["ABORT_WRITE_LIMIT", "Inbox", "MuxConnection"]
+__all__ = ["ABORT_WRITE_LIMIT", "COALESCE_LIMIT", "Inbox", "MuxConnection"]
 
 #: How long an abort may take to write before the whole connection is given
 #: up; writes cannot be cut short, so they need a bound.
 ABORT_WRITE_LIMIT = 5.0
+#: Queued bytes past which a request waits to send instead of leaving its
+#: records to the writer at work.
+COALESCE_LIMIT = 256 * 1024
 
 
 class Inbox:
@@ -107,6 +111,10 @@ class MuxConnection:
         self._failure: FastCGIError | None = None
         self._closing = False
         self._torn = False  # a write broke off inside a record
+        # Records queued by requests for the writer, who holds _write_lock.
+        self._outgoing: list[bytes] = []
+        self._outgoing_size = 0
+        self._writing = False  # a writer sends what is queued before it stops
         self._expiry = keepalive_expiry
         self._idle_since = current_time()
 
@@ -250,29 +258,79 @@ class MuxConnection:
             raise LocalProtocolError(f"the connection to {self.address} is closed")
 
     def _write(self, data: bytes, deadline: Deadline, write_timeout: float | None) -> None:
+        """Send `data` (whole records), after what other requests queued before it.
+
+        Requests queue their records and one writer at a time sends all that
+        is queued, so the records of requests started together go out in one
+        send, and none is ever cut by another. While a writer is at work a
+        request only queues and returns: the writer sends its records next,
+        and a failure reaches it through the connection (`_check`). Past
+        COALESCE_LIMIT queued bytes a request waits for its turn instead, so
+        a peer that reads slowly holds the senders back.
+        """
+        with self._lock:
+            if self._torn:
+                raise self._fail_locked(WriteError(f"the connection to {self.address} broke"))
+            self._outgoing.append(data)
+            self._outgoing_size += len(data)
+            if self._writing and self._outgoing_size <= COALESCE_LIMIT:
+                return
+            self._writing = True
         # Shielded: a record cut in half would corrupt every request on the
         # connection. The write's own limit still bounds it.
-        view = memoryview(data)
         with shield(), self._write_lock:
-            if self._torn:
-                raise self._fail(WriteError(f"the connection to {self.address} broke"))
-            while view:
-                wait, by_total = deadline.limit(write_timeout)
-                try:
-                    sent = self.conn.stream.write_some(view, wait)
-                except FastCGIError as exc:
-                    if len(view) < len(data):
-                        # Half a record is on the wire: every request here is lost.
-                        self._torn = True
-                        self._fail(WriteError(f"the connection to {self.address} broke"))
-                    elif not isinstance(exc, TimeoutException):
-                        self._fail(exc)  # a broken transport; a timeout alone is not
-                    if isinstance(exc, TimeoutException):
-                        raise timeout_error(
-                            type(exc), self.address, deadline, write_timeout, by_total
-                        ) from None
-                    raise
-                view = view[sent:]
+            if len(self._inboxes) > 1:
+                # Other requests are in flight and may be about to send:
+                # let those the event loop runs now queue theirs first.
+                checkpoint()
+            self._send_queued(deadline, write_timeout)
+
+    def _send_queued(self, deadline: Deadline, write_timeout: float | None) -> None:
+        """Send what is queued until nothing is (write lock held)."""
+        stream = self.conn.stream
+        try:
+            while True:
+                with self._lock:
+                    if not self._outgoing:
+                        self._writing = False
+                        return
+                    if self._torn:
+                        self._outgoing.clear()
+                        self._outgoing_size = 0
+                        raise self._fail_locked(
+                            WriteError(f"the connection to {self.address} broke")
+                        )
+                    outgoing = self._outgoing
+                    data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+                    outgoing.clear()
+                    self._outgoing_size = 0
+                view = memoryview(data)
+                while view:
+                    wait, by_total = deadline.limit(write_timeout)
+                    try:
+                        sent = stream.write_some(view, wait)
+                    except FastCGIError as exc:
+                        if len(view) < len(data):
+                            # Half a record is on the wire: every request here is lost.
+                            self._torn = True
+                            self._fail(WriteError(f"the connection to {self.address} broke"))
+                        elif isinstance(exc, TimeoutException):
+                            # Nothing went: the records wait, whole, for the next writer.
+                            with self._lock:
+                                self._outgoing.insert(0, data)
+                                self._outgoing_size += len(data)
+                        else:
+                            self._fail(exc)  # a broken transport; a timeout alone is not
+                        if isinstance(exc, TimeoutException):
+                            raise timeout_error(
+                                type(exc), self.address, deadline, write_timeout, by_total
+                            ) from None
+                        raise
+                    view = view[sent:]
+        except BaseException:
+            with self._lock:
+                self._writing = False
+            raise
 
     def read_loop(self) -> None:
         """The reader: route events to their requests until the connection ends."""
