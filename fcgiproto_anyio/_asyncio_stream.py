@@ -118,23 +118,27 @@ class AsyncioStream:
         """
         self._wrote = True
 
+    def _at_once(self, max_bytes: int) -> bytes | None:
+        """What the socket holds now, unless a wait must come first; None when nothing."""
+        if self._wrote:
+            self._wrote = False
+            return None
+        try:
+            return self._sock.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise self._read_error(exc) from exc
+
     async def read(self, max_bytes: int, timeout: float | None) -> bytes:
         if self._undelivered is not None:
             return self._take_undelivered()
-        if self._wrote:
-            self._wrote = False
-        else:
-            try:
-                data = self._sock.recv(max_bytes)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise self._read_error(exc) from exc
-            else:
-                # Data was there at once: still let other tasks run, and
-                # cancellation in, as every async call should.
-                await asyncio.sleep(0)
-                return data
+        data = self._at_once(max_bytes)
+        if data is not None:
+            # Data was there at once: still let other tasks run, and
+            # cancellation in, as every async call should.
+            await asyncio.sleep(0)
+            return data
         while True:
             result = await self._wait(max_bytes, False, timeout, ReadTimeout)
             if type(result) is bytes:
@@ -150,18 +154,10 @@ class AsyncioStream:
         """
         if self._undelivered is not None:
             return self._take_undelivered()
-        if self._wrote:
-            self._wrote = False
-        else:
-            try:
-                data = self._sock.recv(max_bytes)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise self._read_error(exc) from exc
-            else:
-                await asyncio.sleep(0)
-                return data
+        data = self._at_once(max_bytes)
+        if data is not None:
+            await asyncio.sleep(0)
+            return data
         self._feed = feed
         try:
             while True:
