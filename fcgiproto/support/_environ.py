@@ -22,6 +22,7 @@ from urllib.parse import unquote_to_bytes
 __all__ = [
     "ASGI_VERSION",
     "asgi_scope",
+    "asgi_scope_from_bytes",
     "cgi_head",
     "request_path",
     "url_scheme",
@@ -199,6 +200,94 @@ def asgi_scope(
         "path": script_name + path_info,
         "raw_path": raw_path,
         "query_string": _raw(params.get("QUERY_STRING", "")),
+        "root_path": script_name,
+        "headers": headers,
+        "client": client,
+        "server": server,
+        "extensions": {},
+    }
+    if state is not None:
+        scope["state"] = dict(state)
+    return scope
+
+
+#: The params asgi_scope_from_bytes needs as str, besides the headers.
+_TEXT_PARAMS = tuple(
+    (name.encode(), name)
+    for name in (
+        "SCRIPT_NAME",
+        "PATH_INFO",
+        "REQUEST_URI",
+        "REQUEST_METHOD",
+        "SERVER_PROTOCOL",
+        "HTTPS",
+        "REQUEST_SCHEME",
+        "REMOTE_ADDR",
+        "REMOTE_PORT",
+        "SERVER_ADDR",
+        "SERVER_NAME",
+        "SERVER_PORT",
+    )
+)
+#: b"HTTP_ACCEPT_LANGUAGE" -> b"accept-language", as _header_names for bytes.
+_raw_header_names: dict[bytes, bytes] = {}
+_HEADER_PARAMS = (b"CONTENT_TYPE", b"CONTENT_LENGTH")
+_HEADER_DUPLICATES = (b"HTTP_CONTENT_TYPE", b"HTTP_CONTENT_LENGTH")
+
+
+def _raw_header_name(param: bytes) -> bytes:
+    """_header_name of a param's name as the web server sent it."""
+    name = _raw_header_names.get(param)
+    if name is None:
+        if param.isascii():  # bytes.lower() is str.lower() on ASCII
+            start = 5 if param.startswith(b"HTTP_") else 0
+            name = param[start:].lower().replace(b"_", b"-")
+        else:  # as the text builder has it: the name decoded, lowered, as latin-1
+            name = _header_name(param.decode("utf-8", "surrogateescape"))
+        if len(_raw_header_names) < HEADER_NAMES_KEPT:
+            _raw_header_names[param] = name
+    return name
+
+
+def asgi_scope_from_bytes(
+    params: Mapping[bytes, bytes], *, root_path: str = "", state: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """asgi_scope of the params as the web server sent them, names and values bytes.
+
+    The same scope asgi_scope gives for the params decoded as UTF-8 with
+    surrogateescape, for less: the headers and the query string are bytes in
+    the scope, and are taken as they are; only the dozen params the scope
+    holds as str are decoded.
+    """
+    text: dict[str, str] = {}
+    for raw_name, name in _TEXT_PARAMS:
+        value = params.get(raw_name)
+        if value is not None:
+            text[name] = value.decode("utf-8", "surrogateescape")
+    script_name, path_info = request_path(text, root_path)
+    raw_path = params.get(b"REQUEST_URI", b"").split(b"?", 1)[0] or None
+    headers: list[tuple[bytes, bytes]] = []
+    for raw_name, value in params.items():
+        if raw_name.startswith(b"HTTP_"):
+            if raw_name in _HEADER_DUPLICATES:
+                continue
+        elif not (value and raw_name in _HEADER_PARAMS):
+            continue
+        headers.append((_raw_header_name(raw_name), value))
+    remote = text.get("REMOTE_ADDR")
+    client = [remote, _port(text.get("REMOTE_PORT")) or 0] if remote else None
+    server_host = text.get("SERVER_ADDR") or text.get("SERVER_NAME")
+    server_port = _port(text.get("SERVER_PORT"))
+    server = [server_host, server_port] if server_host and server_port is not None else None
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": dict(ASGI_VERSION),
+        "http_version": _http_version(text.get("SERVER_PROTOCOL", "HTTP/1.1")),
+        "method": (text.get("REQUEST_METHOD") or "GET").upper(),
+        "scheme": url_scheme(text),
+        "path": script_name + path_info,
+        "raw_path": raw_path,
+        "query_string": params.get(b"QUERY_STRING", b""),
         "root_path": script_name,
         "headers": headers,
         "client": client,
