@@ -17,7 +17,7 @@ from test_anyio_server import Raw
 
 from fcgiproto import ProtocolStatus
 from fcgiproto.cgi import build_params
-from fcgiproto.support import Address, asgi_scope, asgi_scope_from_bytes
+from fcgiproto.support import Address, asgi_scope, asgi_scope_from_bytes, cgi_head
 from fcgiproto_anyio import AsyncClient, serve_asgi
 from fcgiproto_anyio._asgi import LifespanFailed
 
@@ -298,6 +298,39 @@ def test_the_scope_from_bytes_is_the_scope_from_text(
     if isinstance(got, dict):
         assert [type(v) for v in got.values()] == [type(v) for v in expected.values()]
         assert check_http_scope(got) == check_http_scope(expected)
+
+
+_header_part = st.one_of(
+    st.binary(max_size=4),
+    st.sampled_from([b"content-type", b"a\r\nb", b"\n", b"\r"]),
+    st.binary(max_size=3).map(bytearray),
+    st.text(st.sampled_from("aZ:\r\n\u00e9\u0100"), max_size=3),
+    st.integers(0, 3),
+)
+
+
+@given(
+    st.sampled_from([200, 404, 599, 299]),
+    st.lists(
+        st.tuples(_header_part, _header_part)
+        | st.tuples(_header_part, _header_part, _header_part)
+        | st.builds(lambda n, v: [n, v], _header_part, _header_part),
+        max_size=4,
+    ),
+)
+@settings(max_examples=1000, deadline=None)
+def test_a_head_of_bytes_is_what_the_general_way_makes(status: int, headers: list[Any]) -> None:
+    """ASGI's list of byte pairs takes its own way, to what the general way makes or refuses."""
+
+    def head(headers: Any) -> bytes | type[Exception]:
+        try:
+            return cgi_head(status, headers)
+        except (ValueError, TypeError, UnicodeError) as exc:
+            return type(exc)
+
+    expected = head(iter(headers))  # an iterator goes the general way
+    cgi_head(status, ())  # its status line known, as after a first response
+    assert head(headers) == expected
 
 
 def test_the_scope_from_nginx_params() -> None:

@@ -427,6 +427,20 @@ def cgi_head(status: int | str, headers: Iterable[tuple[bytes | str, bytes | str
             if head.count(b"\r") != ends or head.count(b"\n") != ends:
                 raise ValueError("a response header contains CR or LF")
             return head + b"\r\n"
+    if type(status) is int and type(headers) is list:
+        # ASGI's case, all bytes: one join, one count of line ends (as the
+        # str case above); str among them go the general way below.
+        first = _status_lines.get(status)
+        if first is not None:
+            try:
+                joined = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+            except TypeError:
+                pass
+            else:
+                ends = len(headers)
+                if joined.count(b"\r") != ends or joined.count(b"\n") != ends:
+                    raise ValueError("a response header contains CR or LF")
+                return first + b"\r\n" + joined + b"\r\n"
     if isinstance(status, int):
         first = _status_lines.get(status)
         if first is None:
