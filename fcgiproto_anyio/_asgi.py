@@ -105,6 +105,8 @@ class RequestLogHandler(logging.Handler):
 class _Cycle:
     """One request's receive() and send(), and where its response stands."""
 
+    __slots__ = ("body_done", "complete", "exchange", "head", "head_only", "head_sent")
+
     def __init__(self, exchange: AsyncExchange) -> None:
         self.exchange = exchange
         self.body_done = False
