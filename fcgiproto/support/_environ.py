@@ -128,9 +128,10 @@ def wsgi_environ(
         environ = {
             name: value if value.isascii() else _native(value) for name, value in params.items()
         }
-    for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-        if not environ.get(name):
-            environ.pop(name, None)
+    if not environ.get("CONTENT_TYPE"):
+        environ.pop("CONTENT_TYPE", None)
+    if not environ.get("CONTENT_LENGTH"):
+        environ.pop("CONTENT_LENGTH", None)
     # Headers the CGI variables above carry; PEP 3333 has no HTTP_ form of them.
     environ.pop("HTTP_CONTENT_TYPE", None)
     environ.pop("HTTP_CONTENT_LENGTH", None)
