@@ -42,7 +42,7 @@ from fcgiproto.support import (
     Address,
     AddressInput,
     ServerOptions,
-    asgi_scope,
+    asgi_scope_from_bytes,
     cgi_head,
     failure_report,
 )
@@ -105,6 +105,8 @@ class RequestLogHandler(logging.Handler):
 class _Cycle:
     """One request's receive() and send(), and where its response stands."""
 
+    __slots__ = ("body_done", "complete", "exchange", "head", "head_only", "head_sent")
+
     def __init__(self, exchange: AsyncExchange) -> None:
         self.exchange = exchange
         self.body_done = False
@@ -114,7 +116,7 @@ class _Cycle:
         # A HEAD response keeps the app's headers (Content-Length too) and
         # loses its body, as uvicorn does: HAProxy answers 502 to a HEAD
         # response with a body rather than discard it as RFC 3875 allows.
-        self.head_only = exchange.params.get("REQUEST_METHOD") == "HEAD"
+        self.head_only = exchange.raw_params.get(b"REQUEST_METHOD") == b"HEAD"
 
     async def receive(self) -> Message:
         exchange = self.exchange
@@ -188,7 +190,9 @@ class Gateway:
         self.state = state
 
     async def __call__(self, exchange: AsyncExchange) -> None:
-        scope = asgi_scope(exchange.params, root_path=self.root_path, state=self.state)
+        scope = asgi_scope_from_bytes(
+            exchange.raw_params, root_path=self.root_path, state=self.state
+        )
         cycle = _Cycle(exchange)
         token = _current.set(exchange)
         try:
@@ -347,7 +351,7 @@ async def serve_asgi(
     protocol runs first (`lifespan="auto"` goes on without it when the app
     does not support it, "on" requires it, "off" skips it); its state is
     copied into each request's scope. The scope follows the ASGI HTTP spec
-    (see fcgiproto.support.asgi_scope; the app is mounted at `root_path` when
+    (see fcgiproto.support.asgi_scope_from_bytes; the app is mounted at `root_path` when
     the web server sends the whole path as SCRIPT_NAME, as nginx does).
     Log records the app emits while serving a request go to the request's
     FCGI_STDERR as well as to logging. An app that raises gets its traceback
@@ -381,6 +385,7 @@ async def serve_asgi(
         send_timeout=send_timeout,
         roles=(Role.RESPONDER,),
         allowed_peers=allowed_peers,
+        decode_params=False,  # the scope is built from the bytes
     )
     if lifespan not in ("auto", "on", "off"):
         raise ValueError(f"lifespan must be 'auto', 'on' or 'off', not {lifespan!r}")

@@ -34,7 +34,7 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import anyio
@@ -187,18 +187,23 @@ class AsyncExchange:
     returns False once the request is over: aborted, or its connection lost.
     """
 
-    __slots__ = ("_connection", "_state", "app_status", "connection_id", "params", "started")
+    __slots__ = ("_connection", "_state", "app_status", "connection_id", "raw_params", "started")
 
     def __init__(self, connection: _Connection, state: _State) -> None:
-        assert state.params is not None
+        assert state.raw_params is not None
         self._connection = connection
         self._state = state
-        self.params = state.params
+        #: The params as they came; `params` decodes them when asked.
+        self.raw_params = state.raw_params
         self.connection_id = connection.number
         #: The status END_REQUEST carries.
         self.app_status = 0
         #: Whether any stdout was written.
         self.started = False
+
+    @property
+    def params(self) -> dict[str, str]:
+        return self._state.text_params()
 
     @property
     def request_id(self) -> int:
@@ -509,8 +514,8 @@ class _Connection:
             state.wake()
         elif isinstance(event, StdinEnd):
             state.wake()
-        if state.params is not None and not state.dispatched:
-            if _declared_length(state.params) > self.options.max_body_size:
+        if state.raw_params is not None and not state.dispatched:
+            if _declared_length(state.raw_params) > self.options.max_body_size:
                 self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
                 self._end(state, ERROR_STATUS)
                 return
@@ -527,7 +532,7 @@ class _Connection:
         self._start(state)
 
     def _start(self, state: _State) -> None:
-        assert state.params is not None and self.requests is not None
+        assert state.raw_params is not None and self.requests is not None
         request: Request | AsyncExchange
         request = AsyncExchange(self, state) if self.streaming else Request(self, state)
         if not self.streaming:  # an ABORT_REQUEST cancels it; a streamed app hears of it instead
@@ -1212,9 +1217,9 @@ async def _accept_until_cancelled(
         await server.accept_loop(listener)
 
 
-def _declared_length(params: dict[str, str]) -> int:
+def _declared_length(params: Mapping[bytes, bytes]) -> int:
     """The CONTENT_LENGTH a request announces; 0 if none or not a number."""
-    value = params.get("CONTENT_LENGTH", "")
+    value = params.get(b"CONTENT_LENGTH", b"")
     return int(value) if value.isdigit() else 0
 
 

@@ -11,11 +11,13 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_anyio_server import Raw
 
 from fcgiproto import ProtocolStatus
 from fcgiproto.cgi import build_params
-from fcgiproto.support import Address, asgi_scope
+from fcgiproto.support import Address, asgi_scope, asgi_scope_from_bytes, cgi_head
 from fcgiproto_anyio import AsyncClient, serve_asgi
 from fcgiproto_anyio._asgi import LifespanFailed
 
@@ -204,6 +206,131 @@ async def test_a_head_response_keeps_the_headers_and_loses_the_body() -> None:
         assert r.body == b""
         r = await client.request(params("GET", "/"))
         assert (r.status, len(r.body)) == (200, 100_010)
+
+
+# Any bytes, UTF-8 or not (cut sequences, NULs, what str.upper/lower/isdigit
+# treat apart from ASCII), among values the scope reads for a meaning.
+_scope_bytes = st.binary(max_size=6) | st.sampled_from(
+    [
+        b"",
+        b"/",
+        b"/app",
+        b"/app/x",
+        b"/a%2Fb?q=1",
+        b"80",
+        b"8080",
+        b"\xd9\xa3",  # an Arabic-Indic digit, str.isdigit()
+        b"\xc2\xb2",  # a superscript two: isdigit(), not int()
+        b"on",
+        b"OFF",
+        b"https",
+        b"HTTPS",
+        b"HTTP/2.0",
+        b"http/1.0",
+        b"get",
+        b"HEAD",
+        b"stra\xc3\x9fe",  # upper() makes it longer
+        b"caf\xc3\xa9",
+        b"\xc3",
+        b"\xff",
+        b"a\0b",
+        b"10.0.0.1",
+    ]
+)
+_scope_names = (
+    st.sampled_from(
+        [
+            b"SCRIPT_NAME",
+            b"PATH_INFO",
+            b"REQUEST_URI",
+            b"QUERY_STRING",
+            b"REQUEST_METHOD",
+            b"SERVER_PROTOCOL",
+            b"HTTPS",
+            b"REQUEST_SCHEME",
+            b"REMOTE_ADDR",
+            b"REMOTE_PORT",
+            b"SERVER_ADDR",
+            b"SERVER_NAME",
+            b"SERVER_PORT",
+            b"CONTENT_TYPE",
+            b"CONTENT_LENGTH",
+            b"HTTP_CONTENT_TYPE",
+            b"HTTP_CONTENT_LENGTH",
+            b"HTTP_HOST",
+            b"HTTP_X_A_B",
+            b"HTTP_Accept",
+            b"HTTP_caf\xc3\xa9",  # not ASCII: the text builder's latin-1 of it
+            b"HTTP_\xc4\x80",  # not latin-1: the text builder raises
+            b"HTTP_\xff",  # not UTF-8
+            b"HTTP_",
+        ]
+    )
+    | st.binary(max_size=8).map(lambda name: b"HTTP_" + name)
+    | st.binary(max_size=6)
+)
+
+
+@given(
+    st.dictionaries(_scope_names, _scope_bytes, max_size=10),
+    st.sampled_from(["", "/", "/app", "/app/", "/caf\u00e9"]),
+    st.sampled_from([None, {}, {"k": 1}]),
+)
+@settings(max_examples=1000, deadline=None)
+def test_the_scope_from_bytes_is_the_scope_from_text(
+    raw: dict[bytes, bytes], root_path: str, state: dict[str, Any] | None
+) -> None:
+    """serve_asgi's builder from the params' bytes gives asgi_scope's scope, or its error."""
+    decoded = {
+        k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+        for k, v in raw.items()
+    }
+
+    def scope(build: Any, params: Any) -> Any:
+        try:
+            return build(params, root_path=root_path, state=state)
+        except Exception as exc:  # the same error type, where the text builder fails
+            return type(exc)
+
+    expected = scope(asgi_scope, decoded)
+    got = scope(asgi_scope_from_bytes, raw)
+    assert got == expected
+    if isinstance(got, dict):
+        assert [type(v) for v in got.values()] == [type(v) for v in expected.values()]
+        assert check_http_scope(got) == check_http_scope(expected)
+
+
+_header_part = st.one_of(
+    st.binary(max_size=4),
+    st.sampled_from([b"content-type", b"a\r\nb", b"\n", b"\r"]),
+    st.binary(max_size=3).map(bytearray),
+    st.text(st.sampled_from("aZ:\r\n\u00e9\u0100"), max_size=3),
+    st.integers(0, 3),
+)
+
+
+@given(
+    st.sampled_from([200, 404, 599, 299]),
+    st.lists(
+        st.tuples(_header_part, _header_part)
+        | st.tuples(_header_part, _header_part, _header_part)
+        | st.builds(lambda n, v: [n, v], _header_part, _header_part),
+        max_size=4,
+    ),
+)
+@settings(max_examples=1000, deadline=None)
+def test_a_head_of_bytes_is_what_the_general_way_makes(status: int, headers: list[Any]) -> None:
+    """ASGI's list of byte pairs takes its own way, to what the general way makes or refuses."""
+
+    def head(headers: Any) -> bytes | type[Exception]:
+        try:
+            return cgi_head(status, headers)
+        except (ValueError, TypeError, UnicodeError) as exc:
+            return type(exc)
+
+    expected = head(iter(headers))  # an iterator goes the general way
+    cgi_head(status, ())  # its status line known, as after a first response
+    assert head(headers) == expected
 
 
 def test_the_scope_from_nginx_params() -> None:

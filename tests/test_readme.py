@@ -53,6 +53,6 @@ def test_the_limits_table_lists_every_server_option_with_its_default() -> None:
     wanted = {
         f.name: _shown(f.name, getattr(defaults, f.name))
         for f in fields(ServerOptions)
-        if f.name not in ("multiplex", "roles", "allowed_peers")
+        if f.name not in ("multiplex", "roles", "allowed_peers", "decode_params")
     }
     assert {name: rows.get(name) for name in wanted} == wanted

@@ -204,6 +204,13 @@ def test_every_param_is_in_the_environ_as_a_native_string(raw: dict[bytes, bytes
     state = RequestState(BeginRequest(1, Role.RESPONDER, True), ServerOptions(), 0.0)
     state.gather(Params(1, raw))
     assert state.params == decoded
+    # serve_asgi's: the bytes kept, decoded only when asked, to the same.
+    lazy = RequestState(
+        BeginRequest(1, Role.RESPONDER, True), ServerOptions(decode_params=False), 0.0
+    )
+    lazy.gather(Params(1, raw))
+    assert (lazy.params, lazy.raw_params) == (None, raw)
+    assert lazy.text_params() == decoded
     environ = wsgi_environ(decoded, input=None, errors=None, multithread=False, multiprocess=False)
     for name, value in decoded.items():  # every param as PEP 3333's native str
         assert environ[name] == _native(value)  # (none is a name the environ sets itself)

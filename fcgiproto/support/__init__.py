@@ -53,7 +53,15 @@ if TYPE_CHECKING:
         Policy,
         may_retry,
     )
-    from ._environ import ASGI_VERSION, asgi_scope, cgi_head, request_path, url_scheme, wsgi_environ
+    from ._environ import (
+        ASGI_VERSION,
+        asgi_scope,
+        asgi_scope_from_bytes,
+        cgi_head,
+        request_path,
+        url_scheme,
+        wsgi_environ,
+    )
     from ._liveness import (
         Liveness,
     )
@@ -109,6 +117,7 @@ _SOURCES = {
     "web_server_addrs": "_application",
     "ASGI_VERSION": "_environ",
     "asgi_scope": "_environ",
+    "asgi_scope_from_bytes": "_environ",
     "cgi_head": "_environ",
     "request_path": "_environ",
     "url_scheme": "_environ",
@@ -237,6 +246,7 @@ __all__ = [
     "TimeoutInput",
     "WholeAnswer",
     "asgi_scope",
+    "asgi_scope_from_bytes",
     "cgi_head",
     "check_output",
     "close_output",

@@ -15,13 +15,15 @@ PATH_INFO is missing or empty is taken to be all path: the app is mounted at
 from __future__ import annotations
 
 import http
-from collections.abc import Iterable, Mapping
-from typing import Any
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, TypeAlias
 from urllib.parse import unquote_to_bytes
 
 __all__ = [
     "ASGI_VERSION",
     "asgi_scope",
+    "asgi_scope_from_bytes",
     "cgi_head",
     "request_path",
     "url_scheme",
@@ -126,9 +128,10 @@ def wsgi_environ(
         environ = {
             name: value if value.isascii() else _native(value) for name, value in params.items()
         }
-    for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-        if not environ.get(name):
-            environ.pop(name, None)
+    if not environ.get("CONTENT_TYPE"):
+        environ.pop("CONTENT_TYPE", None)
+    if not environ.get("CONTENT_LENGTH"):
+        environ.pop("CONTENT_LENGTH", None)
     # Headers the CGI variables above carry; PEP 3333 has no HTTP_ form of them.
     environ.pop("HTTP_CONTENT_TYPE", None)
     environ.pop("HTTP_CONTENT_LENGTH", None)
@@ -210,6 +213,191 @@ def asgi_scope(
     return scope
 
 
+#: What each param name seen so far is in the scope's headers: b"HTTP_ACCEPT"
+#: -> b"accept", False for a name that is none (b"HTTP_CONTENT_TYPE", b"SCRIPT_NAME");
+#: CONTENT_TYPE and CONTENT_LENGTH, headers when not empty, are never in it.
+_raw_header_names: dict[bytes, bytes | Literal[False]] = {}
+_CONTENT_HEADERS = {b"CONTENT_TYPE": b"content-type", b"CONTENT_LENGTH": b"content-length"}
+#: The params of the scope's method, http_version, scheme and server, which
+#: are the same from request to request: what they make is worked out once
+#: for each combination seen (at most SERVER_FACTS_KEPT of them).
+_SERVER_PARAMS = (
+    "REQUEST_METHOD",
+    "SERVER_PROTOCOL",
+    "HTTPS",
+    "REQUEST_SCHEME",
+    "SERVER_ADDR",
+    "SERVER_NAME",
+    "SERVER_PORT",
+)
+_server_facts: dict[tuple[bytes | None, ...], tuple[str, str, str, tuple[str, int] | None]] = {}
+SERVER_FACTS_KEPT = 256
+
+
+def _raw_header_name(param: bytes) -> bytes | Literal[False]:
+    """The header name of a param name (not CONTENT_TYPE, CONTENT_LENGTH), False if none."""
+    name: bytes | Literal[False]
+    if param[:5] != b"HTTP_" or param in (b"HTTP_CONTENT_TYPE", b"HTTP_CONTENT_LENGTH"):
+        name = False
+    elif param.isascii():  # bytes.lower() is str.lower() on ASCII
+        name = param[5:].lower().replace(b"_", b"-")
+    else:  # as the text builder has it: the name decoded, lowered, as latin-1
+        name = _header_name(_text(param))
+    if len(_raw_header_names) < HEADER_NAMES_KEPT:
+        _raw_header_names[param] = name
+    return name
+
+
+_HeaderPlan: TypeAlias = (
+    "tuple[tuple[bytes, ...], tuple[bytes, ...], Callable[[Any], tuple[bytes, ...]] | None, "
+    "tuple[int, ...]]"
+)
+#: How the headers come out of params with these names, in this order (a web
+#: server sends the same names request after request): the params that are
+#: headers, their names in the scope, what takes their values at once, and
+#: where CONTENT_TYPE and CONTENT_LENGTH are among them, last first.
+_header_plans: dict[tuple[bytes, ...], _HeaderPlan] = {}
+HEADER_PLANS_KEPT = 64
+
+
+def _header_plan(params: tuple[bytes, ...]) -> _HeaderPlan:
+    keys: list[bytes] = []
+    names: list[bytes] = []
+    contents: list[int] = []
+    for param in params:
+        name = _CONTENT_HEADERS.get(param)
+        if name is not None:
+            contents.append(len(keys))
+        else:
+            known = _raw_header_names.get(param)
+            if known is None:
+                known = _raw_header_name(param)
+            if known is False:
+                continue
+            name = known
+        keys.append(param)
+        names.append(name)
+    values_of = operator.itemgetter(*keys) if len(keys) > 1 else None
+    return tuple(keys), tuple(names), values_of, tuple(reversed(contents))
+
+
+def _text(value: bytes) -> str:
+    """A param's bytes as the servers decode them: UTF-8, surrogateescape where it is not."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("utf-8", "surrogateescape")
+
+
+def _server_facts_of(
+    key: tuple[bytes | None, ...],
+) -> tuple[str, str, str, tuple[str, int] | None]:
+    """(method, http_version, scheme, server) of _SERVER_PARAMS' values, as asgi_scope has them."""
+    text = {
+        name: _text(value)
+        for name, value in zip(_SERVER_PARAMS, key, strict=True)
+        if value is not None
+    }
+    server_host = text.get("SERVER_ADDR") or text.get("SERVER_NAME")
+    server_port = _port(text.get("SERVER_PORT"))
+    return (
+        (text.get("REQUEST_METHOD") or "GET").upper(),
+        _http_version(text.get("SERVER_PROTOCOL", "HTTP/1.1")),
+        url_scheme(text),
+        (server_host, server_port) if server_host and server_port is not None else None,
+    )
+
+
+def asgi_scope_from_bytes(
+    params: Mapping[bytes, bytes], *, root_path: str = "", state: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """asgi_scope of the params as the web server sent them, names and values bytes.
+
+    The same scope asgi_scope gives for the params decoded as UTF-8 with
+    surrogateescape, for less: the headers and the query string are bytes in
+    the scope, and are taken as they are; only the params the scope holds as
+    str are decoded.
+    """
+    get = params.get
+    # request_path(), on the bytes.
+    uri = get(b"REQUEST_URI", b"")
+    try:
+        script_name = get(b"SCRIPT_NAME", b"").decode()
+        path_info = get(b"PATH_INFO", b"").decode()
+    except UnicodeDecodeError:
+        script_name = _text(get(b"SCRIPT_NAME", b""))
+        path_info = _text(get(b"PATH_INFO", b""))
+    if not path_info:
+        path = script_name
+        if not path:
+            raw = uri.split(b"?", 1)[0]
+            path = _text(unquote_to_bytes(raw)) if raw else ""
+        root = root_path.rstrip("/")
+        if root and (path == root or path.startswith(root + "/")):
+            script_name, path_info = root, path[len(root) :]
+        else:
+            script_name, path_info = "", path or "/"
+    shape = tuple(params)
+    plan = _header_plans.get(shape)
+    if plan is None:
+        plan = _header_plan(shape)
+        if len(_header_plans) >= HEADER_PLANS_KEPT:
+            _header_plans.clear()  # what is seen now is more likely to come again
+        _header_plans[shape] = plan
+    keys, names, values_of, contents = plan
+    headers: list[tuple[bytes, bytes]]
+    if values_of is not None:
+        headers = list(zip(names, values_of(params), strict=True))
+    else:
+        headers = [(names[0], params[keys[0]])] if keys else []
+    for position in contents:  # from the last: CONTENT_TYPE and CONTENT_LENGTH when not empty
+        if not headers[position][1]:
+            del headers[position]
+    key = (
+        get(b"REQUEST_METHOD"),
+        get(b"SERVER_PROTOCOL"),
+        get(b"HTTPS"),
+        get(b"REQUEST_SCHEME"),
+        get(b"SERVER_ADDR"),
+        get(b"SERVER_NAME"),
+        get(b"SERVER_PORT"),
+    )
+    facts = _server_facts.get(key)
+    if facts is None:
+        facts = _server_facts_of(key)
+        if len(_server_facts) < SERVER_FACTS_KEPT:
+            _server_facts[key] = facts
+    method, http_version, scheme, server = facts
+    remote = get(b"REMOTE_ADDR")
+    client: list[Any] | None = None
+    if remote:
+        port = get(b"REMOTE_PORT")
+        if port is None:
+            client = [_text(remote), 0]
+        elif port.isdigit():  # ASCII digits: as str.isdigit() and int() take them
+            client = [_text(remote), int(port) or 0]
+        else:
+            client = [_text(remote), (_port(_text(port)) if not port.isascii() else None) or 0]
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": dict(ASGI_VERSION),
+        "http_version": http_version,
+        "method": method,
+        "scheme": scheme,
+        "path": script_name + path_info,
+        "raw_path": uri.split(b"?", 1)[0] or None,
+        "query_string": get(b"QUERY_STRING", b""),
+        "root_path": script_name,
+        "headers": headers,
+        "client": client,
+        "server": list(server) if server is not None else None,
+        "extensions": {},
+    }
+    if state is not None:
+        scope["state"] = dict(state)
+    return scope
+
+
 def _reason(status: int) -> str:
     try:
         return http.HTTPStatus(status).phrase
@@ -240,6 +428,20 @@ def cgi_head(status: int | str, headers: Iterable[tuple[bytes | str, bytes | str
             if head.count(b"\r") != ends or head.count(b"\n") != ends:
                 raise ValueError("a response header contains CR or LF")
             return head + b"\r\n"
+    if type(status) is int and type(headers) is list:
+        # ASGI's case, all bytes: one join, one count of line ends (as the
+        # str case above); str among them go the general way below.
+        first = _status_lines.get(status)
+        if first is not None:
+            try:
+                joined = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+            except TypeError:
+                pass
+            else:
+                ends = len(headers)
+                if joined.count(b"\r") != ends or joined.count(b"\n") != ends:
+                    raise ValueError("a response header contains CR or LF")
+                return first + b"\r\n" + joined + b"\r\n"
     if isinstance(status, int):
         first = _status_lines.get(status)
         if first is None:

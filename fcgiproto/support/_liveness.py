@@ -83,7 +83,7 @@ class Liveness:
         """The earliest moment the connection has waited too long, and what for."""
         earliest: tuple[float, str] | None = None
         for state in requests:
-            if state.params is None:
+            if state.raw_params is None:
                 when = state.begun_at + options.params_timeout
                 if earliest is None or when < earliest[0]:
                     earliest = (when, f"PARAMS of request {state.request_id} took too long")
