@@ -43,6 +43,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # php-fpm be exploited (CVE-2019-11043); in any other value they break what
 # reads lines or C strings behind the application. Refused in every value.
 _LINE_BREAKERS = re.compile(r"[\r\n\x00]")
+# A whole response head in CRLF lines, each "name: value" with a token name
+# and no control characters in the value (TAB allowed); and one such line,
+# its value stripped of spaces and tabs as _parse_header_line strips it.
+_HEAD_LINES = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)+")
+_HEAD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\r\n")
 # "404", "404 Not Found", and the sloppy "404: Not Found" some scripts send.
 _STATUS = re.compile(r"([0-9]{3})(?:[ \t:]+(.*))?")
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
@@ -441,8 +446,12 @@ class ResponseParser:
         self._received += len(data)
         if self.head is not None:
             return [bytes(data)] if data else []  # bytes(b) is b itself: no copy
-        self._buf += data
         try:
+            if self._received == len(data):  # the first bytes: may hold the whole head
+                whole = self._parse_whole_head(data)
+                if whole is not None:
+                    return whole
+            self._buf += data
             return self._parse_head()
         except RemoteProtocolError as exc:
             self._error = exc
@@ -470,6 +479,22 @@ class ResponseParser:
         if self._closed:
             raise LocalProtocolError("feed() after close()")
 
+    def _parse_whole_head(self, data: bytes) -> list[ResponseHead | bytes] | None:
+        """The head at once when one chunk holds all of it in CRLF lines, as php-fpm sends it.
+
+        None when anything is unusual (a bare LF, a malformed line, a head
+        too large or not complete): _parse_head then goes line by line and
+        raises the precise error.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end == -1 or end + 4 > self.max_header_size:
+            return None
+        text = data[: end + 2].decode("latin-1")
+        if not _HEAD_LINES.fullmatch(text):
+            return None
+        self._headers = _HEAD_LINE.findall(text)
+        return self._finish_head(data[end + 4 :])
+
     def _parse_head(self) -> list[ResponseHead | bytes]:
         buf = self._buf
         while (lf := buf.find(b"\n", self._scan)) != -1:
@@ -479,7 +504,9 @@ class ResponseParser:
             del buf[: lf + 1]  # cheap: bytearray drops its front without moving the rest
             self._scan = 0
             if not line:
-                return self._finish_head()
+                body = bytes(buf)
+                self._buf = bytearray()
+                return self._finish_head(body)
             self._headers.append(_parse_header_line(line))
         self._scan = len(buf)
         self._check_size(self._head_size + len(buf))
@@ -491,7 +518,7 @@ class ResponseParser:
                 f"CGI response head exceeds max_header_size={self.max_header_size} bytes"
             )
 
-    def _finish_head(self) -> list[ResponseHead | bytes]:
+    def _finish_head(self, body: bytes) -> list[ResponseHead | bytes]:
         if not self._headers:
             raise RemoteProtocolError("CGI response has no header lines before its blank line")
         headers: list[tuple[str, str]] = []
@@ -507,8 +534,6 @@ class ResponseParser:
         if not seen_status and any(name.lower() == "location" for name, _ in headers):
             status, reason = 302, "Found"  # RFC 3875 6.2.3: a client redirect
         self.head = ResponseHead(status, reason, headers)
-        body = bytes(self._buf)
-        self._buf = bytearray()
         self._headers = []
         return [self.head, body] if body else [self.head]
 

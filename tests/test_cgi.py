@@ -800,6 +800,44 @@ def test_fuzz_arbitrary_bytes_parse_or_remote_error(
     assert all(isinstance(e, bytes) and e for e in events[1:])
 
 
+_HEAD_LINE_BYTES = st.tuples(
+    st.sampled_from([b"X-A", b"Status", b"Location", b"", b"a b", b"Content-Type"]),
+    st.sampled_from([b":", b": ", b" :", b""]),
+    st.sampled_from(
+        [b"", b"404", b"200 OK", b" Gone ", b"\t/x\t", b"\xe9", b"a\x00", b"a\rb", b"\x7f"]
+    ),
+    st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r\r\n"]),
+).map(b"".join)
+_HEADS = st.tuples(
+    st.lists(_HEAD_LINE_BYTES, max_size=5).map(b"".join),
+    st.sampled_from([b"\r\n", b"\n", b""]),
+    st.sampled_from([b"", b"body", b"\r\n\r\nmore"]),
+).map(b"".join)
+
+
+@settings(max_examples=500)
+@given(_HEADS, st.sampled_from([16, 40, 65536]))
+def test_head_in_one_chunk_parsed_as_byte_by_byte(data: bytes, max_header_size: int) -> None:
+    # One chunk holding the whole head takes ResponseParser's bulk path, bytes
+    # fed one at a time the line-by-line one: same events, same error.
+    def outcome(chunks: list[bytes]) -> tuple[Any, ...]:
+        parser = ResponseParser(max_header_size)
+        try:
+            events = [e for chunk in chunks for e in parser.feed(chunk)] + parser.close()
+        except RemoteProtocolError as exc:
+            return ("raised", str(exc))
+        return ("parsed", events[0], b"".join(events[1:]))
+
+    one_by_one = [data[i : i + 1] for i in range(len(data))]
+    expected = outcome(one_by_one)
+    assert outcome([data]) == expected
+    # A chunk ending on a line break leaves nothing pending: the head is not
+    # complete though, and the lines already read stay in it.
+    for lf in range(len(data)):
+        if data[lf : lf + 1] == b"\n":
+            assert outcome([data[: lf + 1], data[lf + 1 :]]) == expected
+
+
 # --- authorizer_variables -----------------------------------------------------
 
 
