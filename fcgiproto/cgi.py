@@ -43,6 +43,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # php-fpm be exploited (CVE-2019-11043); in any other value they break what
 # reads lines or C strings behind the application. Refused in every value.
 _LINE_BREAKERS = re.compile(r"[\r\n\x00]")
+# A whole response head in CRLF lines, each "name: value" with a token name
+# and no control characters in the value (TAB allowed); and one such line,
+# its value stripped of spaces and tabs as _parse_header_line strips it.
+_HEAD_LINES = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)+")
+_HEAD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\r\n")
 # "404", "404 Not Found", and the sloppy "404: Not Found" some scripts send.
 _STATUS = re.compile(r"([0-9]{3})(?:[ \t:]+(.*))?")
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
@@ -51,6 +56,37 @@ _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 # as CONTENT_TYPE and CONTENT_LENGTH instead, and an underscore spelling of
 # them must not smuggle a second value in.
 _NOT_FORWARDED = frozenset({"HTTP_PROXY", "HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"})
+
+
+# Checked by a regex only when not one of these.
+_COMMON_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# Header name (str or bytes, as received) -> (its param, whether it has "_"):
+# "CONTENT_TYPE" or "CONTENT_LENGTH", "HTTP_<NAME>", or "" for one never
+# forwarded. Only tokens are kept, and at most _HEADER_KEYS_MAX of them, so
+# that clients sending ever new names cannot grow it.
+_HEADER_KEYS: dict[_Text, tuple[str, bool]] = {}
+_HEADER_KEYS_MAX = 512
+
+
+class _Unusual(Exception):
+    """Input build_params leaves to _build_params_general."""
+
+
+def _header_key(raw_name: _Text) -> tuple[str, bool]:
+    name = _text(raw_name)
+    if not _TOKEN.fullmatch(name):
+        raise _Unusual
+    lower = name.lower()
+    if lower in ("content-type", "content-length"):
+        key = lower.upper().replace("-", "_")
+    else:
+        key = "HTTP_" + name.upper().replace("-", "_")
+        if key in _NOT_FORWARDED:
+            key = ""
+    entry = (key, "_" in name)
+    if len(_HEADER_KEYS) < _HEADER_KEYS_MAX:
+        _HEADER_KEYS[raw_name] = entry
+    return entry
 
 
 def _text(value: _Text) -> str:
@@ -133,6 +169,169 @@ def build_params(
         with CR, LF or NUL, a repeated or non-numeric Content-Length, a
         repeated Content-Type, or a negative content_length.
     """
+    # The common case in bulk: values converted inline, one scan of them all
+    # for CR, LF and NUL and one of all header values for control characters,
+    # header names looked up in a memo. Anything unusual (a check failing, a
+    # repeated header, a generator of headers, a value neither str nor bytes)
+    # goes to _build_params_general, which does the same one value at a time:
+    # it returns the same dict or raises the precise error. A generator of
+    # headers goes there too: it can be read only once.
+    if isinstance(headers, (list, tuple, Mapping)):
+        try:
+            method_s = (
+                method.decode("utf-8", "surrogateescape") if isinstance(method, bytes) else method
+            )
+            if method_s not in _COMMON_METHODS and not _TOKEN.fullmatch(method_s):
+                raise _Unusual
+            path_s = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+            query_s = (
+                query.decode("utf-8", "surrogateescape") if isinstance(query, bytes) else query
+            )
+            if script_name is None:
+                script_s = path_s
+            elif isinstance(script_name, bytes):
+                script_s = script_name.decode("utf-8", "surrogateescape")
+            else:
+                script_s = script_name
+            lines = [
+                path_s,
+                query_s,
+                script_s,
+                script_filename.decode("utf-8", "surrogateescape")
+                if isinstance(script_filename, bytes)
+                else script_filename,
+                document_root.decode("utf-8", "surrogateescape")
+                if isinstance(document_root, bytes)
+                else document_root,
+                server_protocol.decode("utf-8", "surrogateescape")
+                if isinstance(server_protocol, bytes)
+                else server_protocol,
+                remote_addr.decode("utf-8", "surrogateescape")
+                if isinstance(remote_addr, bytes)
+                else remote_addr,
+                server_addr.decode("utf-8", "surrogateescape")
+                if isinstance(server_addr, bytes)
+                else server_addr,
+                server_name.decode("utf-8", "surrogateescape")
+                if isinstance(server_name, bytes)
+                else server_name,
+            ]
+            if server_port.__class__ is not int or remote_port.__class__ is not int:
+                raise _Unusual  # str(), as below, gives what _line gives only for an int
+
+            forwarded: dict[str, str] = {}
+            header_values = []
+            for raw_name, raw_value in headers.items() if isinstance(headers, Mapping) else headers:
+                entry = _HEADER_KEYS.get(raw_name)
+                if entry is None:
+                    entry = _header_key(raw_name)
+                if isinstance(raw_value, bytes):
+                    value = raw_value.decode("utf-8", "surrogateescape")
+                else:
+                    value = raw_value
+                header_values.append(value)
+                key, underscore = entry
+                if underscore and not underscores_in_headers:
+                    continue
+                if key in forwarded:
+                    raise _Unusual  # joined, a spelling preferred, or a repeated content header
+                forwarded[key] = value
+            if _CONTROL.search("".join(header_values)):
+                raise _Unusual
+            forwarded.pop("", None)  # httpoxy and the underscore content spellings
+            content_type = forwarded.pop("CONTENT_TYPE", "")
+            length = forwarded.pop("CONTENT_LENGTH", "")
+            if content_length is not None:
+                if content_length < 0:
+                    raise _Unusual
+                length = str(content_length)
+            elif length and not (length.isascii() and length.isdigit()):
+                raise _Unusual
+
+            params = {
+                "QUERY_STRING": query_s,
+                "REQUEST_METHOD": method_s,
+                "CONTENT_TYPE": content_type,
+                "CONTENT_LENGTH": length,
+                "SCRIPT_FILENAME": lines[3],
+                "SCRIPT_NAME": script_s,
+                "REQUEST_URI": f"{path_s}?{query_s}" if query_s else path_s,
+                "DOCUMENT_URI": path_s,
+                "DOCUMENT_ROOT": lines[4],
+                "SERVER_PROTOCOL": lines[5],
+                "REQUEST_SCHEME": "https" if https else "http",
+                "GATEWAY_INTERFACE": "CGI/1.1",
+                "SERVER_SOFTWARE": SERVER_SOFTWARE,
+                "REMOTE_ADDR": lines[6],
+                "REMOTE_PORT": str(remote_port),
+                "SERVER_ADDR": lines[7],
+                "SERVER_PORT": str(server_port),
+                "SERVER_NAME": lines[8],
+                "REDIRECT_STATUS": "200",
+            }
+            if https:
+                params["HTTPS"] = "on"
+            params.update(forwarded)
+            if extra is not None:
+                for raw_name, raw_value in extra.items():
+                    name = (
+                        raw_name.decode("utf-8", "surrogateescape")
+                        if isinstance(raw_name, bytes)
+                        else raw_name
+                    )
+                    if isinstance(raw_value, bytes):
+                        value = raw_value.decode("utf-8", "surrogateescape")
+                    else:
+                        value = raw_value
+                    lines += (name, value)
+                    params[name] = value
+            # join raises TypeError for a value that is not text: _line would str() it.
+            if not _LINE_BREAKERS.search("".join(lines)):
+                return params
+        except Exception:
+            pass  # _build_params_general raises the error, with its message
+    return _build_params_general(
+        method,
+        path,
+        query=query,
+        headers=headers,
+        script_filename=script_filename,
+        document_root=document_root,
+        script_name=script_name,
+        server_name=server_name,
+        server_port=server_port,
+        server_addr=server_addr,
+        remote_addr=remote_addr,
+        remote_port=remote_port,
+        https=https,
+        server_protocol=server_protocol,
+        content_length=content_length,
+        extra=extra,
+        underscores_in_headers=underscores_in_headers,
+    )
+
+
+def _build_params_general(
+    method: _Text,
+    path: _Text,
+    *,
+    query: _Text = b"",
+    headers: _Headers = (),
+    script_filename: _Text,
+    document_root: _Text = "",
+    script_name: _Text | None = None,
+    server_name: _Text = "localhost",
+    server_port: int = 80,
+    server_addr: _Text = "127.0.0.1",
+    remote_addr: _Text = "127.0.0.1",
+    remote_port: int = 0,
+    https: bool = False,
+    server_protocol: _Text = "HTTP/1.1",
+    content_length: int | None = None,
+    extra: Mapping[str, _Text] | Mapping[bytes, _Text] | None = None,
+    underscores_in_headers: bool = False,
+) -> dict[str, str]:
+    """`build_params` one value at a time: the reference, and where every error is raised."""
     method_s = _text(method)
     if not _TOKEN.fullmatch(method_s):
         raise LocalProtocolError(f"method is not an HTTP token: {method_s[:100]!r}")
@@ -247,8 +446,12 @@ class ResponseParser:
         self._received += len(data)
         if self.head is not None:
             return [bytes(data)] if data else []  # bytes(b) is b itself: no copy
-        self._buf += data
         try:
+            if self._received == len(data):  # the first bytes: may hold the whole head
+                whole = self._parse_whole_head(data)
+                if whole is not None:
+                    return whole
+            self._buf += data
             return self._parse_head()
         except RemoteProtocolError as exc:
             self._error = exc
@@ -276,6 +479,22 @@ class ResponseParser:
         if self._closed:
             raise LocalProtocolError("feed() after close()")
 
+    def _parse_whole_head(self, data: bytes) -> list[ResponseHead | bytes] | None:
+        """The head at once when one chunk holds all of it in CRLF lines, as php-fpm sends it.
+
+        None when anything is unusual (a bare LF, a malformed line, a head
+        too large or not complete): _parse_head then goes line by line and
+        raises the precise error.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end == -1 or end + 4 > self.max_header_size:
+            return None
+        text = data[: end + 2].decode("latin-1")
+        if not _HEAD_LINES.fullmatch(text):
+            return None
+        self._headers = _HEAD_LINE.findall(text)
+        return self._finish_head(data[end + 4 :])
+
     def _parse_head(self) -> list[ResponseHead | bytes]:
         buf = self._buf
         while (lf := buf.find(b"\n", self._scan)) != -1:
@@ -285,7 +504,9 @@ class ResponseParser:
             del buf[: lf + 1]  # cheap: bytearray drops its front without moving the rest
             self._scan = 0
             if not line:
-                return self._finish_head()
+                body = bytes(buf)
+                self._buf = bytearray()
+                return self._finish_head(body)
             self._headers.append(_parse_header_line(line))
         self._scan = len(buf)
         self._check_size(self._head_size + len(buf))
@@ -297,7 +518,7 @@ class ResponseParser:
                 f"CGI response head exceeds max_header_size={self.max_header_size} bytes"
             )
 
-    def _finish_head(self) -> list[ResponseHead | bytes]:
+    def _finish_head(self, body: bytes) -> list[ResponseHead | bytes]:
         if not self._headers:
             raise RemoteProtocolError("CGI response has no header lines before its blank line")
         headers: list[tuple[str, str]] = []
@@ -313,8 +534,6 @@ class ResponseParser:
         if not seen_status and any(name.lower() == "location" for name, _ in headers):
             status, reason = 302, "Found"  # RFC 3875 6.2.3: a client redirect
         self.head = ResponseHead(status, reason, headers)
-        body = bytes(self._buf)
-        self._buf = bytearray()
         self._headers = []
         return [self.head, body] if body else [self.head]
 

@@ -5,9 +5,10 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fcgiproto import cgi
 from fcgiproto._errors import LocalProtocolError, RemoteProtocolError
 from fcgiproto.cgi import (
     DEFAULT_MAX_HEADER_SIZE,
@@ -326,6 +327,161 @@ def test_no_value_ever_written_holds_cr_lf_or_nul(
             assert not set(text) & {"\r", "\n", "\x00"}, (name, value)
 
 
+# build_params serves the common case in bulk and hands anything unusual to
+# _build_params_general, the value-at-a-time reference: both must agree on
+# every input, in the dict (order included) and in the error.
+
+# Characters that make each check fire: line breakers, other controls, TAB,
+# "_" and "-" for the header spellings, ":" and " " for tokens, non-ASCII.
+# Most examples keep to clean values and spoil at most one, so that both the
+# bulk path and each of its ways out are taken.
+_EDGY = st.text(st.sampled_from("aZ09/.:_- \r\n\x00\t\x01\x7f\xe9\u20ac"), max_size=6)
+_CLEAN = st.text(st.sampled_from("aZ09/.:_- \t\xe9\u20ac\udcff"), max_size=6)
+# A clean text with one character some check refuses, or any edgy text.
+_SPOILT = st.tuples(_CLEAN, st.sampled_from("\r\n\x00\x01\x7f :"), _CLEAN).map("".join) | _EDGY
+_TOKEN_TEXT = st.text(st.sampled_from("aZ09-_!~"), min_size=1, max_size=6)
+
+
+def _either(text: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
+    """The text as str or as the bytes that decode to it."""
+    return text | text.map(lambda t: t.encode("utf-8", "surrogateescape"))
+
+
+_HEADER_NAMES = [
+    "Host",
+    "X-A",
+    "X_A",
+    "x-a",
+    "Content-Type",
+    "content_type",
+    "Content-Length",
+    "Proxy",
+    "Cookie",
+]
+_TEXT_FIELDS = (
+    "path",
+    "query",
+    "script_filename",
+    "document_root",
+    "server_name",
+    "server_addr",
+    "remote_addr",
+    "server_protocol",
+    "script_name",
+)
+
+
+def _outcome(call: Any) -> tuple[Any, ...]:
+    try:
+        result = call()
+    except Exception as exc:
+        return ("raised", type(exc), str(exc))
+    return ("returned", list(result.items()))
+
+
+@settings(max_examples=1000)
+@given(data=st.data())
+def test_build_params_same_as_general_path(data: st.DataObject) -> None:
+    spoilt = data.draw(
+        st.sampled_from(
+            [
+                None,
+                None,
+                None,
+                "method",
+                "ports",
+                "extra",
+                "header name",
+                "header value",
+                *_TEXT_FIELDS,
+            ]
+        )
+    )
+
+    def text(field: str) -> Any:
+        return data.draw(_either(_SPOILT if field == spoilt else _CLEAN), label=field)
+
+    kwargs: dict[str, Any] = {field: text(field) for field in _TEXT_FIELDS}
+    if data.draw(st.booleans(), label="script_name is None"):
+        kwargs["script_name"] = None
+    kwargs["method"] = data.draw(
+        _either(_SPOILT if spoilt == "method" else st.sampled_from(["GET", "POST"]) | _TOKEN_TEXT),
+        label="method",
+    )
+    for port in ("server_port", "remote_port"):
+        odd = st.booleans() | _either(_SPOILT) | st.integers()
+        kwargs[port] = data.draw(odd if spoilt == "ports" else st.integers(0, 65535), label=port)
+    name = _SPOILT if spoilt == "header name" else st.sampled_from(_HEADER_NAMES) | _TOKEN_TEXT
+    value = _SPOILT if spoilt == "header value" else _CLEAN | st.sampled_from(["3", "-1", "x"])
+    headers = data.draw(st.lists(st.tuples(_either(name), _either(value)), max_size=4))
+    shape = data.draw(st.sampled_from(["list", "tuple", "dict", "generator"]))
+    odd_extra = (
+        st.dictionaries(_either(_CLEAN), _either(_SPOILT), min_size=1, max_size=2)
+        | st.dictionaries(_either(_SPOILT), _either(_CLEAN), min_size=1, max_size=2)
+        | st.dictionaries(_either(_CLEAN) | st.integers(), _either(_CLEAN) | st.integers())
+    )
+    kwargs["extra"] = data.draw(
+        odd_extra
+        if spoilt == "extra"
+        else st.none() | st.dictionaries(_either(_CLEAN), _either(_CLEAN), max_size=3),
+        label="extra",
+    )
+    kwargs["content_length"] = data.draw(st.none() | st.integers(-2, 10), label="content_length")
+    kwargs["https"] = data.draw(st.booleans(), label="https")
+    kwargs["underscores_in_headers"] = data.draw(st.booleans(), label="underscores")
+
+    def call(function: Any) -> Any:
+        if shape == "tuple":
+            shaped: Any = tuple(headers)
+        elif shape == "dict":
+            shaped = dict(headers)
+        else:
+            shaped = list(headers) if shape == "list" else iter(list(headers))
+        return function(headers=shaped, **kwargs)
+
+    general = _outcome(lambda: call(cgi._build_params_general))
+    assert _outcome(lambda: call(build_params)) == general
+
+
+def test_build_params_serves_the_gateway_case_without_the_general_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    expected = cgi._build_params_general(
+        "GET",
+        b"/hello.php",
+        headers=[(b"host", b"example.com"), (b"cookie", b"a=1")],
+        script_filename=b"/srv/www/hello.php",
+        document_root=b"/srv/www",
+        remote_port=50000,
+        extra={"SCRIPT_NAME": b"/hello.php", "PATH_INFO": b""},
+    )
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("fell back to _build_params_general")
+
+    monkeypatch.setattr(cgi, "_build_params_general", refuse)
+    assert (
+        build_params(
+            "GET",
+            b"/hello.php",
+            headers=[(b"host", b"example.com"), (b"cookie", b"a=1")],
+            script_filename=b"/srv/www/hello.php",
+            document_root=b"/srv/www",
+            remote_port=50000,
+            extra={"SCRIPT_NAME": b"/hello.php", "PATH_INFO": b""},
+        )
+        == expected
+    )
+
+
+def test_header_name_memo_stays_bounded() -> None:
+    for n in range(cgi._HEADER_KEYS_MAX + 100):
+        params(headers=[(f"X-Name-{n}", "v")])
+    assert len(cgi._HEADER_KEYS) <= cgi._HEADER_KEYS_MAX
+    # A name the full memo does not hold still becomes its param.
+    assert params(headers=[("X-Never-Seen-Before", "v")])["HTTP_X_NEVER_SEEN_BEFORE"] == "v"
+
+
 @pytest.mark.parametrize("name", ["", "X Header", "X:Y", "X-\xe9", "X\r\nY", "(x)", b"X\x00"])
 def test_header_name_not_a_token_refused(name: str | bytes) -> None:
     with pytest.raises(LocalProtocolError, match="header name is not an HTTP token"):
@@ -642,6 +798,44 @@ def test_fuzz_arbitrary_bytes_parse_or_remote_error(
         return
     assert isinstance(events[0], ResponseHead)
     assert all(isinstance(e, bytes) and e for e in events[1:])
+
+
+_HEAD_LINE_BYTES = st.tuples(
+    st.sampled_from([b"X-A", b"Status", b"Location", b"", b"a b", b"Content-Type"]),
+    st.sampled_from([b":", b": ", b" :", b""]),
+    st.sampled_from(
+        [b"", b"404", b"200 OK", b" Gone ", b"\t/x\t", b"\xe9", b"a\x00", b"a\rb", b"\x7f"]
+    ),
+    st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r\r\n"]),
+).map(b"".join)
+_HEADS = st.tuples(
+    st.lists(_HEAD_LINE_BYTES, max_size=5).map(b"".join),
+    st.sampled_from([b"\r\n", b"\n", b""]),
+    st.sampled_from([b"", b"body", b"\r\n\r\nmore"]),
+).map(b"".join)
+
+
+@settings(max_examples=500)
+@given(_HEADS, st.sampled_from([16, 40, 65536]))
+def test_head_in_one_chunk_parsed_as_byte_by_byte(data: bytes, max_header_size: int) -> None:
+    # One chunk holding the whole head takes ResponseParser's bulk path, bytes
+    # fed one at a time the line-by-line one: same events, same error.
+    def outcome(chunks: list[bytes]) -> tuple[Any, ...]:
+        parser = ResponseParser(max_header_size)
+        try:
+            events = [e for chunk in chunks for e in parser.feed(chunk)] + parser.close()
+        except RemoteProtocolError as exc:
+            return ("raised", str(exc))
+        return ("parsed", events[0], b"".join(events[1:]))
+
+    one_by_one = [data[i : i + 1] for i in range(len(data))]
+    expected = outcome(one_by_one)
+    assert outcome([data]) == expected
+    # A chunk ending on a line break leaves nothing pending: the head is not
+    # complete though, and the lines already read stay in it.
+    for lf in range(len(data)):
+        if data[lf : lf + 1] == b"\n":
+            assert outcome([data[: lf + 1], data[lf + 1 :]]) == expected
 
 
 # --- authorizer_variables -----------------------------------------------------
