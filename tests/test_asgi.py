@@ -276,7 +276,7 @@ _scope_names = (
     st.sampled_from(["", "/", "/app", "/app/", "/caf\u00e9"]),
     st.sampled_from([None, {}, {"k": 1}]),
 )
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_the_scope_from_bytes_is_the_scope_from_text(
     raw: dict[bytes, bytes], root_path: str, state: dict[str, Any] | None
 ) -> None:
@@ -318,7 +318,7 @@ _header_part = st.one_of(
         max_size=4,
     ),
 )
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_a_head_of_bytes_is_what_the_general_way_makes(status: int, headers: list[Any]) -> None:
     """ASGI's list of byte pairs takes its own way, to what the general way makes or refuses."""
 
