@@ -379,7 +379,7 @@ def _outcome(call: Any) -> tuple[Any, ...]:
     return ("returned", list(result.items()))
 
 
-@settings(max_examples=300)
+@settings(max_examples=200)
 @given(data=st.data())
 def test_build_params_same_as_general_path(data: st.DataObject) -> None:
     spoilt = data.draw(
