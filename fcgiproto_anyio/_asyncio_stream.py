@@ -25,10 +25,11 @@ import socket
 from collections.abc import Callable
 from typing import Final, TypeAlias
 
-from fcgiproto import ReadError, ReadTimeout, WriteError, WriteTimeout
+from fcgiproto import ReadTimeout, WriteTimeout
 from fcgiproto.support import Address
 
 from ._primitives import loop_timeouts
+from ._stream_errors import StreamErrors
 
 __all__ = ["AsyncioStream", "Feed"]
 
@@ -44,7 +45,7 @@ _FED: Final = object()
 Feed: TypeAlias = "Callable[[bytes], bool | bytes]"
 
 
-class AsyncioStream:
+class AsyncioStream(StreamErrors):
     """One non-blocking socket, registered with the running asyncio loop while open."""
 
     def __init__(self, sock: socket.socket, address: Address) -> None:
@@ -287,21 +288,3 @@ class AsyncioStream:
             raise undelivered
         assert type(undelivered) is bytes
         return undelivered
-
-    def _timeout(
-        self, error: type[ReadTimeout] | type[WriteTimeout], timeout: float | None
-    ) -> ReadTimeout | WriteTimeout:
-        doing = "send anything" if error is ReadTimeout else "take more"
-        return error(f"{self._address} did not {doing} within {timeout}s")
-
-    def _closed_error(
-        self, error: type[ReadTimeout] | type[WriteTimeout]
-    ) -> ReadError | WriteError:
-        message = f"the connection to {self._address} was closed"
-        return ReadError(message) if error is ReadTimeout else WriteError(message)
-
-    def _read_error(self, exc: OSError) -> ReadError:
-        return ReadError(f"reading from {self._address} failed: {exc.strerror or exc}")
-
-    def _write_error(self, exc: OSError) -> WriteError:
-        return WriteError(f"writing to {self._address} failed: {exc.strerror or exc}")

@@ -23,15 +23,14 @@ import anyio.lowlevel
 from fcgiproto import (
     ConnectError,
     ConnectTimeout,
-    ReadError,
     ReadTimeout,
-    WriteError,
     WriteTimeout,
 )
 from fcgiproto.support import Address
 
 from ._asyncio_stream import AsyncioStream
 from ._running import running_library
+from ._stream_errors import StreamErrors
 
 if TYPE_CHECKING:
     from ._interface import AsyncNetworkStream
@@ -95,7 +94,7 @@ async def _connect_one(family: int, sockaddr: object) -> socket.socket:
         raise
 
 
-class AnyioStream:
+class AnyioStream(StreamErrors):
     """One non-blocking socket; its errors leave as the fcgiproto tree."""
 
     _checkpoint = staticmethod(anyio.lowlevel.checkpoint)
@@ -218,17 +217,4 @@ class AnyioStream:
             except (anyio.ClosedResourceError, OSError):
                 raise self._closed_error(error) from None
         if scope.cancelled_caught:
-            doing = "send anything" if error is ReadTimeout else "take more"
-            raise error(f"{self._address} did not {doing} within {timeout}s")
-
-    def _closed_error(
-        self, error: type[ReadTimeout] | type[WriteTimeout]
-    ) -> ReadError | WriteError:
-        message = f"the connection to {self._address} was closed"
-        return ReadError(message) if error is ReadTimeout else WriteError(message)
-
-    def _read_error(self, exc: OSError) -> ReadError:
-        return ReadError(f"reading from {self._address} failed: {exc.strerror or exc}")
-
-    def _write_error(self, exc: OSError) -> WriteError:
-        return WriteError(f"writing to {self._address} failed: {exc.strerror or exc}")
+            raise self._timeout(error, timeout)

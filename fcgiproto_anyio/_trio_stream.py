@@ -186,8 +186,7 @@ class TrioStream(AnyioStream):
                     if self._closed:
                         raise self._closed_error(error) from None
                     if not timeouts.waiting(key):
-                        doing = "send anything" if error is ReadTimeout else "take more"
-                        raise error(f"{self._address} did not {doing} within {timeout}s") from None
+                        raise self._timeout(error, timeout) from None
                     # Woken for the other direction's limit: still ours to wait.
         finally:
             timeouts.discard(key)
