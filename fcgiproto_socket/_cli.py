@@ -126,13 +126,28 @@ def _silence_stdout() -> None:
 # --- the parser ---
 
 
-def _positive(text: str) -> float:
+# Argument types every subcommand shares: each names what is wrong with the value.
+
+
+def positive(text: str) -> float:
+    """A number more than 0 (seconds, mostly)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
+
+
+def whole_number(text: str) -> int:
+    """A count, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
 
 
@@ -163,7 +178,7 @@ def add_address(parser: argparse.ArgumentParser) -> None:
 def add_timeout(parser: argparse.ArgumentParser, default: float) -> None:
     parser.add_argument(
         "--timeout",
-        type=_positive,
+        type=positive,
         default=default,
         metavar="S",
         help=f"seconds for the whole exchange (default: {default:g})",

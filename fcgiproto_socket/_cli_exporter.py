@@ -11,9 +11,9 @@ from ._cli import (
     FORMATTER,
     OK,
     Commands,
-    _positive,
     _Usage,
     address_argument,
+    positive,
 )
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def add(commands: Commands) -> None:
     )
     exporter.add_argument(
         "--timeout",
-        type=_positive,
+        type=positive,
         default=3.0,
         metavar="S",
         help="seconds each pool has to answer, per scrape (default: 3)",

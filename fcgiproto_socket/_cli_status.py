@@ -19,6 +19,7 @@ from ._cli import (
     add_address,
     add_timeout,
     one_shot_client,
+    whole_number,
 )
 
 if TYPE_CHECKING:
@@ -37,16 +38,6 @@ and the status is that of the first (5, 6, 7 below). The worker that answers
 the status request counts as active, so a pool of N workers shows at most
 N-1 idle ones.
 """
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"cannot be negative: {text!r}")
-    return value
 
 
 def _ratio(text: str) -> float:
@@ -80,13 +71,13 @@ def add(commands: Commands) -> None:
     )
     status.add_argument(
         "--max-listen-queue",
-        type=_count,
+        type=whole_number,
         metavar="N",
         help="fail (5) when more than N connections wait in the listen queue",
     )
     status.add_argument(
         "--min-idle",
-        type=_count,
+        type=whole_number,
         metavar="N",
         help="fail (6) when fewer than N processes are idle",
     )

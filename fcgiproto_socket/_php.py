@@ -12,6 +12,8 @@ import argparse
 import importlib
 from typing import Any
 
+from ._cli import positive
+
 __all__ = ["add_php_command"]
 
 DESCRIPTION = """\
@@ -25,13 +27,6 @@ php-fpm's ping path (--health-path), retried on the next one only when that
 cannot run a request twice. Access logs go to stderr.
 
 Needs the optional extra: pip install 'fcgiproto-ng[php]'"""
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text}")
-    return value
 
 
 def add_php_command(commands: Any) -> None:
@@ -87,13 +82,13 @@ def add_php_command(commands: Any) -> None:
         "process would leave idle (each has its own connections and health state)",
     )
     php.add_argument("--max-fails", type=int, default=1)
-    php.add_argument("--fail-timeout", type=_seconds, default=10.0)
+    php.add_argument("--fail-timeout", type=positive, default=10.0)
     php.add_argument("--health-path", help="php-fpm's ping.path, e.g. /ping")
-    php.add_argument("--health-interval", type=_seconds, default=10.0)
-    php.add_argument("--health-timeout", type=_seconds, default=5.0)
-    php.add_argument("--dial-timeout", type=_seconds, default=3.0)
-    php.add_argument("--read-timeout", type=_seconds, default=60.0)
-    php.add_argument("--write-timeout", type=_seconds, default=60.0)
+    php.add_argument("--health-interval", type=positive, default=10.0)
+    php.add_argument("--health-timeout", type=positive, default=5.0)
+    php.add_argument("--dial-timeout", type=positive, default=3.0)
+    php.add_argument("--read-timeout", type=positive, default=60.0)
+    php.add_argument("--write-timeout", type=positive, default=60.0)
     php.add_argument("--no-access-log", action="store_true")
     php.add_argument("--log-level", default="info")
     php.set_defaults(run=_php_command)

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any
 
+from ._cli import positive, whole_number
+
 # The server and its options are imported when `serve` runs: every other subcommand builds
 # this parser too, and `fcgi ping` must not pay for the server's import.
 
@@ -85,14 +87,14 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--workers", "-w", type=_count, default=1, help="processes (default 1)")
     serve.add_argument(
         "--max-requests",
-        type=_count_or_zero,
+        type=whole_number,
         default=0,
         help="a worker serving this many requests is replaced (default 0: never)",
     )
-    serve.add_argument("--max-requests-jitter", type=_count_or_zero, default=0)
+    serve.add_argument("--max-requests-jitter", type=whole_number, default=0)
     serve.add_argument(
         "--graceful-timeout",
-        type=_seconds,
+        type=positive,
         default=None,
         help="on SIGTERM, how long requests in progress may take to end (default 30)",
     )
@@ -115,38 +117,18 @@ def add_parser(commands: Any) -> None:
     )
     limits.add_argument("--max-params-size", type=_count, default=None)
     limits.add_argument("--max-params-pairs", type=_count, default=None)
-    limits.add_argument("--max-body-size", type=_count_or_zero, default=None)
+    limits.add_argument("--max-body-size", type=whole_number, default=None)
     limits.add_argument("--max-unsent-size", type=_count, default=None)
-    limits.add_argument("--params-timeout", type=_seconds, default=None)
-    limits.add_argument("--idle-timeout", type=_seconds, default=None)
-    limits.add_argument("--send-timeout", type=_seconds, default=None)
+    limits.add_argument("--params-timeout", type=positive, default=None)
+    limits.add_argument("--idle-timeout", type=positive, default=None)
+    limits.add_argument("--send-timeout", type=positive, default=None)
     serve.set_defaults(run=run)
 
 
 def _count(text: str) -> int:
-    value = _count_or_zero(text)
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def _count_or_zero(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
     return value
 
 

@@ -29,7 +29,7 @@ TESTS = Path(__file__).resolve().parent
         ("--workers", "two", "not a whole number: 'two'"),
         ("--max-requests", "-1", "must not be negative: '-1'"),
         ("--params-timeout", "0", "must be more than 0: '0'"),
-        ("--idle-timeout", "soon", "not a number of seconds: 'soon'"),
+        ("--idle-timeout", "soon", "not a number: 'soon'"),
     ],
 )
 def test_a_bad_number_is_refused_by_name(
