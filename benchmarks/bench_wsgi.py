@@ -115,6 +115,12 @@ def serve_wsgi(address: str) -> None:
     fcgiproto_socket.serve_wsgi(wsgi_app, address)  # type: ignore[attr-defined]
 
 
+def serve_wsgi_one_thread(address: str) -> None:
+    import fcgiproto_socket
+
+    fcgiproto_socket.serve_wsgi(wsgi_app, address, threads=1)  # type: ignore[attr-defined]
+
+
 def serve_asgi(address: str) -> None:
     import anyio
 
@@ -169,6 +175,11 @@ KINDS: dict[str, Kind] = {
     "serve_wsgi": Kind(
         "`fcgiproto_socket.serve_wsgi`",
         serve_wsgi,
+        lambda: has_attribute("fcgiproto_socket", "serve_wsgi"),
+    ),
+    "serve_wsgi_1": Kind(
+        "`fcgiproto_socket.serve_wsgi`, threads=1",
+        serve_wsgi_one_thread,
         lambda: has_attribute("fcgiproto_socket", "serve_wsgi"),
     ),
     "serve_asgi": Kind(
@@ -360,6 +371,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--only", nargs="*", choices=list(KINDS), help="these servers only")
     parser.add_argument(
+        "--cases", nargs="*", choices=[case.label for case in CASES], help="these cases only"
+    )
+    parser.add_argument(
         "--callgrind",
         type=int,
         metavar="N",
@@ -385,11 +399,12 @@ def main() -> None:
                 count = callgrind_run(kind, args.callgrind, Path(work))
                 print(f"{kind:>10}: {count:,.0f} instructions per request", flush=True)
         return
-    results = {(kind, case.label): Result() for kind in kinds for case in CASES}
+    cases = [case for case in CASES if not args.cases or case.label in args.cases]
+    results = {(kind, case.label): Result() for kind in kinds for case in cases}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-wsgi-") as work:
         for round_number in range(1, args.rounds + 1):
-            for case in CASES:
+            for case in cases:
                 for kind in kinds:
                     rate, cpu = one_run(kind, case, args.seconds, Path(work))
                     result = results[kind, case.label]
@@ -404,11 +419,11 @@ def main() -> None:
         f"\n{args.rounds} rounds in {time.monotonic() - started:.0f} s; "
         "median req/s / server CPU µs per request:\n"
     )
-    print("| server | " + " | ".join(case.label for case in CASES) + " |")
-    print("|---|" + "---|" * len(CASES))
+    print("| server | " + " | ".join(case.label for case in cases) + " |")
+    print("|---|" + "---|" * len(cases))
     for kind in kinds:
         cells = []
-        for case in CASES:
+        for case in cases:
             result = results[kind, case.label]
             rate = statistics.median(result.rates)
             cpu = statistics.median(result.cpu_per_request)

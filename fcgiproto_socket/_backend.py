@@ -31,8 +31,14 @@ __all__ = ["SocketBackend", "SocketStream"]
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _WRITABLE = select.POLLOUT | select.POLLHUP | select.POLLERR
 _NO_WAIT = socket.MSG_DONTWAIT
-#: struct timeval, as SO_RCVTIMEO takes it.
+#: struct timeval, as SO_RCVTIMEO and SO_SNDTIMEO take it.
 _TIMEVAL = struct.Struct("@ll")
+
+
+def kernel_timeout(timeout: float | None) -> bytes:
+    """A limit for SO_RCVTIMEO or SO_SNDTIMEO; at least 1 µs, since 0 means none to the kernel."""
+    micros = 0 if timeout is None else max(1, round(timeout * 1_000_000))
+    return _TIMEVAL.pack(*divmod(micros, 1_000_000))
 
 
 class SocketBackend:
@@ -178,13 +184,8 @@ class SocketStream:
             raise self._read_error(exc) from exc
 
     def _set_read_limit(self, timeout: float | None) -> None:
-        # 0 means no limit to the kernel; a limit is at least a microsecond.
-        micros = 0 if timeout is None else max(1, round(timeout * 1_000_000))
-        seconds, micros = divmod(micros, 1_000_000)
         try:
-            self._sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(seconds, micros)
-            )
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, kernel_timeout(timeout))
         except OSError as exc:
             raise self._read_error(exc) from exc
         self._read_limit = timeout

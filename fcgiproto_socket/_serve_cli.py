@@ -82,7 +82,10 @@ def add_parser(commands: Any) -> None:
     )
     serve.add_argument("--interface", choices=("auto", "wsgi", "asgi"), default="auto")
     serve.add_argument(
-        "--threads", type=_count, default=None, help="WSGI: apps running at once per worker"
+        "--threads",
+        type=_count,
+        default=None,
+        help="WSGI: apps running at once per worker (1: one thread reads and runs them all)",
     )
     serve.add_argument("--workers", "-w", type=_count, default=1, help="processes (default 1)")
     serve.add_argument(

@@ -72,6 +72,8 @@ from fcgiproto.support import (
     output_chunks,
 )
 
+from ._backend import kernel_timeout
+
 __all__ = ["Handler", "Request", "Server", "serve"]
 
 logger = logging.getLogger("fcgiproto_socket.server")
@@ -208,6 +210,10 @@ StreamHandler: TypeAlias = "Callable[[Exchange], None]"
 class _Connection:
     """One accepted socket: its protocol state, its requests, and the thread reading it.
 
+    The reading thread is the connection's own, or, for an `inline`
+    listener, the listener's: it then reads the socket when poll says there
+    is something to read (`step`), and every app runs in it, one at a time.
+
     Two locks. `lock` guards the protocol state and the requests, and is never
     held across socket I/O. `send_lock` makes one thread at a time the sender:
     it writes out `pending` until it finds it empty, and checks that and lets
@@ -239,6 +245,10 @@ class _Connection:
         # one after another in this connection's thread.
         self.ready: deque[_State] = deque()
         self.streaming = listener.streaming
+        self.inline = listener.inline
+        # Apps run in the thread that reads, which pulls their body and looks
+        # for an abort between chunks; with multiplexing, each has a thread.
+        self.runs_apps = listener.inline or not self.options.multiplex
         # A streamed request's app waits on this for more body (with multiplexing).
         self.body_arrived = threading.Condition(self.lock)
         self.workers: set[threading.Thread] = set()
@@ -272,19 +282,32 @@ class _Connection:
                         self.drained.wait()
                     finally:
                         self.drain_waits -= 1
-            if not self._read_once():
+            if not (self._read_once() and self._run_ready()):
                 return
-            while True:
-                with self.lock:
-                    if not self.ready or self.dead:
-                        break
-                    state = self.ready.popleft()
-                self._dispatch(state)
+
+    def step(self) -> bool:
+        """Inline: the socket has something to read. Read it, run what is ready; False once over.
+
+        Without waiting for the peer: the read takes what poll saw, and the
+        requests run have their body in (see _route_streamed). An app that
+        reads on, or a client slow to take its output, waits in the kernel,
+        for idle_timeout and send_timeout at most (SO_RCVTIMEO, SO_SNDTIMEO).
+        """
+        return self._read_once() and self._run_ready()
+
+    def _run_ready(self) -> bool:
+        """Run the requests the last read made ready; False once the connection is over."""
+        while True:
             with self.lock:
-                if self.dead or self.proto.closed:
-                    return
-                if self.listener.draining and not self.states and not self.ready:
-                    return  # finished what it carried: close
+                if not self.ready or self.dead:
+                    break
+                state = self.ready.popleft()
+            self._dispatch(state)
+        with self.lock:
+            if self.dead or self.proto.closed:
+                return False
+            # While draining, one that finished what it carried closes.
+            return not (self.listener.draining and not self.states and not self.ready)
 
     def _read_once(self) -> bool:
         """Read what the socket has, route it, send what the core answers; False once over.
@@ -381,6 +404,10 @@ class _Connection:
                 self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
                 self._end(state, ERROR_STATUS)
                 return
+            if self.inline and not (state.stdin_done or state.unread > BODY_READ_AHEAD):
+                # An inline app runs once its body is in (or enough to read on
+                # with): every other connection waits while it does.
+                return
             state.dispatched = True
             self.liveness.app_started()
             self.ready.append(state)
@@ -392,13 +419,13 @@ class _Connection:
         request: Request | Exchange
         if self.streaming:
             request = Exchange(self, state)
-            if not self.options.multiplex:
+            if self.runs_apps:
                 self._respond_streamed(state, request)  # what _respond() would call
                 return
         else:
             request = Request(self, state)
             state.stdin = state.data = []
-        if not self.listener.options.multiplex:
+        if self.runs_apps:
             self._respond(state, request)
             return
         worker = threading.Thread(
@@ -484,7 +511,7 @@ class _Connection:
 
     def read_body(self, state: _State, size: int) -> bytes:
         """Up to `size` bytes (all if negative) of a streamed request's body; b"" at its end."""
-        pulls = not self.options.multiplex  # the app runs in the thread that reads
+        pulls = self.runs_apps
         chunks: list[bytes] = []
         got = 0
         with self.lock:
@@ -550,7 +577,7 @@ class _Connection:
         view = memoryview(data)
         # Where a streamed app runs in the reading thread, look for an abort
         # between pieces; not before the first, which follows the request at once.
-        looks = self.streaming and not self.options.multiplex and isinstance(state, _State)
+        looks = self.streaming and self.runs_apps and isinstance(state, _State)
         for start in range(0, len(view), piece):
             if looks:
                 assert isinstance(state, _State)
@@ -579,7 +606,7 @@ class _Connection:
             if not self.write(state, _STDOUT, view[:cut]):
                 return False
             data = view[cut:]
-        if state.wrote and self.streaming and not self.options.multiplex:
+        if state.wrote and self.streaming and self.runs_apps:
             self._look_for_abort(state)  # as write() does between pieces
         with self.lock:
             if state.ended or self.dead:
@@ -724,11 +751,19 @@ class _Listener:
         streaming: bool = False,
         sock: socket.socket | None = None,
         graceful_timeout: float = 0.0,
+        inline: bool = False,
     ) -> None:
         self.handler: Handler = handler  # type: ignore[assignment]
         self.stream_handler: StreamHandler = handler  # type: ignore[assignment]
         #: Apps run once PARAMS are in, on an Exchange, their body streamed.
         self.streaming = streaming
+        #: One thread: this one reads every connection and runs every app, one
+        #: at a time (no thread per connection, and no handing the GIL between
+        #: them, which is most of a small request's cost with many connections).
+        self.inline = inline
+        # The connections read here, by file descriptor (inline only).
+        self._inline: dict[int, _Connection] = {}
+        self._poller = select.poll()
         self.options = options
         #: Set while the server drains: no more accepting, connections close once idle.
         self.draining = False
@@ -799,7 +834,8 @@ class _Listener:
             self._wake_w.send(b"\0")
 
     def _accept_loop(self, stop: threading.Event | None) -> None:
-        poller = select.poll()
+        poller = self._poller
+        wake_fd, listening_fd = self._wake_r.fileno(), self.sock.fileno()
         poller.register(self._wake_r, select.POLLIN)
         poller.register(self.sock, select.POLLIN)
         listening = True
@@ -823,15 +859,37 @@ class _Listener:
             if stop is not None:
                 wait = min(wait, POLL_INTERVAL)
             for fd, _ in poller.poll(max(wait, 0.0) * 1000):
-                if fd == self._wake_r.fileno():
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
+                if fd != listening_fd:
+                    if fd == wake_fd:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    else:
+                        self._step(fd)
                 elif self._make_room():
                     self._accept()
                 else:  # every connection runs an app: the backlog holds the rest a while
                     poller.unregister(self.sock)
                     listening = False
                     self._next_watch = min(self._next_watch, time.monotonic() + AT_CAP_RECHECK)
+
+    def _step(self, fd: int) -> None:
+        """Inline: a connection's socket has something to read (or was shut down)."""
+        connection = self._inline.get(fd)
+        if connection is None:
+            return
+        try:
+            going = connection.step()
+        except Exception:
+            logger.exception("connection %d failed", connection.number)
+            going = False
+        if not going:
+            self._close_inline(connection)
+
+    def _close_inline(self, connection: _Connection) -> None:
+        fd = connection.sock.fileno()
+        if self._inline.pop(fd, None) is not None:
+            self._poller.unregister(fd)
+        connection._close()
 
     def _drain(self, poller: select.poll, timeout: float) -> None:
         """Accept no more; wait until every connection closed once idle, or `timeout` passed."""
@@ -859,6 +917,8 @@ class _Listener:
                 if fd == self._wake_r.fileno():
                     with contextlib.suppress(OSError):
                         self._wake_r.recv(4096)
+                else:
+                    self._step(fd)
 
     def _watch(self, now: float) -> float:
         """Close the connections that waited too long on their peer; when to look next."""
@@ -911,6 +971,21 @@ class _Listener:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = _Connection(self, sock, next(self._numbers))
         logger.debug("accepted connection %d", connection.number)
+        if self.inline:
+            # What the watch cannot stop while an app runs in this thread, the
+            # kernel does: an app's read of more body, a send to a slow client.
+            options = self.options
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, kernel_timeout(options.idle_timeout)
+            )
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, kernel_timeout(options.send_timeout)
+            )
+            with self._lock:
+                self._connections.add(connection)
+            self._inline[sock.fileno()] = connection
+            self._poller.register(sock, select.POLLIN)
+            return
         thread = threading.Thread(
             target=connection.run, name=f"fcgi-connection-{connection.number}", daemon=True
         )
@@ -939,6 +1014,8 @@ class _Listener:
             for connection in self._connections:
                 connection.kill()
             threads = list(self._threads)
+        for connection in list(self._inline.values()):
+            self._close_inline(connection)
         for thread in threads:
             thread.join()
         self._wake_r.close()

@@ -356,6 +356,15 @@ def serve_wsgi(
     has a thread, and the app runs in it once a request's PARAMS are in (in a
     thread per request on a multiplexed connection); `threads` caps how many
     run at once (the others wait their turn), without it `max_requests` does.
+
+    `threads=1` serves with one thread, as gunicorn's sync worker does: it
+    reads every connection and runs every app, one at a time, each once its
+    body is in (or the first 256 KiB of it, the rest read as the app asks).
+    With no thread per connection to hand the GIL between, it is the fastest
+    way to serve apps that do not wait on I/O; run several `fcgi serve
+    --workers` for more at once. While an app runs the others wait, and a
+    client slow to take its output or send its body holds them up for
+    `send_timeout` or `idle_timeout` at most.
     The environ follows PEP 3333 (see fcgiproto.support.wsgi_environ; the app
     is mounted at `root_path` when the web server sends the whole path as
     SCRIPT_NAME, as nginx does). `wsgi.input` streams the body; `wsgi.errors`
@@ -395,7 +404,10 @@ def serve_wsgi(
         raise ValueError(f"threads must be an int of at least 1, not {threads!r}")
     if (address is None) == (sock is None):
         raise TypeError("serve_wsgi takes an address or a listening sock, one of them")
-    gateway = Gateway(app, root_path=root_path, threads=threads, multiprocess=multiprocess)
+    inline = threads == 1
+    gateway = Gateway(
+        app, root_path=root_path, threads=None if inline else threads, multiprocess=multiprocess
+    )
     listener = _Listener(
         gateway if gateway.slots is not None else gateway.serve,
         address,
@@ -403,6 +415,7 @@ def serve_wsgi(
         streaming=True,
         sock=sock,
         graceful_timeout=graceful_timeout,
+        inline=inline,
     )
     handler = RequestLogHandler()
     root = logging.getLogger()

@@ -110,6 +110,7 @@ def start_site(
 ) -> tuple[Site, Served | None]:
     scratch = servers.directory("scratch")
     scratch.chmod(0o777)
+    front, one_thread, _ = front.partition(ONE_THREAD)
     software, _, how = front.partition("-")
     if how in ("fcgid", "spawn"):
         dest = servers.directory("app") / "app"
@@ -124,7 +125,10 @@ def start_site(
         )
         return Site(server, lambda: _pids_with_argument(str(dest)), scratch), None
     served = Served(
-        APPS[app], servers.directory("app"), *(["--multiplex"] if software == "haproxy" else [])
+        APPS[app],
+        servers.directory("app"),
+        *(["--multiplex"] if software == "haproxy" else []),
+        *(["--threads", "1"] if one_thread else []),
     )
     served.start()
     address = f"unix:{served.socket}"
@@ -275,8 +279,16 @@ STEPS = [
 ]
 
 
-@pytest.mark.parametrize("app", sorted(APPS))
-@pytest.mark.parametrize("front", FRONTS)
+#: A front named with this suffix serves the WSGI app with `--threads 1`.
+ONE_THREAD = "+threads=1"
+
+
+@pytest.mark.parametrize(
+    ("front", "app"),
+    [(front, app) for front in FRONTS for app in sorted(APPS)]
+    # One thread for every connection, plain (nginx) and multiplexed (HAProxy).
+    + [("nginx" + ONE_THREAD, "flask"), ("haproxy" + ONE_THREAD, "flask")],
+)
 def test_the_apps_behind_the_web_server(
     front: str, app: str, webservers: web.WebServers, request: pytest.FixtureRequest
 ) -> None:

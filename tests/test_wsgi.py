@@ -24,6 +24,33 @@ from fcgiproto.support._environ import _native
 from fcgiproto_socket import Client, serve_wsgi
 
 WAIT = 10.0
+#: serve_wsgi's `threads` for the test that runs (wsgi_server's default).
+serving = {"threads": None}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test runs on both ways of serving, unless marked for one.
+
+    A thread per connection (the default) and one thread (`threads=1`: the
+    listener's thread reads every connection and runs every app).
+    """
+    marker = metafunc.definition.get_closest_marker("threads")
+    modes = marker.args if marker else (None, 1)
+    metafunc.parametrize(
+        "threads",
+        modes,
+        ids=["thread-per-connection" if mode is None else f"threads={mode}" for mode in modes],
+        indirect=True,
+    )
+
+
+@pytest.fixture(autouse=True)
+def threads(request: pytest.FixtureRequest) -> Iterator[int | None]:
+    serving["threads"] = request.param
+    try:
+        yield request.param
+    finally:
+        serving["threads"] = None
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +66,7 @@ def wsgi_server(app: Any, address: str = "127.0.0.1:0", **options: Any) -> Itera
     ready = threading.Event()
     stop = threading.Event()
     options.setdefault("graceful_timeout", 1.0)
+    options.setdefault("threads", serving["threads"])
 
     def on_ready(address: Address) -> None:
         bound.append(address)
@@ -193,6 +221,7 @@ _param_bytes = st.binary(max_size=6) | st.sampled_from(
 )
 
 
+@pytest.mark.threads(None)
 @given(st.dictionaries(_param_bytes, _param_bytes, max_size=6))
 @settings(max_examples=500, deadline=None)
 def test_every_param_is_in_the_environ_as_a_native_string(raw: dict[bytes, bytes]) -> None:
@@ -219,6 +248,7 @@ def test_every_param_is_in_the_environ_as_a_native_string(raw: dict[bytes, bytes
 _header_text = st.text(st.sampled_from("aZ-: \t\r\n\u00e9\u0100\x7f"), max_size=5)
 
 
+@pytest.mark.threads(None)
 @given(
     st.sampled_from(["200 OK", "404 Not Found", "200 \u00e9", "200 \u0100", "200 A\r\nB"]),
     st.lists(st.tuples(_header_text, _header_text), max_size=4),
@@ -241,6 +271,7 @@ def test_a_head_of_str_is_what_it_is_as_bytes(status: str, headers: list[tuple[s
         assert head(status, raw) == expected
 
 
+@pytest.mark.threads(None)
 def test_environ_split_by_the_web_server_is_kept() -> None:
     """Apache and lighttpd send SCRIPT_NAME and PATH_INFO apart."""
     environ = wsgi_environ(
@@ -257,6 +288,7 @@ def test_environ_split_by_the_web_server_is_kept() -> None:
     assert environ["QUERY_STRING"] == ""
 
 
+@pytest.mark.threads(None)
 @pytest.mark.parametrize("multiplex", [False, True])
 def test_the_body_streams_in_as_it_arrives(multiplex: bool) -> None:
     """The app runs before the body is all there, and reads it piece by piece.
@@ -461,6 +493,7 @@ def test_output_waits_for_a_slow_client() -> None:
         assert endless.closed.wait(WAIT)
 
 
+@pytest.mark.threads(None)
 def test_threads_caps_the_apps_running_at_once() -> None:
     running = 0
     most = 0
@@ -527,6 +560,7 @@ def test_a_stop_drains_requests_in_progress() -> None:
             "ready": on_ready,
             "stop": stop,
             "graceful_timeout": WAIT,
+            "threads": serving["threads"],
         },
     )
     thread.start()
@@ -545,6 +579,7 @@ def test_a_stop_drains_requests_in_progress() -> None:
         socket.create_connection((bound[0].host, bound[0].port), timeout=1).close()
 
 
+@pytest.mark.threads(None)
 def test_a_body_that_stops_coming_hits_idle_timeout() -> None:
     """An app waiting for body waits on the client: idle_timeout closes the connection."""
     got: list[bytes] = []
@@ -567,3 +602,141 @@ def test_a_body_that_stops_coming_hits_idle_timeout() -> None:
         assert time.monotonic() - started < 5
         assert done.wait(WAIT)
     assert got == [b"x" * 100]
+
+
+@pytest.mark.threads(1)
+def test_one_thread_runs_every_app_in_the_serving_thread_one_at_a_time() -> None:
+    running = 0
+    most = 0
+    idents: set[int] = set()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        idents.add(threading.get_ident())
+        time.sleep(0.01)
+        running -= 1
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT, max_connections=4) as client:
+        results: list[int] = []
+
+        def ask() -> None:
+            for _ in range(5):
+                results.append(client.request(params()).status)
+
+        askers = [threading.Thread(target=ask) for _ in range(4)]
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join(WAIT)
+    assert results == [200] * 20
+    assert most == 1
+    assert len(idents) == 1
+    assert threading.get_ident() not in idents
+
+
+@pytest.mark.threads(1)
+def test_one_thread_runs_an_app_once_its_body_is_in() -> None:
+    """Every other connection waits while an app runs: it does not wait on a body still coming."""
+    started = []
+    body_was_in = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        started.append(True)
+        body = environ["wsgi.input"].read()
+        body_was_in.append(len(body))
+        start_response("200 OK", [])
+        return [b"%d" % len(body)]
+
+    with wsgi_server(app) as bound, Raw(bound) as raw:
+        rid = raw.conn.begin_request()
+        raw.conn.send_params(rid, params("POST", content_length=2000))
+        raw.conn.end_params(rid)
+        raw.conn.send_stdin(rid, b"x" * 1000)
+        raw.send()
+        time.sleep(0.3)
+        assert started == []  # not on half a body
+        raw.conn.send_stdin(rid, b"y" * 1000)
+        raw.conn.end_stdin(rid)
+        raw.send()
+        raw.until_ended(rid)
+    assert raw.stdout[rid].endswith(b"2000")
+    assert body_was_in == [2000]
+
+
+@pytest.mark.threads(1)
+def test_one_thread_reads_a_long_body_as_the_app_takes_it() -> None:
+    """Past the read-ahead bound the app starts, and pulls the rest as it comes."""
+    sizes: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        while chunk := environ["wsgi.input"].read(65536):
+            sizes.append(len(chunk))
+        start_response("200 OK", [])
+        return [b"%d" % sum(sizes)]
+
+    def body() -> Iterator[bytes]:
+        for _ in range(50):
+            yield b"z" * 100_000
+
+    with (
+        wsgi_server(app, max_body_size=64 << 20) as bound,
+        Client(bound, timeout=WAIT) as client,
+    ):
+        response = client.request(params("POST"), body())
+    assert response.body == b"5000000"
+
+
+@pytest.mark.threads(1)
+def test_one_thread_a_body_that_stops_coming_hits_idle_timeout() -> None:
+    """An app pulling a body that stops waits idle_timeout in the kernel; the server goes on."""
+    got: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        got.append(len(environ["wsgi.input"].read()))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    with wsgi_server(app, idle_timeout=0.5, max_body_size=64 << 20) as bound:
+        with Raw(bound) as raw:
+            rid = raw.conn.begin_request()
+            raw.conn.send_params(rid, params("POST", content_length=10_000_000))
+            raw.conn.end_params(rid)
+            raw.conn.send_stdin(rid, b"x" * 400_000)  # past the read-ahead: the app starts
+            raw.send()
+            started = time.monotonic()
+            assert raw.closed_by_peer()
+            assert time.monotonic() - started < 5
+        with Client(bound, timeout=WAIT) as client:
+            assert client.request(params()).body == b"ok"  # and the server serves on
+    assert len(got) == 2
+    assert got[0] < 10_000_000
+
+
+@pytest.mark.threads(1)
+def test_one_thread_drops_a_client_that_stops_reading_at_send_timeout() -> None:
+    """A response the client does not read waits send_timeout at most; then others are served."""
+    endless = Endless()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [])
+        return endless if environ["PATH_INFO"] == "/endless" else [b"ok"]
+
+    with wsgi_server(app, "127.0.0.1:0", send_timeout=0.5) as bound:
+        sock = socket.create_connection((bound.host, bound.port), timeout=WAIT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        raw = Raw.__new__(Raw)
+        Raw.__init__(raw, bound)
+        raw.sock.close()
+        raw.sock = sock
+        with raw:
+            raw.conn.send_request(params(path="/endless"))
+            raw.send()  # and reads nothing
+            started = time.monotonic()
+            with Client(bound, timeout=WAIT) as client:
+                assert client.request(params()).body == b"ok"
+            assert time.monotonic() - started < 5
+            assert endless.closed.wait(WAIT)
