@@ -71,6 +71,7 @@ from fcgiproto.support import (
     DROPPED_TOO_MUCH,
     ERROR_STATUS,
     INTERNAL_ERROR,
+    OUTPUT_PIECE,
     OUTPUT_TYPES,
     Address,
     AddressInput,
@@ -610,7 +611,7 @@ class _Connection:
     async def finish(
         self, state: _State, data: bytes | bytearray | memoryview, app_status: int
     ) -> bool:
-        piece = self.options.max_unsent_size
+        piece = min(self.options.max_unsent_size, OUTPUT_PIECE)
         if len(data) > piece:  # all but the last piece as any output, waiting on the client
             cut = len(data) - piece
             if not await self.write(state, _STDOUT, memoryview(data)[:cut]):
@@ -688,10 +689,11 @@ class _Connection:
     ) -> bool:
         """Send stdout or stderr of a request, once it is sent; False once the request is over.
 
-        A big chunk goes out in pieces of max_unsent_size, each sent before the
-        next is encoded, so that the server never holds more than that of it.
+        A big chunk goes out in pieces of OUTPUT_PIECE (max_unsent_size if
+        smaller), each sent before the next is encoded, so that the server
+        never holds more than that of it.
         """
-        piece = self.options.max_unsent_size
+        piece = min(self.options.max_unsent_size, OUTPUT_PIECE)
         view = memoryview(data)
         for start in range(0, len(view), piece):
             if state.ended or self.dead:

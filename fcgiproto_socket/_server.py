@@ -57,6 +57,7 @@ from fcgiproto.support import (
     DROPPED_TOO_MUCH,
     ERROR_STATUS,
     INTERNAL_ERROR,
+    OUTPUT_PIECE,
     Address,
     AddressInput,
     Liveness,
@@ -570,10 +571,11 @@ class _Connection:
     ) -> bool:
         """Send stdout or stderr of a request, waiting for the socket; False once it is over.
 
-        A big chunk goes out in pieces of max_unsent_size, each sent before the
-        next is encoded, so that the server never holds more than that of it.
+        A big chunk goes out in pieces of OUTPUT_PIECE (max_unsent_size if
+        smaller), each sent before the next is encoded, so that the server
+        never holds more than that of it.
         """
-        piece = self.options.max_unsent_size
+        piece = min(self.options.max_unsent_size, OUTPUT_PIECE)
         view = memoryview(data)
         # Where a streamed app runs in the reading thread, look for an abort
         # between pieces; not before the first, which follows the request at once.
@@ -599,7 +601,7 @@ class _Connection:
 
     def finish(self, state: _State, data: bytes | bytearray | memoryview, app_status: int) -> bool:
         """Send a request's last stdout and END_REQUEST together; False once it is over."""
-        piece = self.options.max_unsent_size
+        piece = min(self.options.max_unsent_size, OUTPUT_PIECE)
         if len(data) > piece:  # all but the last piece as any output, waiting on the client
             view = memoryview(data)
             cut = len(view) - piece
