@@ -52,12 +52,13 @@ Params = dict[str | bytes, str | bytes]
 WARM_UP = 0.3
 WRK_WARM_UP = 1
 
-# --- the goals (the project's reading of DESIGN.md's end-to-end budget) ---
+# --- the goals (the speed issue's; the first is DESIGN.md's end-to-end budget) ---
 
 GOAL_CPU_VS_PEER = 1 / 3  # our CPU per request <= 1/3 of the best Python peer's
 GOAL_VS_NGINX_C1 = 1.0  # sequential requests/s >= nginx + wrk -c1
 GOAL_VS_BARE = 0.75  # sequential requests/s >= 0.75x the bare hand-written loop
-GOAL_VS_NGINX_C4 = 0.8  # 4 threads >= 0.8x wrk -c4 through nginx
+GOAL_CPU_VS_BARE = 1.5  # sequential client CPU per request <= 1.5x the bare loop's
+GOAL_VS_NGINX_C4 = 0.7  # 4 threads on one Client(max_connections=4) >= 0.7x wrk -c4 through nginx
 
 
 # --- CPU accounting ---
@@ -501,6 +502,15 @@ def print_ratios(target: str, seq: dict[str, Summary], conc: dict[str, Summary])
                 "ours vs bare loop, sequential req/s",
                 f"{ratio:.2f}x",
                 f">= {GOAL_VS_BARE:.2f}x {verdict(ratio, GOAL_VS_BARE)}",
+            )
+        )
+    if ours is not None and "bare" in seq:
+        ratio = ours.cpu / seq["bare"].cpu
+        lines.append(
+            (
+                "ours vs bare loop, sequential client CPU/req",
+                f"{ratio:.2f}x",
+                f"<= {GOAL_CPU_VS_BARE:.2f}x {verdict(ratio, GOAL_CPU_VS_BARE, at_most=True)}",
             )
         )
     if ours is not None and "nginx" in seq:

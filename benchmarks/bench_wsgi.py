@@ -222,6 +222,8 @@ def proc_cpu(pid: int) -> float:
 class Result:
     rates: list[float] = field(default_factory=list)
     cpu_per_request: list[float] = field(default_factory=list)
+    #: Runs where wrk saw errors (timeouts, resets, non-2xx answers).
+    failures: int = 0
 
 
 def one_run(kind: str, case: Case, seconds: int, work: Path) -> tuple[float, float]:
@@ -406,8 +408,18 @@ def main() -> None:
         for round_number in range(1, args.rounds + 1):
             for case in cases:
                 for kind in kinds:
-                    rate, cpu = one_run(kind, case, args.seconds, Path(work))
                     result = results[kind, case.label]
+                    try:
+                        rate, cpu = one_run(kind, case, args.seconds, Path(work))
+                    except RuntimeError as exc:  # wrk saw errors: noted, and the run goes on
+                        result.failures += 1
+                        summary = [line for line in str(exc).splitlines() if "errors" in line]
+                        print(
+                            f"round {round_number} {case.label:>10} {kind:>10}: failed, "
+                            + " ".join(summary or [str(exc).splitlines()[0]]),
+                            flush=True,
+                        )
+                        continue
                     result.rates.append(rate)
                     result.cpu_per_request.append(cpu)
                     print(
@@ -425,9 +437,13 @@ def main() -> None:
         cells = []
         for case in cases:
             result = results[kind, case.label]
+            if not result.rates:
+                cells.append("failed")
+                continue
             rate = statistics.median(result.rates)
             cpu = statistics.median(result.cpu_per_request)
-            cells.append(f"{rate:,.0f} / {cpu * 1e6:,.0f}")
+            failed = f" ({result.failures} failed)" if result.failures else ""
+            cells.append(f"{rate:,.0f} / {cpu * 1e6:,.0f}{failed}")
         print(f"| {KINDS[kind].label} | " + " | ".join(cells) + " |")
 
 
