@@ -340,6 +340,11 @@ def callgrind_run(kind: str, requests: int, work: Path) -> float:
         raise
     finally:
         server.stop()
+    keep = os.environ.get("BENCH_WSGI_KEEP_CALLGRIND")
+    if keep:  # a directory: the profile, to read with callgrind_annotate
+        import shutil
+
+        shutil.copy(dump, Path(keep) / f"callgrind.{kind}.out")
     for line in dump.read_text().splitlines():
         if line.startswith("totals:"):
             return int(line.split()[1]) / requests
