@@ -480,6 +480,7 @@ class PhpFpm:
         # listen.backlog, ...); extra_pools adds pools "pool-1" ... "pool-N",
         # one static worker each, on the Unix sockets of pool_paths.
         self.pool_settings = dict(pool_settings or {})
+        base.mkdir(parents=True, exist_ok=True)
         self.pools_dir = socket_dir(base) / "pools"
         self.pools_dir.mkdir(exist_ok=True)
         self.pool_paths = [
