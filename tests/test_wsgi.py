@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -740,3 +741,198 @@ def test_one_thread_drops_a_client_that_stops_reading_at_send_timeout() -> None:
                 assert client.request(params()).body == b"ok"
             assert time.monotonic() - started < 5
             assert endless.closed.wait(WAIT)
+
+
+# --- the rest of PEP 3333: wsgi.input as a file, wsgi.errors, write(), exc_info, bad output ---
+
+
+def test_wsgi_input_reads_lines_as_a_file_does() -> None:
+    seen: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"]
+        seen["first"] = body.readline()
+        seen["capped"] = body.readline(3)
+        seen["rest_of_it"] = body.readline(None)
+        seen["two"] = body.readlines(1)
+        seen["iterated"] = list(body)
+        seen["after"] = body.read(10)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    lines = b"one\ntwo\nthree\nfour\nfive\nsix"
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        assert client.request(params("POST"), lines).body == b"ok"
+    assert seen == {
+        "first": b"one\n",
+        "capped": b"two",
+        "rest_of_it": b"\n",
+        "two": [b"three\n"],
+        "iterated": [b"four\n", b"five\n", b"six"],
+        "after": b"",
+    }
+
+
+def test_wsgi_input_lines_longer_than_a_read() -> None:
+    """A line that spans many of the server's reads comes whole; a size caps it."""
+    long_line = b"x" * 200_000 + b"\n"
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"]
+        capped = body.readline(70_000)
+        rest = body.readline()
+        last = body.readline()
+        start_response("200 OK", [])
+        return [b"%d %d %s" % (len(capped), len(rest), last)]
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params("POST"), long_line + b"end")
+    assert r.body == b"70000 130001 end"
+
+
+def test_wsgi_errors_writelines_and_flush_reach_stderr() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        errors = environ["wsgi.errors"]
+        errors.writelines(["first line\n", "second line\n"])
+        errors.write("")
+        errors.flush()
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params())
+    assert r.body == b"ok"
+    assert r.stderr == b"first line\nsecond line\n"
+
+
+def test_the_write_callable_sends_before_the_iterable() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"written, ")
+        write(b"")
+        return [b"then returned"]
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params())
+    assert r.status == 200
+    assert r.body == b"written, then returned"
+
+
+def test_start_response_again_with_exc_info_replaces_the_head_until_it_is_sent() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("X-First", "1")])
+        try:
+            raise KeyError("missing")
+        except KeyError:
+            start_response("404 Not Found", [("X-Second", "2")], sys.exc_info())
+        yield b"not here"
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params())
+    assert r.status == 404
+    names = {name.lower(): value for name, value in r.headers}
+    assert names.get("x-second") == "2"
+    assert "x-first" not in names
+    assert r.body == b"not here"
+
+
+def test_exc_info_after_the_head_went_out_re_raises_and_cuts_the_response() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        yield b"begun "
+        try:
+            raise KeyError("late")
+        except KeyError:
+            start_response("500 Oops", [], sys.exc_info())  # raises the KeyError again
+        yield b"never"
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params())
+        assert r.status == 200
+        assert r.body == b"begun "
+        assert b"KeyError: 'late'" in r.stderr
+        assert client.request(params()).body == b"begun "  # the server goes on
+
+
+@pytest.mark.parametrize(
+    ("case", "complaint"),
+    [
+        ("twice", b"start_response was called twice"),
+        ("bad-status", b"the WSGI status must be like"),
+        ("bad-header", b"a WSGI header must be a (name, value) tuple"),
+        ("body-first", b"the app sent body before calling start_response"),
+        ("str-chunk", b"the app yielded str, not bytes"),
+        ("str-last", b"the app yielded str, not bytes"),
+    ],
+)
+def test_an_app_breaking_pep_3333_gets_a_500_and_the_reason_on_stderr(
+    case: str, complaint: bytes
+) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if case == "twice":
+            start_response("200 OK", [])
+            start_response("200 OK", [])
+        elif case == "bad-status":
+            start_response("OK", [])
+        elif case == "bad-header":
+            start_response("200 OK", [["Content-Type", "text/plain"]])
+        elif case == "body-first":
+            return iter([b"body"])
+        elif case == "str-chunk":
+            start_response("200 OK", [])
+            return iter(["text"])
+        else:
+            start_response("200 OK", [])
+            return ["text"]
+        return [b"unreached"]
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params())
+    assert r.status == 500
+    assert complaint in r.stderr
+
+
+def test_a_close_that_raises_is_logged_and_the_response_stands() -> None:
+    class Closing:
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"whole"
+
+        def close(self) -> None:
+            raise RuntimeError("close failed")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Closing:
+        start_response("200 OK", [])
+        return Closing()
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params())
+        assert r.body == b"whole"
+        assert b"RuntimeError: close failed" in r.stderr
+        assert client.request(params()).body == b"whole"
+
+
+def test_an_app_that_sends_nothing_still_sends_its_head() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("204 No Content", [("X-Empty", "yes")])
+        yield from ()
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        r = client.request(params())
+    assert r.status == 204
+    assert ("X-Empty", "yes") in [(name, value) for name, value in r.headers]
+    assert r.body == b""
+
+
+@pytest.mark.threads(None)
+@pytest.mark.parametrize("value", [0, -1, 1.5, "2"])
+def test_threads_must_be_a_whole_number_of_at_least_one(value: object) -> None:
+    with pytest.raises(ValueError, match="threads must be an int of at least 1"):
+        serve_wsgi(hello, "127.0.0.1:0", threads=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.threads(None)
+def test_serve_wsgi_takes_an_address_or_a_socket_not_both() -> None:
+    with pytest.raises(TypeError, match="an address or a listening sock"):
+        serve_wsgi(hello)
+    with socket.socket() as sock, pytest.raises(TypeError, match="an address or a listening sock"):
+        serve_wsgi(hello, "127.0.0.1:0", sock=sock)
