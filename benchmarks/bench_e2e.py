@@ -494,44 +494,34 @@ def print_cases(title: str, cases: list[Case], target: str) -> dict[str, Summary
 def print_ratios(target: str, seq: dict[str, Summary], conc: dict[str, Summary]) -> None:
     print(f"\nratios and goals, {target}")
     lines: list[tuple[str, str, str]] = []
+
+    def goal(name: str, ratio: float, aim: float, at_most: bool = False) -> None:
+        sign = "<=" if at_most else ">="
+        lines.append((name, f"{ratio:.2f}x", f"{sign} {aim:.2f}x {verdict(ratio, aim, at_most)}"))
+
     ours = seq.get("ours")
     if ours is not None and "bare" in seq:
-        ratio = ours.rate / seq["bare"].rate
-        lines.append(
-            (
-                "ours vs bare loop, sequential req/s",
-                f"{ratio:.2f}x",
-                f">= {GOAL_VS_BARE:.2f}x {verdict(ratio, GOAL_VS_BARE)}",
-            )
-        )
-    if ours is not None and "bare" in seq:
-        ratio = ours.cpu / seq["bare"].cpu
-        lines.append(
-            (
-                "ours vs bare loop, sequential client CPU/req",
-                f"{ratio:.2f}x",
-                f"<= {GOAL_CPU_VS_BARE:.2f}x {verdict(ratio, GOAL_CPU_VS_BARE, at_most=True)}",
-            )
+        goal("ours vs bare loop, sequential req/s", ours.rate / seq["bare"].rate, GOAL_VS_BARE)
+        goal(
+            "ours vs bare loop, sequential client CPU/req",
+            ours.cpu / seq["bare"].cpu,
+            GOAL_CPU_VS_BARE,
+            at_most=True,
         )
     if ours is not None and "nginx" in seq:
-        ratio = ours.rate / seq["nginx"].rate
-        lines.append(
-            (
-                "ours vs nginx+wrk -c1, sequential req/s",
-                f"{ratio:.2f}x",
-                f">= {GOAL_VS_NGINX_C1:.2f}x {verdict(ratio, GOAL_VS_NGINX_C1)}",
-            )
+        goal(
+            "ours vs nginx+wrk -c1, sequential req/s",
+            ours.rate / seq["nginx"].rate,
+            GOAL_VS_NGINX_C1,
         )
     python_peers = [(seq[k].cpu, k) for k in ("flup", "fcgi-client") if k in seq]
     if ours is not None and python_peers:
         best_cpu, best = min(python_peers)
-        ratio = ours.cpu / best_cpu
-        lines.append(
-            (
-                f"ours vs best Python peer ({best}), client CPU/req",
-                f"{ratio:.2f}x",
-                f"<= {GOAL_CPU_VS_PEER:.2f}x {verdict(ratio, GOAL_CPU_VS_PEER, at_most=True)}",
-            )
+        goal(
+            f"ours vs best Python peer ({best}), client CPU/req",
+            ours.cpu / best_cpu,
+            GOAL_CPU_VS_PEER,
+            at_most=True,
         )
         if "ours-close" in seq:
             ratio = seq["ours-close"].cpu / best_cpu
@@ -542,16 +532,13 @@ def print_ratios(target: str, seq: dict[str, Summary], conc: dict[str, Summary])
         ratio = ours.cpu / seq["nginx"].cpu
         lines.append(("ours vs nginx, CPU/req (c1)", f"{ratio:.2f}x", "(DESIGN.md: small)"))
     if "ours-4" in conc and "nginx-4" in conc:
-        ratio = conc["ours-4"].rate / conc["nginx-4"].rate
-        lines.append(
-            (
-                "ours 4 threads vs nginx+wrk -c4, req/s",
-                f"{ratio:.2f}x",
-                f">= {GOAL_VS_NGINX_C4:.2f}x {verdict(ratio, GOAL_VS_NGINX_C4)}",
-            )
+        goal(
+            "ours 4 threads vs nginx+wrk -c4, req/s",
+            conc["ours-4"].rate / conc["nginx-4"].rate,
+            GOAL_VS_NGINX_C4,
         )
-    for name, ratio_text, goal in lines:
-        print(f"{name:<58} {ratio_text:>7}  {goal}")
+    for name, ratio_text, aim_text in lines:
+        print(f"{name:<58} {ratio_text:>7}  {aim_text}")
 
 
 # --- main ---

@@ -8,7 +8,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.validate import validator
 
@@ -84,6 +84,25 @@ def wsgi_server(app: Any, address: str = "127.0.0.1:0", **options: Any) -> Itera
         stop.set()
         thread.join(WAIT)
         assert not thread.is_alive()
+
+
+def at_once(count: int, work: Callable[[], object]) -> None:
+    """Run `work` in `count` threads at once, and wait for them all."""
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+
+
+def slow_reader(bound: Address) -> Raw:
+    """A raw client over TCP whose socket takes in little (64 KiB) before it is read."""
+    sock = socket.create_connection((bound.host, bound.port), timeout=WAIT)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    raw = Raw(bound)
+    raw.sock.close()
+    raw.sock = sock
+    return raw
 
 
 def params(method: str = "GET", path: str = "/", **options: Any) -> dict[str, str]:
@@ -476,12 +495,8 @@ def test_output_waits_for_a_slow_client() -> None:
         return endless
 
     with wsgi_server(app, "127.0.0.1:0", max_unsent_size=64 * 1024) as bound:
-        sock = socket.create_connection((bound.host, bound.port), timeout=WAIT)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        raw = Raw.__new__(Raw)
-        Raw.__init__(raw, bound)
-        raw.sock.close()
-        raw.sock = sock
+        raw = slow_reader(bound)
+        sock = raw.sock
         rid = raw.conn.send_request(params())
         raw.send()
         time.sleep(0.5)  # the client reads nothing meanwhile
@@ -513,14 +528,7 @@ def test_threads_caps_the_apps_running_at_once() -> None:
 
     with wsgi_server(app, threads=2) as bound, Client(bound, timeout=WAIT) as client:
         results: list[int] = []
-        workers = [
-            threading.Thread(target=lambda: results.append(client.request(params()).status))
-            for _ in range(6)
-        ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(WAIT)
+        at_once(6, lambda: results.append(client.request(params()).status))
     assert results == [200] * 6
     assert most == 2
 
@@ -628,11 +636,7 @@ def test_one_thread_runs_every_app_in_the_serving_thread_one_at_a_time() -> None
             for _ in range(5):
                 results.append(client.request(params()).status)
 
-        askers = [threading.Thread(target=ask) for _ in range(4)]
-        for asker in askers:
-            asker.start()
-        for asker in askers:
-            asker.join(WAIT)
+        at_once(4, ask)
     assert results == [200] * 20
     assert most == 1
     assert len(idents) == 1
@@ -727,12 +731,7 @@ def test_one_thread_drops_a_client_that_stops_reading_at_send_timeout() -> None:
         return endless if environ["PATH_INFO"] == "/endless" else [b"ok"]
 
     with wsgi_server(app, "127.0.0.1:0", send_timeout=0.5) as bound:
-        sock = socket.create_connection((bound.host, bound.port), timeout=WAIT)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        raw = Raw.__new__(Raw)
-        Raw.__init__(raw, bound)
-        raw.sock.close()
-        raw.sock = sock
+        raw = slow_reader(bound)
         with raw:
             raw.conn.send_request(params(path="/endless"))
             raw.send()  # and reads nothing
