@@ -260,8 +260,8 @@ _scope_names = (
             b"HTTP_HOST",
             b"HTTP_X_A_B",
             b"HTTP_Accept",
-            b"HTTP_caf\xc3\xa9",  # not ASCII: the text builder's latin-1 of it
-            b"HTTP_\xc4\x80",  # not latin-1: the text builder raises
+            b"HTTP_caf\xc3\xa9",  # not ASCII: its bytes as sent
+            b"HTTP_\xc4\x80",  # not latin-1 either
             b"HTTP_\xff",  # not UTF-8
             b"HTTP_",
         ]
@@ -360,6 +360,28 @@ def test_the_scope_from_nginx_params() -> None:
     assert scope["client"] == ["10.0.0.1", 5555]
     assert scope["server"] == ["127.0.0.1", 443]
     assert scope["http_version"] == "1.1"
+
+
+async def test_a_header_name_that_is_not_ascii_comes_as_it_was_sent() -> None:
+    """No HTTP header name is, but one from a web server must not fail the request."""
+    raw_name = b"HTTP_X_\xc4\x80_\xe2\x82\xac"  # not even latin-1 once decoded
+    seen: list[list[Any]] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(scope["headers"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with asgi_server(app) as bound, AsyncClient(bound, timeout=WAIT) as client:
+        request = {k.encode(): v.encode() for k, v in params("GET", "/").items()}
+        request[raw_name] = b"value"
+        r = await client.request(request)
+    assert (r.status, r.body) == (200, b"ok")
+    assert (b"x-\xc4\x80-\xe2\x82\xac", b"value") in seen[0]
+    text = {k.decode("utf-8", "surrogateescape"): v.decode() for k, v in request.items()}
+    assert (b"x-\xc4\x80-\xe2\x82\xac", b"value") in asgi_scope(text)["headers"]
 
 
 async def test_the_body_streams_in_several_messages() -> None:

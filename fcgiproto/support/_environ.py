@@ -58,7 +58,10 @@ def _header_name(param: str) -> bytes:
     name = _header_names.get(param)
     if name is None:
         start = 5 if param.startswith("HTTP_") else 0
-        name = param[start:].lower().replace("_", "-").encode("latin-1")
+        # The bytes the web server sent, ASCII letters lowered (as it raised
+        # them): a name that is not ASCII, which no HTTP header's is, comes
+        # through as it came rather than failing the request.
+        name = _raw(param[start:]).lower().replace(b"_", b"-")
         if len(_header_names) < HEADER_NAMES_KEPT:
             _header_names[param] = name
     return name
@@ -241,7 +244,7 @@ def _raw_header_name(param: bytes) -> bytes | Literal[False]:
         name = False
     elif param.isascii():  # bytes.lower() is str.lower() on ASCII
         name = param[5:].lower().replace(b"_", b"-")
-    else:  # as the text builder has it: the name decoded, lowered, as latin-1
+    else:  # as the text builder has it
         name = _header_name(_text(param))
     if len(_raw_header_names) < HEADER_NAMES_KEPT:
         _raw_header_names[param] = name
