@@ -116,7 +116,9 @@ def start_site(
         dest = servers.directory("app") / "app"
         spawned = web.install_app(
             dest,
-            args=serve_argv(APPS[app], "--app-dir", str(dest)),
+            args=serve_argv(
+                APPS[app], "--app-dir", str(dest), *(["--threads", "1"] if one_thread else [])
+            ),
             files=[TESTS / "python_apps.py"],
             packages=[name for name in APP_PACKAGES if importlib.util.find_spec(name)],
         )
@@ -286,8 +288,8 @@ ONE_THREAD = "+threads=1"
 @pytest.mark.parametrize(
     ("front", "app"),
     [(front, app) for front in FRONTS for app in sorted(APPS)]
-    # One thread for every connection, plain (nginx) and multiplexed (HAProxy).
-    + [("nginx" + ONE_THREAD, "flask"), ("haproxy" + ONE_THREAD, "flask")],
+    # One thread for every connection, behind each web server.
+    + [(front + ONE_THREAD, "flask") for front in FRONTS],
 )
 def test_the_apps_behind_the_web_server(
     front: str, app: str, webservers: web.WebServers, request: pytest.FixtureRequest
@@ -319,6 +321,7 @@ RESTARTS = [
     ("lighttpd-socket", "starlette"),
     ("haproxy", "flask"),
     ("haproxy", "starlette"),
+    ("haproxy" + ONE_THREAD, "flask"),  # requests one after another, several on a connection
 ]
 
 
@@ -326,10 +329,13 @@ RESTARTS = [
 def test_sighup_restarts_the_workers_without_losing_a_request(
     front: str, app: str, webservers: web.WebServers
 ) -> None:
+    front, one_thread, _ = front.partition(ONE_THREAD)
     software = front.partition("-")[0]
     options = ["--workers", "2", "--graceful-timeout", "20"]
     if software == "haproxy":
         options.append("--multiplex")
+    if one_thread:
+        options += ["--threads", "1"]
     served = Served(APPS[app], webservers.directory("app"), *options)
     served.start()
     address = f"unix:{served.socket}"
