@@ -290,9 +290,9 @@ class _Connection:
         """Inline: the socket has something to read. Read it, run what is ready; False once over.
 
         Without waiting for the peer: the read takes what poll saw, and the
-        requests run have their body in (see _route_streamed). An app that
-        reads on, or a client slow to take its output, waits in the kernel,
-        for idle_timeout and send_timeout at most (SO_RCVTIMEO, SO_SNDTIMEO).
+        requests run have their whole body in (see _route_streamed). A client
+        slow to take its output holds the thread for send_timeout at most
+        (SO_SNDTIMEO); one slow to send its body holds nothing.
         """
         return self._read_once() and self._run_ready()
 
@@ -405,9 +405,10 @@ class _Connection:
                 self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
                 self._end(state, ERROR_STATUS)
                 return
-            if self.inline and not (state.stdin_done or state.unread > BODY_READ_AHEAD):
-                # An inline app runs once its body is in (or enough to read on
-                # with): every other connection waits while it does.
+            if self.inline and not state.stdin_done:
+                # An inline app runs once its whole body is in (max_body_size
+                # at most, held as the plain servers hold it): reading on from
+                # a client that sends slowly would hold up every connection.
                 return
             state.dispatched = True
             self.liveness.app_started()
@@ -975,7 +976,8 @@ class _Listener:
         logger.debug("accepted connection %d", connection.number)
         if self.inline:
             # What the watch cannot stop while an app runs in this thread, the
-            # kernel does: an app's read of more body, a send to a slow client.
+            # kernel does: a send to a client that stops reading (and a read,
+            # should one ever wait).
             options = self.options
             sock.setsockopt(
                 socket.SOL_SOCKET, socket.SO_RCVTIMEO, kernel_timeout(options.idle_timeout)

@@ -359,12 +359,12 @@ def serve_wsgi(
 
     `threads=1` serves with one thread, as gunicorn's sync worker does: it
     reads every connection and runs every app, one at a time, each once its
-    body is in (or the first 256 KiB of it, the rest read as the app asks).
-    With no thread per connection to hand the GIL between, it is the fastest
-    way to serve apps that do not wait on I/O; run several `fcgi serve
-    --workers` for more at once. While an app runs the others wait, and a
-    client slow to take its output or send its body holds them up for
-    `send_timeout` or `idle_timeout` at most.
+    whole body is in (up to `max_body_size`, held in memory as serve()
+    holds it), so that a client sending slowly holds up nobody. With no
+    thread per connection to hand the GIL between, it is the fastest way to
+    serve apps that do not wait on I/O; run several `fcgi serve --workers`
+    for more at once. While an app runs the others wait, and a client that
+    stops taking its output holds them up for `send_timeout` at most.
     The environ follows PEP 3333 (see fcgiproto.support.wsgi_environ; the app
     is mounted at `root_path` when the web server sends the whole path as
     SCRIPT_NAME, as nginx does). `wsgi.input` streams the body; `wsgi.errors`
