@@ -24,7 +24,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from types import TracebackType
 from typing import TypeAlias
 
@@ -99,6 +99,8 @@ BODY_READ_AHEAD = 256 * 1024
 DRAIN_FRESH_GRACE = 1.0
 
 _STDOUT, _STDERR = True, False
+#: What poll and epoll report for a socket with something to read, or shut down.
+_READ_EVENTS = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 #: The events of a request begun, after its BeginRequest.
 _REQUEST_INPUT = (Params, StdinEnd, StdinData, FilterData, FilterDataEnd, AbortRequest)
 
@@ -176,11 +178,24 @@ class Exchange:
         return self._connection.read_body(self._state, size)
 
     def write(self, data: bytes | bytearray | memoryview) -> bool:
-        """Send stdout, once the client took all but max_unsent_size; False once it is over."""
+        """Send stdout, once the client took all but max_unsent_size; False once it is over.
+
+        Where one thread serves every connection (inline) it does not wait:
+        the app's runner pauses instead while `held`.
+        """
         if not data:
             return not self._state.ended
         self.started = True
         return self._connection.write(self._state, _STDOUT, data)
+
+    @property
+    def held(self) -> bool:
+        """Inline: more than max_unsent_size of output waits on the client; pause until not."""
+        return self._connection.held()
+
+    def wait_taken(self) -> None:
+        """Inline, where pausing is not possible: wait (send_timeout at most) until not `held`."""
+        self._connection.wait_taken()
 
     def finish(self, data: bytes | bytearray | memoryview) -> bool:
         """Send the last stdout and end the request; False if it was over already.
@@ -205,7 +220,10 @@ class Exchange:
         return f"<Exchange {self.request_id} on connection {self.connection_id}: {what}>"
 
 
-StreamHandler: TypeAlias = "Callable[[Exchange], None]"
+#: Runs a streamed request's app. Inline, it may return the app's steps
+#: instead: an iterator that yields whenever the exchange is `held`, and is
+#: resumed once the client has taken enough.
+StreamHandler: TypeAlias = "Callable[[Exchange], Iterator[None] | None]"
 
 
 class _Connection:
@@ -213,7 +231,8 @@ class _Connection:
 
     The reading thread is the connection's own, or, for an `inline`
     listener, the listener's: it then reads the socket when poll says there
-    is something to read (`step`), and every app runs in it, one at a time.
+    is something to read (`step`) and writes when it takes more
+    (`writable`), and every app runs in it, one at a time.
 
     Two locks. `lock` guards the protocol state and the requests, and is never
     held across socket I/O. `send_lock` makes one thread at a time the sender:
@@ -232,7 +251,7 @@ class _Connection:
         self.proto: ServerConnection = listener.options.connection()
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
-        self.pending: list[bytes] = []
+        self.pending: list[bytes | memoryview] = []
         # Bytes queued and not yet taken by the kernel; the reader waits on
         # `drained` while there are more than max_unsent_size of them.
         self.unsent = 0
@@ -247,6 +266,10 @@ class _Connection:
         self.ready: deque[_State] = deque()
         self.streaming = listener.streaming
         self.inline = listener.inline
+        # Inline: the streamed app paused until its client takes more output.
+        self.pumping: tuple[_State, Exchange, Iterator[None]] | None = None
+        # Inline: what the listener waits on this socket for (select.POLLIN, POLLOUT).
+        self.watched = select.POLLIN
         # Apps run in the thread that reads, which pulls their body and looks
         # for an abort between chunks; with multiplexing, each has a thread.
         self.runs_apps = listener.inline or not self.options.multiplex
@@ -289,26 +312,44 @@ class _Connection:
     def step(self) -> bool:
         """Inline: the socket has something to read. Read it, run what is ready; False once over.
 
-        Without waiting for the peer: the read takes what poll saw, and the
-        requests run have their whole body in (see _route_streamed). A client
-        slow to take its output holds the thread for send_timeout at most
-        (SO_SNDTIMEO); one slow to send its body holds nothing.
+        Without waiting for the peer: the read takes what poll saw, the
+        requests run have their whole body in (see _route_streamed), and what
+        the kernel does not take of their output waits for it in `pending`
+        while their app pauses (`pumping`; see writable()). Only the WSGI
+        write() callable waits in a send, send_timeout at most (SO_SNDTIMEO).
         """
         return self._read_once() and self._run_ready()
 
     def _run_ready(self) -> bool:
         """Run the requests the last read made ready; False once the connection is over."""
-        while True:
+        pumping = self.pumping
+        if pumping is not None and (pumping[0].ended or self.dead):
+            self._resume()  # aborted or lost while paused: its app hears of it now
+        while self.pumping is None:  # a paused app's connection runs nothing else meanwhile
             with self.lock:
                 if not self.ready or self.dead:
                     break
                 state = self.ready.popleft()
             self._dispatch(state)
         with self.lock:
-            if self.dead or self.proto.closed:
+            if self.dead:
                 return False
             # While draining, one that finished what it carried closes.
-            return not (self.listener.draining and not self.states and not self.ready)
+            over = self.proto.closed or (
+                self.listener.draining and not self.states and not self.ready
+            )
+            # Inline, what the kernel did not take yet goes out first.
+            return not over or (self.inline and bool(self.pending))
+
+    def writable(self) -> bool:
+        """Inline: the socket takes more. Send, go on with a paused app; False once over."""
+        self._send_some()
+        if self.pumping is not None and not self.held():
+            self._resume()
+        return self._run_ready()
+
+    def held(self) -> bool:
+        return self.inline and self.unsent > self.options.max_unsent_size
 
     def _read_once(self) -> bool:
         """Read what the socket has, route it, send what the core answers; False once over.
@@ -341,9 +382,12 @@ class _Connection:
             if not data:
                 # The client is gone: a streamed app still running hears of it.
                 self._die()
-            sending = self._queue() and self.send_lock.acquire(blocking=False)
+            queued = self._queue()
+            sending = queued and not self.inline and self.send_lock.acquire(blocking=False)
         if sending:
             self._send_pending()
+        elif queued and self.inline:
+            self._send_some()
         return bool(data)
 
     def _body_full(self) -> bool:
@@ -447,6 +491,8 @@ class _Connection:
             self._respond(state, request)
 
     def _close(self) -> None:
+        if self.pumping is not None:  # its app, paused, hears that it is over
+            self._resume()
         with self.lock:
             self._die()
             workers = list(self.workers)
@@ -488,9 +534,32 @@ class _Connection:
                 self._send_pending()
 
     def _respond_streamed(self, state: _State, exchange: Exchange) -> None:
+        self._drive(state, exchange, None)
+
+    def _resume(self) -> None:
+        """Inline: go on with the app that paused for its client."""
+        assert self.pumping is not None
+        state, exchange, steps = self.pumping
+        self.pumping = None
+        self._drive(state, exchange, steps)
+
+    def _drive(self, state: _State, exchange: Exchange, steps: Iterator[None] | None) -> None:
+        """Run a streamed request's app, or its steps from where they paused, to its end.
+
+        Inline, an app whose steps pause (its client has not taken its
+        output) is left in `pumping`, and its request ends when it is resumed.
+        """
         status = ERROR_STATUS
+        paused = False
         try:
-            self.listener.stream_handler(exchange)
+            if steps is None:
+                steps = self.listener.stream_handler(exchange)
+            if steps is not None:
+                for _ in steps:
+                    if not (state.ended or self.dead):  # else on, for the app to hear of it
+                        self.pumping = (state, exchange, steps)
+                        paused = True
+                        return
             status = exchange.app_status
         except BodyTooLarge:
             if not exchange.started:
@@ -502,14 +571,14 @@ class _Connection:
             if not exchange.started:
                 self.write(state, _STDOUT, INTERNAL_ERROR)
         finally:
-            with self.lock:
-                if not state.ended:  # finish() ended it, as a rule
-                    self._end(state, status)
-                queued = self._queue()
-                self.liveness.app_ended(time.monotonic())
-            if queued:
-                self.send_lock.acquire()
-                self._send_pending()
+            if not paused:
+                with self.lock:
+                    if not state.ended:  # finish() ended it, as a rule
+                        self._end(state, status)
+                    queued = self._queue()
+                    self.liveness.app_ended(time.monotonic())
+                if queued:
+                    self._flush()
 
     def read_body(self, state: _State, size: int) -> bytes:
         """Up to `size` bytes (all if negative) of a streamed request's body; b"" at its end."""
@@ -558,8 +627,8 @@ class _Connection:
         Only where the app runs in the reading thread, and not past what may be
         read ahead of the body.
         """
-        if state.unread > BODY_READ_AHEAD:
-            return
+        if state.unread > BODY_READ_AHEAD or self.held():
+            return  # inline, past max_unsent_size unsent: read no more, as the listener does
         with contextlib.suppress(OSError, ValueError):
             if not select.select([self.sock], [], [], 0)[0]:
                 return
@@ -596,9 +665,24 @@ class _Connection:
                 else:
                     self.proto.send_stderr(state.request_id, part)
                 self._queue()
+            if self.inline:
+                # The app's runner pauses while `held`: the chunk it gave (in
+                # memory already) is queued whole, and nothing waits here.
+                self._send_some()
+                continue
             self.send_lock.acquire()
             self._send_pending()
         return not (state.ended or self.dead)
+
+    def wait_taken(self) -> None:
+        """Inline: wait until the client took all but max_unsent_size, send_timeout at most.
+
+        For what cannot pause instead (the WSGI write() callable): it holds
+        up every connection meanwhile.
+        """
+        if self.held():
+            self.send_lock.acquire()
+            self._send_pending()
 
     def finish(self, state: _State, data: bytes | bytearray | memoryview, app_status: int) -> bool:
         """Send a request's last stdout and END_REQUEST together; False once it is over."""
@@ -619,8 +703,7 @@ class _Connection:
             self._end(state, app_status)
             queued = self._queue()
         if queued:
-            self.send_lock.acquire()
-            self._send_pending()
+            self._flush()
         return not self.dead
 
     def _end(self, state: _State, app_status: int) -> None:
@@ -649,6 +732,48 @@ class _Connection:
             self.liveness.sending = True
         return bool(self.pending) and not self.dead
 
+    def _flush(self) -> None:
+        """Send what is queued: all of it, or inline what the kernel takes now."""
+        if self.inline:
+            self._send_some()
+        else:
+            self.send_lock.acquire()
+            self._send_pending()
+
+    def _send_some(self) -> None:
+        """Inline: hand the kernel what it takes of `pending` now; the rest waits for it."""
+        liveness = self.liveness
+        while True:
+            with self.lock:
+                pending = self.pending
+                if not pending or self.dead:
+                    if not self.dead:
+                        liveness.sending = False
+                        if self.proto.closed:  # keep_conn=False, all written: close
+                            self._shutdown()
+                    return
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                logger.info("connection %d lost while writing: %s", self.number, exc)
+                with self.lock:
+                    self._die()
+                return
+            now = time.monotonic()
+            if sent:
+                liveness.send_moved(now)
+            with self.lock:
+                self.unsent = max(0, self.unsent - sent)
+                if sent < len(data):
+                    # Sliced as a view: a big output left in pieces is not copied again.
+                    self.pending.insert(0, memoryview(data)[sent:])
+                    liveness.send_waiting(now)
+                    return
+
     def _send_pending(self) -> None:
         """Write out `pending` until it is empty, then let go of `send_lock`, which is held."""
         while True:
@@ -670,7 +795,7 @@ class _Connection:
                 with self.lock:
                     self._die()
 
-    def _send_all(self, data: bytes) -> None:
+    def _send_all(self, data: bytes | memoryview) -> None:
         """sendall, piece by piece, telling `liveness` and the reader how it goes."""
         liveness = self.liveness
         # Sliced as a view only when it goes in pieces (a small one is sent whole, as a rule).
@@ -861,13 +986,13 @@ class _Listener:
             wait = self._next_watch - now
             if stop is not None:
                 wait = min(wait, POLL_INTERVAL)
-            for fd in poller.wait(max(wait, 0.0)):
+            for fd, events in poller.wait(max(wait, 0.0)):
                 if fd != listening_fd:
                     if fd == wake_fd:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
                     else:
-                        self._step(fd)
+                        self._step(fd, events)
                 elif self._make_room():
                     self._accept()
                 else:  # every connection runs an app: the backlog holds the rest a while
@@ -875,18 +1000,32 @@ class _Listener:
                     listening = False
                     self._next_watch = min(self._next_watch, time.monotonic() + AT_CAP_RECHECK)
 
-    def _step(self, fd: int) -> None:
-        """Inline: a connection's socket has something to read (or was shut down)."""
+    def _step(self, fd: int, events: int) -> None:
+        """Inline: a connection's socket has something to read, takes more, or was shut down."""
         connection = self._inline.get(fd)
         if connection is None:
             return
         try:
-            going = connection.step()
+            going = True
+            if events & select.POLLOUT:
+                going = connection.writable()
+            if going and events & _READ_EVENTS:
+                going = connection.step()
         except Exception:
             logger.exception("connection %d failed", connection.number)
             going = False
         if not going:
             self._close_inline(connection)
+            return
+        # Output the kernel did not take: wait for it to take more. Past
+        # max_unsent_size of it, read no more until it does (a client that
+        # sends without reading the answers: GET_VALUES, refusals).
+        watched = (0 if connection.unsent > self.options.max_unsent_size else select.POLLIN) | (
+            select.POLLOUT if connection.pending else 0
+        )
+        if watched != connection.watched:
+            connection.watched = watched
+            self._poller.watch(fd, watched)
 
     def _close_inline(self, connection: _Connection) -> None:
         fd = connection.sock.fileno()
@@ -916,12 +1055,12 @@ class _Listener:
                         len(live),
                     )
                 return
-            for fd in poller.wait(min(POLL_INTERVAL, deadline - now)):
+            for fd, events in poller.wait(min(POLL_INTERVAL, deadline - now)):
                 if fd == self._wake_r.fileno():
                     with contextlib.suppress(OSError):
                         self._wake_r.recv(4096)
                 else:
-                    self._step(fd)
+                    self._step(fd, events)
 
     def _watch(self, now: float) -> float:
         """Close the connections that waited too long on their peer; when to look next."""
@@ -1049,12 +1188,16 @@ class _Poller:
     def unregister(self, fd: int | socket.socket) -> None:
         (self._epoll or self._poll).unregister(fd)  # type: ignore[union-attr]
 
-    def wait(self, seconds: float) -> list[int]:
-        """The descriptors with something to read (or shut down), within `seconds`."""
+    def watch(self, fd: int, events: int) -> None:
+        """Wait on a registered socket for these (POLLIN, POLLOUT; epoll's bits are the same)."""
+        (self._epoll or self._poll).modify(fd, events)  # type: ignore[union-attr]
+
+    def wait(self, seconds: float) -> list[tuple[int, int]]:
+        """(descriptor, events) of those ready within `seconds`: poll's event bits, as epoll's."""
         if self._epoll is not None:
-            return [fd for fd, _ in self._epoll.poll(seconds)]
+            return self._epoll.poll(seconds)
         assert self._poll is not None
-        return [fd for fd, _ in self._poll.poll(seconds * 1000)]
+        return self._poll.poll(seconds * 1000)
 
     def close(self) -> None:
         if self._epoll is not None:

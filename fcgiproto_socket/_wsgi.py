@@ -211,6 +211,8 @@ class _Response:
         """The write() callable start_response returns (for apps from before iterables)."""
         if not self.send(data):
             raise OSError("the client is gone")
+        if self.exchange.held:  # one thread for every connection: it cannot pause, so it waits
+            self.exchange.wait_taken()
 
     def finish(self, data: bytes | bytearray | memoryview) -> bool:
         """Send the last chunk of body, the head first, and end the request; False if over."""
@@ -270,6 +272,16 @@ class Gateway:
 
     def serve(self, exchange: Exchange) -> None:
         """Run the app on one request: the gateway itself when `threads` caps nothing."""
+        for _ in self.steps(exchange):  # with a thread of its own, output waits in write()
+            pass
+
+    def steps(self, exchange: Exchange) -> Iterator[None]:
+        """Run the app on one request, pausing (yielding) while its output is `held`.
+
+        Where one thread serves every connection, the server resumes it once
+        the client has taken enough; the app's iterable is asked for nothing
+        meanwhile, as a slow client slows an app with a thread of its own.
+        """
         environ = wsgi_environ(
             exchange.params,
             root_path=self.root_path,
@@ -289,11 +301,15 @@ class Gateway:
                 for chunk in result[:-1]:
                     if not response.send(chunk):
                         return
+                    if exchange.held:
+                        yield from _paused(exchange)
                 response.finish(result[-1] if result else b"")
                 return
             for chunk in result:
                 if not response.send(chunk):
                     return  # aborted or lost: close() below ends the app's iterable
+                if exchange.held:
+                    yield from _paused(exchange)
             if not response.head_sent:
                 response.send(b"")
         except BodyTooLarge:
@@ -324,6 +340,13 @@ class Gateway:
         if not response.head_sent:
             response.head_sent = True
             exchange.write(INTERNAL_ERROR)
+
+
+def _paused(exchange: Exchange) -> Iterator[None]:
+    """Yield to the server until resumed; what the app logs meanwhile is not this request's."""
+    _current.exchange = None
+    yield
+    _current.exchange = exchange
 
 
 def serve_wsgi(
@@ -363,8 +386,11 @@ def serve_wsgi(
     holds it), so that a client sending slowly holds up nobody. With no
     thread per connection to hand the GIL between, it is the fastest way to
     serve apps that do not wait on I/O; run several `fcgi serve --workers`
-    for more at once. While an app runs the others wait, and a client that
-    stops taking its output holds them up for `send_timeout` at most.
+    for more at once. While an app runs the others wait; an app whose
+    client is slow to take its output is paused (its iterable asked for
+    nothing more) until the client takes it, and the others go on. Only
+    the write() callable, which cannot pause, waits for its client
+    (`send_timeout` at most).
     The environ follows PEP 3333 (see fcgiproto.support.wsgi_environ; the app
     is mounted at `root_path` when the web server sends the whole path as
     SCRIPT_NAME, as nginx does). `wsgi.input` streams the body; `wsgi.errors`
@@ -408,8 +434,9 @@ def serve_wsgi(
     gateway = Gateway(
         app, root_path=root_path, threads=None if inline else threads, multiprocess=multiprocess
     )
+    run = gateway.steps if inline else gateway if gateway.slots is not None else gateway.serve
     listener = _Listener(
-        gateway if gateway.slots is not None else gateway.serve,
+        run,
         address,
         options,
         streaming=True,

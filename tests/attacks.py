@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
+from typing import Any
 
 import anyio
 
@@ -61,6 +62,22 @@ def blocking_app(request: Request) -> Iterator[bytes]:
         yield b"slept"
     elif script == "/size":
         yield b"%d" % len(request.stdin)
+    else:
+        yield b"hello"
+
+
+def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+    """blocking_app as a WSGI app."""
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    script = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    if script == "/big":
+        for _ in range(BIG // len(PIECE)):
+            yield PIECE
+    elif script == "/sleep":
+        time.sleep(SLEEP)
+        yield b"slept"
+    elif script == "/size":
+        yield b"%d" % len(environ["wsgi.input"].read())
     else:
         yield b"hello"
 

@@ -109,7 +109,7 @@ def webservers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[web.WebServ
         factory.close()
 
 
-@pytest.fixture(params=["blocking", "blocking-mux", "anyio"])
+@pytest.fixture(params=["blocking", "blocking-mux", "anyio", "wsgi-one-thread"])
 def kind(request: pytest.FixtureRequest) -> str:
     """A server kind of tests/test_attacks.py's SERVERS."""
     return str(request.param)

@@ -130,6 +130,35 @@ def serving_blocking(app: Any, address: str, **options: Any) -> Iterator[Any]:
 
 
 @contextmanager
+def serving_wsgi(app: Any, address: str, **options: Any) -> Iterator[Any]:
+    """fcgiproto_socket's serve_wsgi running `app` in a thread for the block; its bound address."""
+    from fcgiproto_socket import serve_wsgi
+
+    bound: list[Any] = []
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def on_ready(address: Any) -> None:
+        bound.append(address)
+        ready.set()
+
+    thread = threading.Thread(
+        target=serve_wsgi,
+        args=(app, address),
+        kwargs={"ready": on_ready, "stop": stop, "graceful_timeout": 1.0, **options},
+        name="serve_wsgi",
+    )
+    thread.start()
+    try:
+        assert ready.wait(30), "serve_wsgi did not start"
+        yield bound[0]
+    finally:
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+@contextmanager
 def serving_anyio(app: Any, address: str, **options: Any) -> Iterator[Any]:
     """fcgiproto_anyio's serve running `app` on asyncio in a portal; its bound address."""
     import functools

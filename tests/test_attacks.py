@@ -37,8 +37,9 @@ from attacks import (
     open_socket,
     request,
     rss,
+    wsgi_app,
 )
-from helpers import serving_anyio, serving_blocking
+from helpers import serving_anyio, serving_blocking, serving_wsgi
 
 from fcgiproto_socket import Address
 
@@ -56,6 +57,8 @@ SERVERS = {
     "blocking": functools.partial(serving_blocking, blocking_app, multiplex=False),
     "blocking-mux": functools.partial(serving_blocking, blocking_app, multiplex=True),
     "anyio": functools.partial(serving_anyio, async_app),
+    # serve_wsgi with one thread: every connection read, every app run, by one thread.
+    "wsgi-one-thread": functools.partial(serving_wsgi, wsgi_app, threads=1),
 }
 
 
