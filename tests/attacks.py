@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -53,23 +53,18 @@ SLEEP = 1.0
 def blocking_app(request: Request) -> Iterator[bytes]:
     """/big streams BIG bytes, /sleep answers after SLEEP, /size the body's size; else hello."""
     yield HEAD
-    script = request.params.get("SCRIPT_NAME")
-    if script == "/big":
-        for _ in range(BIG // len(PIECE)):
-            yield PIECE
-    elif script == "/sleep":
-        time.sleep(SLEEP)
-        yield b"slept"
-    elif script == "/size":
-        yield b"%d" % len(request.stdin)
-    else:
-        yield b"hello"
+    yield from _answer(request.params.get("SCRIPT_NAME", ""), lambda: request.stdin)
 
 
 def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
     """blocking_app as a WSGI app."""
     start_response("200 OK", [("Content-Type", "text/plain")])
     script = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    return _answer(script, environ["wsgi.input"].read)
+
+
+def _answer(script: str, body: Callable[[], bytes]) -> Iterator[bytes]:
+    """The body of blocking_app's answer."""
     if script == "/big":
         for _ in range(BIG // len(PIECE)):
             yield PIECE
@@ -77,7 +72,7 @@ def wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
         time.sleep(SLEEP)
         yield b"slept"
     elif script == "/size":
-        yield b"%d" % len(environ["wsgi.input"].read())
+        yield b"%d" % len(body())
     else:
         yield b"hello"
 

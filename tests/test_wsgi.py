@@ -13,7 +13,7 @@ from typing import Any
 from wsgiref.validate import validator
 
 import pytest
-from helpers import no_new_thread_left
+from helpers import no_new_thread_left, serving_wsgi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attacks import settled
@@ -64,27 +64,9 @@ def no_thread_left_behind() -> Iterator[None]:
 @contextlib.contextmanager
 def wsgi_server(app: Any, address: str = "127.0.0.1:0", **options: Any) -> Iterator[Address]:
     """serve_wsgi in a thread for the block; stopped (drained briefly) after it."""
-    bound: list[Address] = []
-    ready = threading.Event()
-    stop = threading.Event()
-    options.setdefault("graceful_timeout", 1.0)
     options.setdefault("threads", serving["threads"])
-
-    def on_ready(address: Address) -> None:
-        bound.append(address)
-        ready.set()
-
-    thread = threading.Thread(
-        target=serve_wsgi, args=(app, address), kwargs={"ready": on_ready, "stop": stop, **options}
-    )
-    thread.start()
-    try:
-        assert ready.wait(WAIT)
-        yield bound[0]
-    finally:
-        stop.set()
-        thread.join(WAIT)
-        assert not thread.is_alive()
+    with serving_wsgi(app, address, **options) as bound:
+        yield bound
 
 
 def at_once(count: int, work: Callable[[], object]) -> None:
@@ -555,38 +537,18 @@ def test_a_stop_drains_requests_in_progress() -> None:
             time.sleep(0.05)
             yield b"%d" % i
 
-    bound: list[Address] = []
-    ready = threading.Event()
-    stop = threading.Event()
-
-    def on_ready(address: Address) -> None:
-        bound.append(address)
-        ready.set()
-
-    thread = threading.Thread(
-        target=serve_wsgi,
-        args=(app, "127.0.0.1:0"),
-        kwargs={
-            "ready": on_ready,
-            "stop": stop,
-            "graceful_timeout": WAIT,
-            "threads": serving["threads"],
-        },
-    )
-    thread.start()
-    assert ready.wait(WAIT)
     result: list[bytes] = []
-    with Client(bound[0], timeout=WAIT) as client:
+    with wsgi_server(app, graceful_timeout=WAIT) as bound:
+        client = Client(bound, timeout=WAIT)
         asking = threading.Thread(target=lambda: result.append(client.request(params()).body))
         asking.start()
         assert started.wait(WAIT)
-        stop.set()
-        asking.join(WAIT)
-    thread.join(WAIT)
+    # Left: stopped, which waited for the request in progress, as the answer shows.
+    asking.join(WAIT)
+    client.close()
     assert result == [b"0123456789"]
-    assert not thread.is_alive()
     with pytest.raises(OSError):
-        socket.create_connection((bound[0].host, bound[0].port), timeout=1).close()
+        socket.create_connection((bound.host, bound.port), timeout=1).close()
 
 
 @pytest.mark.threads(None)
