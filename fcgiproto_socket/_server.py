@@ -99,6 +99,8 @@ BODY_READ_AHEAD = 256 * 1024
 DRAIN_FRESH_GRACE = 1.0
 
 _STDOUT, _STDERR = True, False
+#: Pieces of output one sendmsg() hands over at most (IOV_MAX is 1024 on Linux).
+_SEND_PIECES = 64
 #: What poll and epoll report for a socket with something to read, or shut down.
 _READ_EVENTS = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 #: The events of a request begun, after its BeginRequest.
@@ -741,21 +743,25 @@ class _Connection:
             self._send_pending()
 
     def _send_some(self) -> None:
-        """Inline: hand the kernel what it takes of `pending` now; the rest waits for it."""
+        """Inline: hand the kernel what it takes of `pending` now; the rest waits for it.
+
+        One sendmsg() of the pieces as they are: joining them would copy what
+        is left over and over while a slow client takes a big response.
+        """
         liveness = self.liveness
         while True:
             with self.lock:
                 pending = self.pending
-                if not pending or self.dead:
-                    if not self.dead:
-                        liveness.sending = False
-                        if self.proto.closed:  # keep_conn=False, all written: close
-                            self._shutdown()
+                if self.dead:
                     return
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
+                if not pending:
+                    liveness.sending = False
+                    if self.proto.closed:  # keep_conn=False, all written: close
+                        self._shutdown()
+                    return
+                pieces = pending[:_SEND_PIECES]
             try:
-                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                sent = self.sock.sendmsg(pieces, (), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
@@ -767,10 +773,19 @@ class _Connection:
             if sent:
                 liveness.send_moved(now)
             with self.lock:
+                if self.dead:
+                    return
                 self.unsent = max(0, self.unsent - sent)
-                if sent < len(data):
-                    # Sliced as a view: a big output left in pieces is not copied again.
-                    self.pending.insert(0, memoryview(data)[sent:])
+                taken = 0
+                for piece in pieces:
+                    if sent < len(piece):
+                        break
+                    sent -= len(piece)
+                    taken += 1
+                del pending[:taken]
+                if taken < len(pieces):  # the kernel is full: the rest waits for it
+                    if sent:  # of a piece it took part of, the rest, as a view
+                        pending[0] = memoryview(pending[0])[sent:]
                     liveness.send_waiting(now)
                     return
 

@@ -263,9 +263,14 @@ def client_abort_mid_response_stops_the_app(site: Site, client: httpx.Client) ->
         assert r.status_code == 200
         next(r.iter_raw())
     deadline = time.monotonic() + WAIT
-    while not marker.exists() and time.monotonic() < deadline:
+
+    def closed() -> bool:
+        # The app creates the file, then writes to it: seen in between, it is empty.
+        return marker.exists() and marker.read_text() == "closed"
+
+    while not closed() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert marker.exists() and marker.read_text() == "closed", "the app's response never ended"
+    assert closed(), "the app's response never ended"
     took = time.monotonic() - started
     assert took < n * 0.05 / 2, f"the app ran on for {took:.1f} s after the client left"
     assert client.get("/hello").status_code == 200
