@@ -100,6 +100,25 @@ def wrk(url: str, threads: int, connections: int, seconds: int) -> tuple[int, fl
 
 
 OPCACHE = ["-d", "zend_extension=opcache", "-d", "opcache.enable=1"]
+
+
+def write_docroot(base: Path) -> Path:
+    """The benchmarks' document root under `base`: hello.php and a front controller."""
+    root = base / "www"
+    root.mkdir()
+    (root / "hello.php").write_text('<?php echo "Hello, world\\n";')
+    (root / "index.php").write_text('<?php echo "front controller: ", $_SERVER["REQUEST_URI"];')
+    return root
+
+
+def start_pool(binary: str, base: Path, name: str) -> FpmPool:
+    """A php-fpm pool of 8 static workers with opcache, started; stop() it."""
+    fpm = FpmPool(binary, base, name, workers=8)
+    fpm._proc.argv[1:1] = OPCACHE
+    fpm.start()
+    return fpm
+
+
 PATHS = ("/hello.php", "/blog/post")
 LOADS = ((1, 1), (2, 16))
 
@@ -283,17 +302,12 @@ def main() -> int:
     names = args.only.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as scratch, ExitStack() as stack:
         base = Path(scratch)
-        root = base / "www"
-        root.mkdir()
-        (root / "hello.php").write_text('<?php echo "Hello, world\\n";')
-        (root / "index.php").write_text('<?php echo "front controller: ", $_SERVER["REQUEST_URI"];')
+        root = write_docroot(base)
         # A pool each, alike: php-fpm pins a worker to every connection a
         # front keeps alive, so fronts sharing one pool would starve each other.
         fronts: dict[str, tuple[Front, int]] = {}
         for name in names:
-            fpm = FpmPool(binary, base, f"bench-{name}", workers=8)
-            fpm._proc.argv[1:1] = OPCACHE
-            fpm.start()
+            fpm = start_pool(binary, base, f"bench-{name}")
             stack.callback(fpm.stop)
             fpm_pid = fpm._proc.process.pid  # type: ignore[union-attr]
             # Every front runs from the start (an idle one costs nothing), and

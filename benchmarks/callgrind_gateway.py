@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import peers
-from bench_gateway import OPCACHE
-from gateway_peers import FpmPool
+from bench_gateway import start_pool, write_docroot
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -120,13 +119,8 @@ def main() -> int:
     assert binary, "php-fpm is not installed"
     with tempfile.TemporaryDirectory(prefix="callgrind-gateway-") as scratch:
         base = Path(scratch)
-        root = base / "www"
-        root.mkdir()
-        (root / "hello.php").write_text('<?php echo "Hello, world\\n";')
-        (root / "index.php").write_text('<?php echo "front controller: ", $_SERVER["REQUEST_URI"];')
-        fpm = FpmPool(binary, base, "bench", workers=8)
-        fpm._proc.argv[1:1] = OPCACHE
-        fpm.start()
+        root = write_docroot(base)
+        fpm = start_pool(binary, base, "bench")
         try:
             valgrind = not args.no_valgrind
             if not valgrind:

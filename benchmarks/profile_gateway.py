@@ -41,8 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import peers
 import uvloop
-from bench_gateway import OPCACHE
-from gateway_peers import FpmPool
+from bench_gateway import start_pool, write_docroot
 
 from fcgiproto.support import Script
 from fcgiproto_anyio import PhpGateway
@@ -156,13 +155,8 @@ def main() -> int:
     assert binary, "php-fpm is not installed"
     with tempfile.TemporaryDirectory(prefix="profile-gateway-") as scratch:
         base = Path(scratch)
-        root = base / "www"
-        root.mkdir()
-        (root / "hello.php").write_text('<?php echo "Hello, world\\n";')
-        (root / "index.php").write_text('<?php echo "front controller: ", $_SERVER["REQUEST_URI"];')
-        fpm = FpmPool(binary, base, "bench", workers=8)
-        fpm._proc.argv[1:1] = OPCACHE
-        fpm.start()
+        root = write_docroot(base)
+        fpm = start_pool(binary, base, "bench")
         try:
             uvloop.run(run(root, fpm.socket, args))
         finally:

@@ -446,32 +446,20 @@ def test_build_params_same_as_general_path(data: st.DataObject) -> None:
 def test_build_params_serves_the_gateway_case_without_the_general_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    expected = cgi._build_params_general(
-        "GET",
-        b"/hello.php",
-        headers=[(b"host", b"example.com"), (b"cookie", b"a=1")],
-        script_filename=b"/srv/www/hello.php",
-        document_root=b"/srv/www",
-        remote_port=50000,
-        extra={"SCRIPT_NAME": b"/hello.php", "PATH_INFO": b""},
-    )
+    gateway_case: dict[str, Any] = {
+        "headers": [(b"host", b"example.com"), (b"cookie", b"a=1")],
+        "script_filename": b"/srv/www/hello.php",
+        "document_root": b"/srv/www",
+        "remote_port": 50000,
+        "extra": {"SCRIPT_NAME": b"/hello.php", "PATH_INFO": b""},
+    }
+    expected = cgi._build_params_general("GET", b"/hello.php", **gateway_case)
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("fell back to _build_params_general")
 
     monkeypatch.setattr(cgi, "_build_params_general", refuse)
-    assert (
-        build_params(
-            "GET",
-            b"/hello.php",
-            headers=[(b"host", b"example.com"), (b"cookie", b"a=1")],
-            script_filename=b"/srv/www/hello.php",
-            document_root=b"/srv/www",
-            remote_port=50000,
-            extra={"SCRIPT_NAME": b"/hello.php", "PATH_INFO": b""},
-        )
-        == expected
-    )
+    assert build_params("GET", b"/hello.php", **gateway_case) == expected
 
 
 def test_header_name_memo_stays_bounded() -> None:
