@@ -240,37 +240,24 @@ def build_params(
                 raise _Unusual
             forwarded.pop("", None)  # httpoxy and the underscore content spellings
             content_type = forwarded.pop("CONTENT_TYPE", "")
-            length = forwarded.pop("CONTENT_LENGTH", "")
-            if content_length is not None:
-                if content_length < 0:
-                    raise _Unusual
-                length = str(content_length)
-            elif length and not (length.isascii() and length.isdigit()):
-                raise _Unusual
-
-            params = {
-                "QUERY_STRING": query_s,
-                "REQUEST_METHOD": method_s,
-                "CONTENT_TYPE": content_type,
-                "CONTENT_LENGTH": length,
-                "SCRIPT_FILENAME": lines[3],
-                "SCRIPT_NAME": script_s,
-                "REQUEST_URI": f"{path_s}?{query_s}" if query_s else path_s,
-                "DOCUMENT_URI": path_s,
-                "DOCUMENT_ROOT": lines[4],
-                "SERVER_PROTOCOL": lines[5],
-                "REQUEST_SCHEME": "https" if https else "http",
-                "GATEWAY_INTERFACE": "CGI/1.1",
-                "SERVER_SOFTWARE": SERVER_SOFTWARE,
-                "REMOTE_ADDR": lines[6],
-                "REMOTE_PORT": str(remote_port),
-                "SERVER_ADDR": lines[7],
-                "SERVER_PORT": str(server_port),
-                "SERVER_NAME": lines[8],
-                "REDIRECT_STATUS": "200",
-            }
-            if https:
-                params["HTTPS"] = "on"
+            length = _content_length(forwarded.pop("CONTENT_LENGTH", ""), content_length)
+            params = _cgi_params(
+                method_s,
+                path_s,
+                query_s,
+                script_s,
+                content_type,
+                length,
+                lines[3],  # script_filename, document_root, server_protocol,
+                lines[4],  # remote_addr, server_addr, server_name: as listed above
+                lines[5],
+                lines[6],
+                lines[7],
+                lines[8],
+                str(remote_port),
+                str(server_port),
+                https,
+            )
             params.update(forwarded)
             if extra is not None:
                 for raw_name, raw_value in extra.items():
@@ -359,38 +346,23 @@ def _build_params_general(
         if key not in _NOT_FORWARDED:
             grouped.setdefault(key, []).append((name, value))
 
-    length = content.get("content-length", "")
-    if content_length is not None:
-        if content_length < 0:
-            raise LocalProtocolError(f"content_length is negative: {content_length}")
-        length = str(content_length)
-    elif length and not (length.isascii() and length.isdigit()):
-        raise LocalProtocolError(f"Content-Length is not a number: {length[:100]!r}")
-
-    params = {
-        "QUERY_STRING": query_s,
-        "REQUEST_METHOD": method_s,
-        "CONTENT_TYPE": content.get("content-type", ""),
-        "CONTENT_LENGTH": length,
-        "SCRIPT_FILENAME": _line("script_filename", script_filename),
-        "SCRIPT_NAME": script_s,
-        "REQUEST_URI": f"{path_s}?{query_s}" if query_s else path_s,
-        "DOCUMENT_URI": path_s,
-        "DOCUMENT_ROOT": _line("document_root", document_root),
-        "SERVER_PROTOCOL": _line("server_protocol", server_protocol),
-        "REQUEST_SCHEME": "https" if https else "http",
-        "GATEWAY_INTERFACE": "CGI/1.1",
-        "SERVER_SOFTWARE": SERVER_SOFTWARE,
-        "REMOTE_ADDR": _line("remote_addr", remote_addr),
-        "REMOTE_PORT": _line("remote_port", remote_port),
-        "SERVER_ADDR": _line("server_addr", server_addr),
-        "SERVER_PORT": _line("server_port", server_port),
-        "SERVER_NAME": _line("server_name", server_name),
-        # php-fpm built with cgi.force_redirect refuses requests without it.
-        "REDIRECT_STATUS": "200",
-    }
-    if https:
-        params["HTTPS"] = "on"
+    params = _cgi_params(
+        method_s,
+        path_s,
+        query_s,
+        script_s,
+        content.get("content-type", ""),
+        _content_length(content.get("content-length", ""), content_length),
+        _line("script_filename", script_filename),
+        _line("document_root", document_root),
+        _line("server_protocol", server_protocol),
+        _line("remote_addr", remote_addr),
+        _line("server_addr", server_addr),
+        _line("server_name", server_name),
+        _line("remote_port", remote_port),
+        _line("server_port", server_port),
+        https,
+    )
     for key, items in grouped.items():
         if len(items) == 1:  # most headers: no spelling to prefer, nothing to join
             params[key] = items[0][1]
@@ -408,6 +380,62 @@ def _build_params_general(
             if _LINE_BREAKERS.search(value):  # named only then: an f-string a param costs
                 _line(f"extra param {name}", value)
             params[name] = value
+    return params
+
+
+def _content_length(header: str, content_length: int | None) -> str:
+    """CONTENT_LENGTH: `content_length` if given, else the header's (a number, or empty)."""
+    if content_length is not None:
+        if content_length < 0:
+            raise LocalProtocolError(f"content_length is negative: {content_length}")
+        return str(content_length)
+    if header and not (header.isascii() and header.isdigit()):
+        raise LocalProtocolError(f"Content-Length is not a number: {header[:100]!r}")
+    return header
+
+
+def _cgi_params(
+    method: str,
+    path: str,
+    query: str,
+    script_name: str,
+    content_type: str,
+    content_length: str,
+    script_filename: str,
+    document_root: str,
+    server_protocol: str,
+    remote_addr: str,
+    server_addr: str,
+    server_name: str,
+    remote_port: str,
+    server_port: str,
+    https: bool,
+) -> dict[str, str]:
+    """The params of build_params before the headers and `extra`, from checked text."""
+    params = {
+        "QUERY_STRING": query,
+        "REQUEST_METHOD": method,
+        "CONTENT_TYPE": content_type,
+        "CONTENT_LENGTH": content_length,
+        "SCRIPT_FILENAME": script_filename,
+        "SCRIPT_NAME": script_name,
+        "REQUEST_URI": f"{path}?{query}" if query else path,
+        "DOCUMENT_URI": path,
+        "DOCUMENT_ROOT": document_root,
+        "SERVER_PROTOCOL": server_protocol,
+        "REQUEST_SCHEME": "https" if https else "http",
+        "GATEWAY_INTERFACE": "CGI/1.1",
+        "SERVER_SOFTWARE": SERVER_SOFTWARE,
+        "REMOTE_ADDR": remote_addr,
+        "REMOTE_PORT": remote_port,
+        "SERVER_ADDR": server_addr,
+        "SERVER_PORT": server_port,
+        "SERVER_NAME": server_name,
+        # php-fpm built with cgi.force_redirect refuses requests without it.
+        "REDIRECT_STATUS": "200",
+    }
+    if https:
+        params["HTTPS"] = "on"
     return params
 
 
