@@ -272,8 +272,9 @@ class _Connection:
         self.pumping: tuple[_State, Exchange, Iterator[None]] | None = None
         # Inline: what the listener waits on this socket for (select.POLLIN, POLLOUT).
         self.watched = select.POLLIN
-        # Apps run in the thread that reads, which pulls their body and looks
-        # for an abort between chunks; with multiplexing, each has a thread.
+        # Apps run in the thread that reads, which pulls their body (inline
+        # it is in already) and looks for an abort between chunks; with
+        # multiplexing, each has a thread.
         self.runs_apps = listener.inline or not self.options.multiplex
         # A streamed request's app waits on this for more body (with multiplexing).
         self.body_arrived = threading.Condition(self.lock)
@@ -1132,15 +1133,10 @@ class _Listener:
         connection = _Connection(self, sock, next(self._numbers))
         logger.debug("accepted connection %d", connection.number)
         if self.inline:
-            # What the watch cannot stop while an app runs in this thread, the
-            # kernel does: a send to a client that stops reading (and a read,
-            # should one ever wait).
-            options = self.options
+            # The one send that waits here (the WSGI write() callable, which
+            # cannot pause) the kernel cuts short: the watch cannot meanwhile.
             sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_RCVTIMEO, kernel_timeout(options.idle_timeout)
-            )
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDTIMEO, kernel_timeout(options.send_timeout)
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, kernel_timeout(self.options.send_timeout)
             )
             with self._lock:
                 self._connections.add(connection)

@@ -903,3 +903,33 @@ def test_serve_wsgi_takes_an_address_or_a_socket_not_both() -> None:
         serve_wsgi(hello)
     with socket.socket() as sock, pytest.raises(TypeError, match="an address or a listening sock"):
         serve_wsgi(hello, "127.0.0.1:0", sock=sock)
+
+
+@pytest.mark.threads(1)
+def test_one_thread_write_callable_waits_for_its_client_send_timeout_at_most() -> None:
+    """write() cannot pause: it waits in a send, which the kernel cuts at send_timeout."""
+    outcome: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [])
+        if environ["PATH_INFO"] == "/written":
+            try:
+                for _ in range(2000):  # 32 MiB, far past what the sockets hold
+                    write(b"w" * 16384)
+            except OSError:
+                outcome.append("cut")
+                raise
+            outcome.append("whole")
+        return [b"ok"]
+
+    with wsgi_server(app, "127.0.0.1:0", send_timeout=0.5) as bound, slow_reader(bound) as raw:
+        raw.conn.send_request(params(path="/written"))
+        raw.send()  # and reads nothing
+        started = time.monotonic()
+        assert settled(lambda: outcome == ["cut"])
+        assert time.monotonic() - started < 5
+        with Client(bound, timeout=WAIT) as client:  # the thread serves on
+            assert client.request(params()).body == b"ok"
+        with contextlib.suppress(ConnectionResetError):  # what was sent, then the end
+            while raw.sock.recv(1 << 20):
+                pass
