@@ -99,6 +99,9 @@ BODY_READ_AHEAD = 256 * 1024
 DRAIN_FRESH_GRACE = 1.0
 
 _STDOUT, _STDERR = True, False
+#: Inline, how long an app runs before it pauses at its next chunk, so that
+#: the other connections have their turn (and its own input is read).
+APP_TURN = 0.01
 #: Pieces of output one sendmsg() hands over at most (IOV_MAX is 1024 on Linux).
 _SEND_PIECES = 64
 #: What poll and epoll report for a socket with something to read, or shut down.
@@ -192,8 +195,9 @@ class Exchange:
 
     @property
     def held(self) -> bool:
-        """Inline: more than max_unsent_size of output waits on the client; pause until not."""
-        return self._connection.held()
+        """Inline: pause now. More than max_unsent_size of output waits on the client, or
+        the app had its turn (APP_TURN) and the other connections have theirs."""
+        return self._connection.pause_due()
 
     def wait_taken(self) -> None:
         """Inline, where pausing is not possible: wait (send_timeout at most) until not `held`."""
@@ -270,6 +274,8 @@ class _Connection:
         self.inline = listener.inline
         # Inline: the streamed app paused until its client takes more output.
         self.pumping: tuple[_State, Exchange, Iterator[None]] | None = None
+        # Inline: when the app running has had its turn (time.perf_counter()).
+        self.turn_ends = 0.0
         # Inline: what the listener waits on this socket for (select.POLLIN, POLLOUT).
         self.watched = select.POLLIN
         # Apps run in the thread that reads, which pulls their body (inline
@@ -352,7 +358,14 @@ class _Connection:
         return self._run_ready()
 
     def held(self) -> bool:
+        """Inline: more than max_unsent_size of output waits on the client."""
         return self.inline and self.unsent > self.options.max_unsent_size
+
+    def pause_due(self) -> bool:
+        """Inline: whether the app running should pause (its output held, or its turn over)."""
+        return self.inline and (
+            self.unsent > self.options.max_unsent_size or time.perf_counter() > self.turn_ends
+        )
 
     def _read_once(self) -> bool:
         """Read what the socket has, route it, send what the core answers; False once over.
@@ -550,11 +563,14 @@ class _Connection:
         """Run a streamed request's app, or its steps from where they paused, to its end.
 
         Inline, an app whose steps pause (its client has not taken its
-        output) is left in `pumping`, and its request ends when it is resumed.
+        output, or it had its turn) is left in `pumping`, and its request
+        ends when it is resumed: once the socket takes more output (writable()),
+        or, paused for its turn only, after one turn of the listener's loop.
         """
         status = ERROR_STATUS
         paused = False
         try:
+            self.turn_ends = time.perf_counter() + APP_TURN
             if steps is None:
                 steps = self.listener.stream_handler(exchange)
             if steps is not None:
@@ -562,6 +578,8 @@ class _Connection:
                     if not (state.ended or self.dead):  # else on, for the app to hear of it
                         self.pumping = (state, exchange, steps)
                         paused = True
+                        if not self.held():  # its turn is over: it goes on after the others
+                            self.listener.turns.append(self)
                         return
             status = exchange.app_status
         except BodyTooLarge:
@@ -630,8 +648,8 @@ class _Connection:
         Only where the app runs in the reading thread, and not past what may be
         read ahead of the body.
         """
-        if state.unread > BODY_READ_AHEAD or self.held():
-            return  # inline, past max_unsent_size unsent: read no more, as the listener does
+        if state.unread > BODY_READ_AHEAD:
+            return
         with contextlib.suppress(OSError, ValueError):
             if not select.select([self.sock], [], [], 0)[0]:
                 return
@@ -652,7 +670,8 @@ class _Connection:
         view = memoryview(data)
         # Where a streamed app runs in the reading thread, look for an abort
         # between pieces; not before the first, which follows the request at once.
-        looks = self.streaming and self.runs_apps and isinstance(state, _State)
+        # (Inline the listener reads between the app's turns instead.)
+        looks = self.streaming and self.runs_apps and not self.inline and isinstance(state, _State)
         for start in range(0, len(view), piece):
             if looks:
                 assert isinstance(state, _State)
@@ -696,7 +715,7 @@ class _Connection:
             if not self.write(state, _STDOUT, view[:cut]):
                 return False
             data = view[cut:]
-        if state.wrote and self.streaming and self.runs_apps:
+        if state.wrote and self.streaming and self.runs_apps and not self.inline:
             self._look_for_abort(state)  # as write() does between pieces
         with self.lock:
             if state.ended or self.dead:
@@ -910,6 +929,8 @@ class _Listener:
         self.inline = inline
         # The connections read here, by file descriptor (inline only).
         self._inline: dict[int, _Connection] = {}
+        #: Inline: the connections whose app paused at the end of its turn.
+        self.turns: list[_Connection] = []
         self.options = options
         #: Set while the server drains: no more accepting, connections close once idle.
         self.draining = False
@@ -1002,7 +1023,7 @@ class _Listener:
             now = time.monotonic()
             if now >= self._next_watch:
                 self._next_watch = self._watch(now)
-            wait = self._next_watch - now
+            wait = self._next_watch - now if not self.turns else 0.0
             if stop is not None:
                 wait = min(wait, POLL_INTERVAL)
             for fd, events in poller.wait(max(wait, 0.0)):
@@ -1018,6 +1039,8 @@ class _Listener:
                     poller.unregister(self.sock)
                     listening = False
                     self._next_watch = min(self._next_watch, time.monotonic() + AT_CAP_RECHECK)
+            if self.turns:
+                self._run_turns()
 
     def _step(self, fd: int, events: int) -> None:
         """Inline: a connection's socket has something to read, takes more, or was shut down."""
@@ -1033,6 +1056,24 @@ class _Listener:
         except Exception:
             logger.exception("connection %d failed", connection.number)
             going = False
+        self._settle(fd, connection, going)
+
+    def _run_turns(self) -> None:
+        """Inline: go on with the apps that paused when their turn was over."""
+        turns, self.turns = self.turns, []
+        for connection in turns:
+            fd = connection.sock.fileno()
+            if self._inline.get(fd) is not connection:
+                continue  # closed meanwhile
+            try:
+                going = connection.writable()
+            except Exception:
+                logger.exception("connection %d failed", connection.number)
+                going = False
+            self._settle(fd, connection, going)
+
+    def _settle(self, fd: int, connection: _Connection, going: bool) -> None:
+        """Inline, after a connection's turn: close it, or wait on its socket for what it needs."""
         if not going:
             self._close_inline(connection)
             return
@@ -1074,12 +1115,15 @@ class _Listener:
                         len(live),
                     )
                 return
-            for fd, events in poller.wait(min(POLL_INTERVAL, deadline - now)):
+            wait = min(POLL_INTERVAL, deadline - now) if not self.turns else 0.0
+            for fd, events in poller.wait(wait):
                 if fd == self._wake_r.fileno():
                     with contextlib.suppress(OSError):
                         self._wake_r.recv(4096)
                 else:
                     self._step(fd, events)
+            if self.turns:
+                self._run_turns()
 
     def _watch(self, now: float) -> float:
         """Close the connections that waited too long on their peer; when to look next."""

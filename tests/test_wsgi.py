@@ -933,3 +933,34 @@ def test_one_thread_write_callable_waits_for_its_client_send_timeout_at_most() -
         with contextlib.suppress(ConnectionResetError):  # what was sent, then the end
             while raw.sock.recv(1 << 20):
                 pass
+
+
+@pytest.mark.threads(1)
+def test_one_thread_gives_others_their_turn_during_a_long_response() -> None:
+    """An app whose client keeps up pauses every APP_TURN all the same: others are served."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [])
+        if environ["PATH_INFO"] != "/long":
+            return [b"ok"]
+
+        def chunks() -> Iterator[bytes]:
+            for _ in range(400):  # 4 s of output, taken as it comes
+                time.sleep(0.01)
+                yield b"x" * 1024
+
+        return chunks()
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        long: list[int] = []
+        reader = threading.Thread(
+            target=lambda: long.append(len(client.request(params(path="/long")).body))
+        )
+        reader.start()
+        time.sleep(0.3)  # the long response under way
+        started = time.monotonic()
+        for _ in range(3):
+            assert client.request(params()).body == b"ok"
+        assert time.monotonic() - started < 2.0  # not after the long response's 4 s
+        reader.join(WAIT)
+    assert long == [409600]
