@@ -8,12 +8,19 @@ so that the connection can cancel the ones still running and wait for them
 to end; each still gets its own copy of the context. Elsewhere (trio) it is
 an anyio task group. Either way the set is entered with ``async with``,
 which returns once every task started in it has ended.
+
+On asyncio a task started from a callback of the loop (where the server
+reads a request) takes its first step at once, as Python 3.12's eager tasks
+do: a request whose app never has to wait is answered in the callback its
+bytes came in, without a second turn of the loop. The task is made as any
+other, then its first step, which the loop would run next, is run now.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any
@@ -35,6 +42,11 @@ class AsyncioRequestTasks:
 
     def __init__(self, on_failure: OnFailure) -> None:
         self._loop = asyncio.get_running_loop()
+        # Where the loop keeps the callbacks it runs next (asyncio's own loops;
+        # not uvloop's): a new task's first step is the last of them.
+        self._ready: deque[asyncio.Handle] | None = getattr(self._loop, "_ready", None)
+        if not isinstance(self._ready, deque):
+            self._ready = None
         self._on_failure = on_failure
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._keys = itertools.count()
@@ -43,10 +55,21 @@ class AsyncioRequestTasks:
         self._cancelled = False
 
     def start(self, run: Run, *args: object, name: str) -> None:
-        """Run ``run(*args)`` in a task of its own, from the next turn of the loop."""
+        """Run ``run(*args)`` in a task of its own: at once from a callback, else next turn."""
         key = next(self._keys)
         task = self._loop.create_task(self._guard(key, run, args), name=name)
-        if task.done():  # run to its end at once, by an eager task factory (Python 3.12+)
+        ready = self._ready
+        if ready is not None and len(ready) == 1 and asyncio.current_task(self._loop) is None:
+            # The loop has nothing else to run before this task's first step
+            # (with more, each runs in its turn: requests that came together
+            # are taken together, then their apps run, which is cheaper).
+            step = ready[0]
+            if getattr(getattr(step, "_callback", None), "__self__", None) is task:
+                # Its first step, run here instead of on the loop's next turn:
+                # the task is the current one while it runs, as on the loop.
+                ready.pop()
+                step._run()
+        if task.done():  # ran to its end at once (here, or by an eager task factory)
             return
         self._tasks[key] = task
         if self._cancelled:  # as in a cancelled task group: it ends at its first await

@@ -314,6 +314,8 @@ class _Connection:
         # Without multiplexing, requests run one at a time: the next wait here.
         self.waiting: deque[_State] = deque()
         self.busy = False
+        # Dispatched while a read is routed; started once it all is (see _take).
+        self.starting: list[_State] = []
         self.served = 0  # requests ended on this connection
         # Set, then dropped, when a streamed app takes body; made by whoever waits.
         self.body_taken: anyio.Event | None = None
@@ -455,6 +457,13 @@ class _Connection:
         if self.queued > before:
             self.answers.append((self.queued, self.queued - before))
             self.unsent_answers += self.queued - before
+        if self.starting:
+            # After the whole read is routed and the core's answers counted: a
+            # request's task may run at once (from the loop's read callback),
+            # and finds the rest of its body in, its output not counted as theirs.
+            starting, self.starting = self.starting, []
+            for state in starting:
+                self._start(state)
         return True
 
     async def _wait_for_answers(self) -> None:
@@ -530,7 +539,7 @@ class _Connection:
                 self.waiting.append(state)
                 return
             self.busy = True
-        self._start(state)
+        self.starting.append(state)
 
     def _start(self, state: _State) -> None:
         assert state.raw_params is not None and self.requests is not None

@@ -9,6 +9,7 @@ tasks and still waits for them, and an exception a task lets out is not lost.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -120,3 +121,73 @@ async def test_an_exception_a_bare_task_lets_out_goes_to_on_failure() -> None:
     async with AsyncioRequestTasks(failures.append) as tasks:
         tasks.start(run, name="failing")
     assert [str(exc) for exc in failures] == ["a bug of the server"]
+
+
+def _start_from_callback(
+    tasks: AsyncioRequestTasks,
+    run: Callable[[], Awaitable[None]],
+    order: list[str],
+    *also: Callable[[], None],
+) -> None:
+    """Start `run` from a callback of the loop, with `also` queued beside it."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+
+    def from_the_loop() -> None:
+        tasks.start(run, name="request")
+        order.append("start returned")
+
+    loop.call_soon(from_the_loop)
+    for callback in also:
+        loop.call_soon(callback)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_task_started_from_a_callback_takes_its_first_step_at_once() -> None:
+    import asyncio
+
+    order: list[str] = []
+
+    async def run() -> None:
+        current = asyncio.current_task()
+        order.append(f"first step in {current.get_name() if current else None}")
+        marker.set("request")  # its own copy of the context, even run at once
+        await anyio.sleep(0)
+        order.append("second step")
+
+    async with AsyncioRequestTasks(never_fails) as tasks:
+        _start_from_callback(tasks, run, order)
+        await anyio.sleep(0.01)  # a timer: nothing else is ready when the callback runs
+    # The first step ran inside start(), in its own task; the rest on the loop.
+    assert order == ["first step in request", "start returned", "second step"]
+    assert marker.get() == ""
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_task_started_beside_other_callbacks_waits_its_turn() -> None:
+    order: list[str] = []
+
+    async def run() -> None:
+        order.append("first step")
+
+    async with AsyncioRequestTasks(never_fails) as tasks:
+        # Another callback is ready in the same turn: the loop runs it first,
+        # then the task (requests read together are all taken before any app runs).
+        _start_from_callback(tasks, run, order, lambda: order.append("other callback"))
+        await anyio.sleep(0)
+        await anyio.sleep(0)
+    assert order == ["start returned", "other callback", "first step"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_task_started_from_a_task_takes_its_first_step_on_the_loop() -> None:
+    order: list[str] = []
+
+    async def run() -> None:
+        order.append("first step")
+
+    async with AsyncioRequestTasks(never_fails) as tasks:
+        tasks.start(run, name="request")
+        order.append("start returned")
+    assert order == ["start returned", "first step"]
