@@ -54,12 +54,16 @@ class AsyncioRequestTasks:
         self._timer: asyncio.TimerHandle | None = None
         self._cancelled = False
 
-    def start(self, run: Run, *args: object, name: str) -> None:
-        """Run ``run(*args)`` in a task of its own: at once from a callback, else next turn."""
+    def start(self, run: Run, *args: object, name: str, at_once: bool = False) -> None:
+        """Run ``run(*args)`` in a task of its own, from the next turn of the loop.
+
+        With `at_once`, from a callback of the loop (never from a task), its
+        first step runs now if the loop has nothing else to run first.
+        """
         key = next(self._keys)
         task = self._loop.create_task(self._guard(key, run, args), name=name)
         ready = self._ready
-        if ready is not None and len(ready) == 1 and asyncio.current_task(self._loop) is None:
+        if at_once and ready is not None and len(ready) == 1:
             # The loop has nothing else to run before this task's first step
             # (with more, each runs in its turn: requests that came together
             # are taken together, then their apps run, which is cheaper).
@@ -143,7 +147,7 @@ class AnyioRequestTasks:
     def __init__(self, on_failure: OnFailure) -> None:
         self._group = anyio.create_task_group()
 
-    def start(self, run: Run, *args: object, name: str) -> None:
+    def start(self, run: Run, *args: object, name: str, at_once: bool = False) -> None:
         self._group.start_soon(run, *args, name=name)
 
     def cancel(self) -> None:

@@ -34,7 +34,7 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterable
 from typing import Any, TypeAlias
 
 import anyio
@@ -153,7 +153,7 @@ class Request(RequestBase):
 
 
 class _State(RequestState):
-    __slots__ = ("_changed", "dispatched", "scope", "unread")
+    __slots__ = ("changed", "dispatched", "scope", "unread")
 
     def __init__(self, begin: BeginRequest, options: ServerOptions, now: float) -> None:
         super().__init__(begin, options, now)
@@ -163,17 +163,17 @@ class _State(RequestState):
         self.unread = 0
         # Set, then dropped, when a streamed request gets body, ends or is aborted;
         # made by whoever waits (most requests never wait on it).
-        self._changed: anyio.Event | None = None
+        self.changed: anyio.Event | None = None
 
     async def wait_changed(self) -> None:
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
+        if self.changed is None:
+            self.changed = anyio.Event()
+        await self.changed.wait()
 
     def wake(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        if self.changed is not None:
+            self.changed.set()
+            self.changed = None
 
 
 class BodyTooLarge(OSError):
@@ -292,6 +292,8 @@ class _Connection:
         self.number = number
         self.clock = server.clock
         self.proto: ServerConnection = server.options.connection()
+        # Output is encoded and sent in pieces of this size at most.
+        self.piece = min(self.options.max_unsent_size, OUTPUT_PIECE)
         self.states: dict[int, _State] = {}
         self.pending: deque[bytes] = deque()
         self.queued = 0
@@ -316,6 +318,9 @@ class _Connection:
         self.busy = False
         # Dispatched while a read is routed; started once it all is (see _take).
         self.starting: list[_State] = []
+        # In the loop's read callback (_feed), not in a task: a request's task
+        # may take its first step there and then (see AsyncioRequestTasks.start).
+        self.in_callback = False
         self.served = 0  # requests ended on this connection
         # Set, then dropped, when a streamed app takes body; made by whoever waits.
         self.body_taken: anyio.Event | None = None
@@ -391,7 +396,8 @@ class _Connection:
                     self._take(data)  # the core learns of the end (a cut record is logged)
                     return False
                 if len(data) <= DECODE_STEP:
-                    if not self._took(data):
+                    self.liveness.received(self.clock())
+                    if not self._take(data):
                         return False
                     if self.states:
                         for state in self.states.values():
@@ -428,17 +434,21 @@ class _Connection:
         """
         if len(data) > DECODE_STEP:
             return data
-        if not self._took(data):
+        self.liveness.received(self.clock())
+        self.in_callback = True
+        try:
+            taken = self._take(data)
+        finally:
+            self.in_callback = False
+        if not taken:
             self._die()
             return False
         return not (
-            self.dead or self.closing or self.answers or (self.streaming and self._body_full())
+            self.dead
+            or self.closing
+            or self.answers
+            or (self.streaming and self.states and self._body_full())
         )
-
-    def _took(self, data: bytes) -> bool:
-        """Take one small read (DECODE_STEP at most); False if the connection must close."""
-        self.liveness.received(self.clock())
-        return self._take(data)
 
     def _take(self, data: bytes) -> bool:
         """Feed the core and route what it decodes; False if the connection must close."""
@@ -447,7 +457,7 @@ class _Connection:
         except RemoteProtocolError as exc:
             logger.info("closing connection %d: %s", self.number, exc)
             return False
-        if dropped_too_much(self.proto, self.options):
+        if self.proto.dropped_size and dropped_too_much(self.proto, self.options):
             logger.info("closing connection %d: %s", self.number, DROPPED_TOO_MUCH)
             return False
         before = self.queued
@@ -500,18 +510,18 @@ class _Connection:
                 state.scope.cancel()  # a streamed app hears of it instead
             self._end(state, ERROR_STATUS)
             return
-        if self.streaming:
-            self._route_streamed(state, event)
-        elif state.gather(event) and not state.dispatched:
-            self._dispatch(state)
-        elif state.too_large:
-            self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
-            self._end(state, ERROR_STATUS)
-
-    def _route_streamed(self, state: _State, event: Event) -> None:
-        """Gather for a streamed request: started once PARAMS are in, its body read by its app."""
+        if not self.streaming:
+            if state.gather(event) and not state.dispatched:
+                self._dispatch(state)
+            elif state.too_large:
+                self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
+                self._end(state, ERROR_STATUS)
+            return
+        # A streamed request: started once PARAMS are in (unless CONTENT_LENGTH
+        # already says too much), its body read by its app. Inline, with no
+        # helpers: this runs for every record of every request.
         state.gather(event)
-        if state.too_large:
+        if state.input_left < 0:  # too large
             if not state.dispatched:
                 self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
                 self._end(state, ERROR_STATUS)
@@ -522,10 +532,12 @@ class _Connection:
         if isinstance(event, StdinData):
             state.unread += len(event.data)
             state.wake()
-        elif isinstance(event, StdinEnd):
+        elif isinstance(event, StdinEnd) and state.changed is not None:
             state.wake()
-        if state.raw_params is not None and not state.dispatched:
-            if _declared_length(state.raw_params) > self.options.max_body_size:
+        params = state.raw_params
+        if params is not None and not state.dispatched:
+            declared = params.get(b"CONTENT_LENGTH", b"")
+            if declared.isdigit() and int(declared) > self.options.max_body_size:
                 self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
                 self._end(state, ERROR_STATUS)
                 return
@@ -549,7 +561,11 @@ class _Connection:
             state.scope = anyio.CancelScope()
         self.liveness.app_started()
         self.requests.start(
-            self._respond, state, request, name=f"fcgi-request-{self.number}-{state.request_id}"
+            self._respond,
+            state,
+            request,
+            name=f"fcgi-request-{self.number}-{state.request_id}",
+            at_once=self.in_callback,
         )
 
     def _next_waiting(self) -> None:
@@ -590,7 +606,10 @@ class _Connection:
             self._end(state, status)  # queues END_REQUEST, so `sending` is set first
             self.liveness.app_ended(self.clock())
             if not self.options.multiplex:
-                self._next_waiting()
+                if self.waiting:
+                    self._next_waiting()
+                else:
+                    self.busy = False
 
     async def receive_body(self, state: _State) -> tuple[bytes, bool]:
         """The body that came for a streamed request since last asked, and whether more follows."""
@@ -620,7 +639,7 @@ class _Connection:
     async def finish(
         self, state: _State, data: bytes | bytearray | memoryview, app_status: int
     ) -> bool:
-        piece = min(self.options.max_unsent_size, OUTPUT_PIECE)
+        piece = self.piece
         if len(data) > piece:  # all but the last piece as any output, waiting on the client
             cut = len(data) - piece
             if not await self.write(state, _STDOUT, memoryview(data)[:cut]):
@@ -702,7 +721,7 @@ class _Connection:
         smaller), each sent before the next is encoded, so that the server
         never holds more than that of it.
         """
-        piece = min(self.options.max_unsent_size, OUTPUT_PIECE)
+        piece = self.piece
         view = memoryview(data)
         for start in range(0, len(view), piece):
             if state.ended or self.dead:
@@ -728,8 +747,10 @@ class _Connection:
         if self.streaming:
             state.stdin = []
             state.unread = 0
-            state.wake()
-            self._body_was_taken()
+            if state.changed is not None:
+                state.wake()
+            if self.body_taken is not None:
+                self._body_was_taken()
         self._queue()
         if self.proto.closed:  # keep_conn=False: read no more, close once it is sent
             self.closing = True
@@ -762,7 +783,8 @@ class _Connection:
             # No liveness.send_moved(): no send was stalled (the writer is idle),
             # and the activity clock is set by what queued this (a read, an app).
             self.sent += sent
-            self._progressed()
+            if self.progress is not None:
+                self._progressed()
         return data[sent:]
 
     async def _sent_up_to(self, offset: int) -> None:
@@ -1226,12 +1248,6 @@ async def _accept_until_cancelled(
 ) -> None:
     with scope:
         await server.accept_loop(listener)
-
-
-def _declared_length(params: Mapping[bytes, bytes]) -> int:
-    """The CONTENT_LENGTH a request announces; 0 if none or not a number."""
-    value = params.get(b"CONTENT_LENGTH", b"")
-    return int(value) if value.isdigit() else 0
 
 
 def _sock_address(sock: socket.socket) -> Address:

@@ -135,7 +135,7 @@ def _start_from_callback(
     loop = asyncio.get_running_loop()
 
     def from_the_loop() -> None:
-        tasks.start(run, name="request")
+        tasks.start(run, name="request", at_once=True)
         order.append("start returned")
 
     loop.call_soon(from_the_loop)
@@ -181,7 +181,7 @@ async def test_a_task_started_beside_other_callbacks_waits_its_turn() -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_a_task_started_from_a_task_takes_its_first_step_on_the_loop() -> None:
+async def test_a_task_started_not_at_once_takes_its_first_step_on_the_loop() -> None:
     order: list[str] = []
 
     async def run() -> None:
