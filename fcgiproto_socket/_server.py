@@ -315,22 +315,18 @@ class _Connection:
                         self.drained.wait()
                     finally:
                         self.drain_waits -= 1
-            if not (self._read_once() and self._run_ready()):
+            if not (self.read_once() and self.run_ready()):
                 return
 
-    def step(self) -> bool:
-        """Inline: the socket has something to read. Read it, run what is ready; False once over.
+    def run_ready(self) -> bool:
+        """Run the requests the last read made ready; False once the connection is over.
 
-        Without waiting for the peer: the read takes what poll saw, the
+        Inline, without waiting for the peer: the read took what poll saw, the
         requests run have their whole body in (see _route_streamed), and what
         the kernel does not take of their output waits for it in `pending`
         while their app pauses (`pumping`; see writable()). Only the WSGI
         write() callable waits in a send, send_timeout at most (SO_SNDTIMEO).
         """
-        return self._read_once() and self._run_ready()
-
-    def _run_ready(self) -> bool:
-        """Run the requests the last read made ready; False once the connection is over."""
         pumping = self.pumping
         if pumping is not None and (pumping[0].ended or self.dead):
             self._resume()  # aborted or lost while paused: its app hears of it now
@@ -355,7 +351,7 @@ class _Connection:
         self._send_some()
         if self.pumping is not None and not self.held():
             self._resume()
-        return self._run_ready()
+        return self.run_ready()
 
     def held(self) -> bool:
         """Inline: more than max_unsent_size of output waits on the client."""
@@ -367,7 +363,7 @@ class _Connection:
             self.unsent > self.options.max_unsent_size or time.perf_counter() > self.turn_ends
         )
 
-    def _read_once(self) -> bool:
+    def read_once(self) -> bool:
         """Read what the socket has, route it, send what the core answers; False once over.
 
         Called by the connection's thread, also from within a streamed app
@@ -633,7 +629,7 @@ class _Connection:
                     if pulls:
                         self.lock.release()
                         try:
-                            self._read_once()
+                            self.read_once()
                         finally:
                             self.lock.acquire()
                     else:
@@ -653,7 +649,7 @@ class _Connection:
         with contextlib.suppress(OSError, ValueError):
             if not select.select([self.sock], [], [], 0)[0]:
                 return
-        self._read_once()
+        self.read_once()
 
     # --- output ---
 
@@ -1026,37 +1022,55 @@ class _Listener:
             wait = self._next_watch - now if not self.turns else 0.0
             if stop is not None:
                 wait = min(wait, POLL_INTERVAL)
+            ready: list[tuple[int, int]] = []
             for fd, events in poller.wait(max(wait, 0.0)):
                 if fd != listening_fd:
                     if fd == wake_fd:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
                     else:
-                        self._step(fd, events)
+                        ready.append((fd, events))
                 elif self._make_room():
                     self._accept()
                 else:  # every connection runs an app: the backlog holds the rest a while
                     poller.unregister(self.sock)
                     listening = False
                     self._next_watch = min(self._next_watch, time.monotonic() + AT_CAP_RECHECK)
+            if ready:
+                self._serve(ready)
             if self.turns:
                 self._run_turns()
 
-    def _step(self, fd: int, events: int) -> None:
-        """Inline: a connection's socket has something to read, takes more, or was shut down."""
-        connection = self._inline.get(fd)
-        if connection is None:
-            return
-        try:
-            going = True
-            if events & select.POLLOUT:
-                going = connection.writable()
-            if going and events & _READ_EVENTS:
-                going = connection.step()
-        except Exception:
-            logger.exception("connection %d failed", connection.number)
-            going = False
-        self._settle(fd, connection, going)
+    def _serve(self, ready: list[tuple[int, int]]) -> None:
+        """Inline: connections whose sockets have something to read, take more, or were shut down.
+
+        Every one is read first, then the requests that made ready run:
+        requests that came together are all taken, then all answered, which
+        measured cheaper than each in its turn.
+        """
+        read: list[tuple[int, _Connection, bool]] = []
+        for fd, events in ready:
+            connection = self._inline.get(fd)
+            if connection is None:
+                continue
+            try:
+                going = True
+                if events & select.POLLOUT:
+                    going = connection.writable()
+                if going and events & _READ_EVENTS:
+                    going = connection.read_once()
+            except Exception:
+                logger.exception("connection %d failed", connection.number)
+                going = False
+            read.append((fd, connection, going))
+        for fd, connection, going in read:
+            if going:
+                try:
+                    going = connection.run_ready()
+                except Exception:
+                    logger.exception("connection %d failed", connection.number)
+                    going = False
+            self._settle(fd, connection, going)
 
     def _run_turns(self) -> None:
         """Inline: go on with the apps that paused when their turn was over."""
@@ -1116,12 +1130,15 @@ class _Listener:
                     )
                 return
             wait = min(POLL_INTERVAL, deadline - now) if not self.turns else 0.0
+            ready: list[tuple[int, int]] = []
             for fd, events in poller.wait(wait):
                 if fd == self._wake_r.fileno():
                     with contextlib.suppress(OSError):
                         self._wake_r.recv(4096)
                 else:
-                    self._step(fd, events)
+                    ready.append((fd, events))
+            if ready:
+                self._serve(ready)
             if self.turns:
                 self._run_turns()
 

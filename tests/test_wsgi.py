@@ -964,3 +964,59 @@ def test_one_thread_gives_others_their_turn_during_a_long_response() -> None:
         assert time.monotonic() - started < 2.0  # not after the long response's 4 s
         reader.join(WAIT)
     assert long == [409600]
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes a Unix socket sent that its peer has not read yet (SIOCOUTQ)."""
+    import fcntl
+    import struct
+    import termios
+
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+
+
+@pytest.mark.threads(1)
+def test_one_thread_reads_every_request_that_came_together_before_running_their_apps(
+    tmp_path: Any,
+) -> None:
+    """Requests ready at once are all taken, then answered: none waits unread behind an app."""
+    first_running, release = threading.Event(), threading.Event()
+    others: dict[str, Raw] = {}
+    unread_then: dict[str, int] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        path = environ["PATH_INFO"]
+        if path == "/first":
+            first_running.set()
+            release.wait(WAIT)  # meanwhile the two others send theirs
+        elif path != "/warm" and not unread_then:  # the first of the two: was the other read?
+            other = "/c" if path == "/b" else "/b"
+            unread_then[other] = _unread(others[other].sock)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    with (
+        wsgi_server(app, f"unix:{tmp_path}/app.sock") as bound,
+        Raw(bound) as first,
+        Raw(bound) as b,
+        Raw(bound) as c,
+    ):
+        others.update({"/b": b, "/c": c})
+        for raw in (b, c):  # accepted and kept, as a web server's connections are
+            raw.conn.send_request(params(path="/warm"))
+            raw.send()
+            raw.until_ended(1)
+            raw.ends.clear()
+            raw.stdout.clear()
+        first.conn.send_request(params(path="/first"))
+        first.send()
+        assert first_running.wait(WAIT)
+        for path, raw in others.items():
+            raw.conn.send_request(params(path=path))
+            raw.send()
+        assert settled(lambda: _unread(b.sock) > 0 and _unread(c.sock) > 0)
+        release.set()
+        for raw in (first, b, c):
+            raw.until_ended(1)
+            assert raw.stdout[1].endswith(b"ok")
+    assert list(unread_then.values()) == [0]
