@@ -318,8 +318,10 @@ class _Connection:
         self.busy = False
         # Dispatched while a read is routed; started once it all is (see _take).
         self.starting: list[_State] = []
-        # In the loop's read callback (_feed), not in a task: a request's task
-        # may take its first step there and then (see AsyncioRequestTasks.start).
+        # In the loop's read callback (_feed), not in a task: a request started
+        # from the read may take its first step there and then (see
+        # AsyncioRequestTasks.start), but not one started by a request's task
+        # as it ends (_next_waiting), even from within that step.
         self.in_callback = False
         self.served = 0  # requests ended on this connection
         # Set, then dropped, when a streamed app takes body; made by whoever waits.
@@ -473,7 +475,7 @@ class _Connection:
             # and finds the rest of its body in, its output not counted as theirs.
             starting, self.starting = self.starting, []
             for state in starting:
-                self._start(state)
+                self._start(state, at_once=self.in_callback)
         return True
 
     async def _wait_for_answers(self) -> None:
@@ -553,7 +555,8 @@ class _Connection:
             self.busy = True
         self.starting.append(state)
 
-    def _start(self, state: _State) -> None:
+    def _start(self, state: _State, at_once: bool = False) -> None:
+        """Start a request's task; `at_once` only from the read callback, outside any task."""
         assert state.raw_params is not None and self.requests is not None
         request: Request | AsyncExchange
         request = AsyncExchange(self, state) if self.streaming else Request(self, state)
@@ -565,7 +568,7 @@ class _Connection:
             state,
             request,
             name=f"fcgi-request-{self.number}-{state.request_id}",
-            at_once=self.in_callback,
+            at_once=at_once,
         )
 
     def _next_waiting(self) -> None:

@@ -618,6 +618,36 @@ async def test_a_second_request_on_a_busy_plain_connection_waits_for_the_first()
     assert raw.ends[second].protocol_status is ProtocolStatus.REQUEST_COMPLETE
 
 
+async def test_two_requests_sent_together_on_a_plain_connection_are_both_answered() -> None:
+    """The second waits for the first; an app that answers at once (its first step,
+    run in the read's callback) hands over to the next without a turn of the loop."""
+    order: list[str] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        order.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    async with (
+        asgi_server(app, lifespan="off") as bound,
+        Raw.connect(bound, multiplex=True) as raw,
+    ):
+        for _ in range(3):  # the first read of a connection may go another way
+            order.clear()
+            first = raw.conn.send_request(params("GET", "/first"))
+            second = raw.conn.send_request(params("GET", "/second"))
+            await raw.send()
+            with anyio.fail_after(WAIT):
+                await raw.until_ended(first, second)
+            assert order == ["/first", "/second"]
+            assert raw.stdout[first].endswith(b"/first")
+            assert raw.stdout[second].endswith(b"/second")
+            raw.ends.clear()
+            raw.stdout.clear()
+
+
 async def test_a_stop_drains_requests_in_progress() -> None:
     started = anyio.Event()
 
