@@ -901,6 +901,15 @@ def _declared_length(params: dict[str, str]) -> int:
     return int(value) if value.isdigit() else 0
 
 
+def _step(connection: _Connection, step: Callable[[], bool]) -> bool:
+    """Inline: one step of a connection (a read, a send, its apps); False once over or failed."""
+    try:
+        return step()
+    except Exception:
+        logger.exception("connection %d failed", connection.number)
+        return False
+
+
 class _Listener:
     """The listening socket, the accept loop, and the connections it started."""
 
@@ -1053,24 +1062,14 @@ class _Listener:
             connection = self._inline.get(fd)
             if connection is None:
                 continue
-            try:
-                going = True
-                if events & select.POLLOUT:
-                    going = connection.writable()
-                if going and events & _READ_EVENTS:
-                    going = connection.read_once()
-            except Exception:
-                logger.exception("connection %d failed", connection.number)
-                going = False
+            going = True
+            if events & select.POLLOUT:
+                going = _step(connection, connection.writable)
+            if going and events & _READ_EVENTS:
+                going = _step(connection, connection.read_once)
             read.append((fd, connection, going))
         for fd, connection, going in read:
-            if going:
-                try:
-                    going = connection.run_ready()
-                except Exception:
-                    logger.exception("connection %d failed", connection.number)
-                    going = False
-            self._settle(fd, connection, going)
+            self._settle(fd, connection, going and _step(connection, connection.run_ready))
 
     def _run_turns(self) -> None:
         """Inline: go on with the apps that paused when their turn was over."""
@@ -1079,12 +1078,7 @@ class _Listener:
             fd = connection.sock.fileno()
             if self._inline.get(fd) is not connection:
                 continue  # closed meanwhile
-            try:
-                going = connection.writable()
-            except Exception:
-                logger.exception("connection %d failed", connection.number)
-                going = False
-            self._settle(fd, connection, going)
+            self._settle(fd, connection, _step(connection, connection.writable))
 
     def _settle(self, fd: int, connection: _Connection, going: bool) -> None:
         """Inline, after a connection's turn: close it, or wait on its socket for what it needs."""
