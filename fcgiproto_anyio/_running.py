@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 __all__ = ["loop_clock", "running_asyncio", "running_library"]
@@ -36,7 +37,10 @@ def loop_clock() -> Callable[[], float]:
     """
     library = running_library()
     if library == "asyncio":
-        return asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
+        if type(loop).time is asyncio.BaseEventLoop.time:
+            return time.monotonic  # what BaseEventLoop.time() returns, without its frame
+        return loop.time
     if library == "trio":
         import trio  # trio is an optional extra
 

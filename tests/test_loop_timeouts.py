@@ -140,3 +140,29 @@ def test_on_trio_a_flag_wait_outlives_the_keeper_that_kept_its_limit() -> None:
             assert waited < 0.2 if set_it else 0.2 <= waited < 5
 
     trio.run(main)
+
+
+def test_the_server_clock_is_the_loops_own() -> None:
+    """loop_clock() reads what the loop schedules by: its deadlines and ours compare."""
+    import time
+
+    import pytest
+
+    from fcgiproto_anyio._running import loop_clock
+
+    class SlowClockLoop(asyncio.SelectorEventLoop):
+        def time(self) -> float:  # a loop with a clock of its own, as uvloop has
+            return time.monotonic() + 1000.0
+
+    async def read_clock() -> tuple[float, float]:
+        clock = loop_clock()
+        return clock(), asyncio.get_running_loop().time()
+
+    ours, loops = asyncio.run(read_clock())
+    assert ours == pytest.approx(loops, abs=0.05)
+    loop = SlowClockLoop()
+    try:
+        ours, loops = loop.run_until_complete(read_clock())
+    finally:
+        loop.close()
+    assert ours == pytest.approx(loops, abs=0.05)
