@@ -1020,3 +1020,77 @@ def test_one_thread_reads_every_request_that_came_together_before_running_their_
             raw.until_ended(1)
             assert raw.stdout[1].endswith(b"ok")
     assert list(unread_then.values()) == [0]
+
+
+@pytest.mark.threads(1)
+def test_one_thread_serves_on_poll_where_there_is_no_epoll(monkeypatch: Any) -> None:
+    """poll() where epoll is missing (not Linux): the same waits, reads and a slow client's."""
+    import select
+
+    monkeypatch.delattr(select, "epoll")
+    big = b"x" * (8 << 20)  # more than the kernel holds: its rest waits for POLLOUT
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [big] if environ["PATH_INFO"] == "/big" else [b"ok"]
+
+    results: list[bytes] = []
+    with (
+        wsgi_server(app) as bound,
+        Client(bound, timeout=WAIT, max_connections=4) as client,
+        slow_reader(bound) as raw,
+    ):
+        raw.conn.send_request(params(path="/big"))
+        raw.send()
+
+        def ask() -> None:
+            for _ in range(5):
+                results.append(client.request(params()).body)
+
+        at_once(4, ask)  # while the big response waits on its client
+        raw.until_ended(1)
+    assert results == [b"ok"] * 20
+    assert raw.stdout[1].endswith(big)
+
+
+@pytest.mark.threads(1)
+def test_one_thread_sends_many_small_pieces_to_a_slow_client_in_order() -> None:
+    """Thousands of chunks wait for a client that reads late: sent 64 pieces at a time."""
+    chunks = [b"%07d" % number * 128 for number in range(8_000)]  # 896 bytes each, 7 MB
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        return iter(chunks)
+
+    with wsgi_server(app) as bound, slow_reader(bound) as raw:
+        raw.conn.send_request(params())
+        raw.send()
+        time.sleep(0.3)  # the socket fills; the rest waits in pieces
+        raw.until_ended(1)
+    assert raw.stdout[1].endswith(b"".join(chunks))
+
+
+@pytest.mark.threads(1)
+def test_one_thread_pauses_between_the_items_of_a_list_for_a_slow_client() -> None:
+    """A list's items wait for the client as an iterator's do; a client gone meanwhile ends it."""
+    items = [b"%03d" % number * 21_846 for number in range(120)]  # 64 KiB each, 7.5 MiB
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return items if environ["PATH_INFO"] == "/list" else [b"ok"]
+
+    with wsgi_server(app) as bound, Client(bound, timeout=WAIT) as client:
+        with slow_reader(bound) as raw:
+            raw.conn.send_request(params(path="/list"))
+            raw.send()
+            time.sleep(0.3)  # paused between two items, its client full
+            assert client.request(params()).body == b"ok"
+            raw.until_ended(1)
+        assert raw.stdout[1].endswith(b"".join(items))
+        with slow_reader(bound) as gone:
+            gone.conn.send_request(params(path="/list"))
+            gone.send()
+            time.sleep(0.3)
+        # Closed while its list was paused: the rest of the list is dropped, others go on.
+        for _ in range(3):
+            assert client.request(params()).body == b"ok"
