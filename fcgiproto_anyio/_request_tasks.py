@@ -9,11 +9,12 @@ to end; each still gets its own copy of the context. Elsewhere (trio) it is
 an anyio task group. Either way the set is entered with ``async with``,
 which returns once every task started in it has ended.
 
-On asyncio a task started from a callback of the loop (where the server
-reads a request) takes its first step at once, as Python 3.12's eager tasks
-do: a request whose app never has to wait is answered in the callback its
-bytes came in, without a second turn of the loop. The task is made as any
-other, then its first step, which the loop would run next, is run now.
+On asyncio a task started from the loop's read callback (`at_once`), when
+the loop has nothing else ready to run, takes its first step there and
+then, as Python 3.12's eager tasks do: a request whose app never has to
+wait is answered in the callback its bytes came in, without a second turn
+of the loop. The task is made as any other, then its first step, which the
+loop would run next, is run now.
 """
 
 from __future__ import annotations
