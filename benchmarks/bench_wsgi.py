@@ -226,8 +226,14 @@ class Result:
     failures: int = 0
 
 
-def one_run(kind: str, case: Case, seconds: int, work: Path) -> tuple[float, float]:
-    """(requests/s, server CPU seconds per request) of one wrk run through a fresh nginx."""
+def one_run(
+    kind: str, case: Case, seconds: int, work: Path, script: Path | None = None
+) -> tuple[float, float]:
+    """(requests/s, server CPU seconds per request) of one wrk run through a fresh nginx.
+
+    The server is `script --serve KIND ADDRESS`: this file, or another
+    checkout's copy of it (ab_wsgi.py's revisions).
+    """
     import peers
     from _shared import wrk
 
@@ -235,7 +241,7 @@ def one_run(kind: str, case: Case, seconds: int, work: Path) -> tuple[float, flo
     address = f"unix:{peers.socket_dir(base) / 'app.sock'}"
     server = peers.ManagedProcess(
         kind,
-        [sys.executable, str(Path(__file__).resolve()), "--serve", kind, address],
+        [sys.executable, str(script or Path(__file__).resolve()), "--serve", kind, address],
         output_log=base / "server.out",
     )
     server.start()
