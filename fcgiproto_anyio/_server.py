@@ -34,7 +34,7 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import anyio
@@ -318,11 +318,6 @@ class _Connection:
         self.busy = False
         # Dispatched while a read is routed; started once it all is (see _take).
         self.starting: list[_State] = []
-        # In the loop's read callback (_feed), not in a task: a request started
-        # from the read may take its first step there and then (see
-        # AsyncioRequestTasks.start), but not one started by a request's task
-        # as it ends (_next_waiting), even from within that step.
-        self.in_callback = False
         self.served = 0  # requests ended on this connection
         # Set, then dropped, when a streamed app takes body; made by whoever waits.
         self.body_taken: anyio.Event | None = None
@@ -437,12 +432,7 @@ class _Connection:
         if len(data) > DECODE_STEP:
             return data
         self.liveness.received(self.clock())
-        self.in_callback = True
-        try:
-            taken = self._take(data)
-        finally:
-            self.in_callback = False
-        if not taken:
+        if not self._take(data, in_callback=True):
             self._die()
             return False
         return not (
@@ -452,8 +442,14 @@ class _Connection:
             or (self.streaming and self.states and self._body_full())
         )
 
-    def _take(self, data: bytes) -> bool:
-        """Feed the core and route what it decodes; False if the connection must close."""
+    def _take(self, data: bytes, in_callback: bool = False) -> bool:
+        """Feed the core and route what it decodes; False if the connection must close.
+
+        `in_callback`: called by the loop's read callback (_feed), outside any
+        task, where a request started may take its first step there and then
+        (see AsyncioRequestTasks.start); never one started by a request's task
+        as it ends (_next_waiting), even from within such a step.
+        """
         try:
             events = self.proto.receive_data(data)
         except RemoteProtocolError as exc:
@@ -475,7 +471,7 @@ class _Connection:
             # and finds the rest of its body in, its output not counted as theirs.
             starting, self.starting = self.starting, []
             for state in starting:
-                self._start(state, at_once=self.in_callback)
+                self._start(state, at_once=in_callback)
         return True
 
     async def _wait_for_answers(self) -> None:
@@ -520,10 +516,9 @@ class _Connection:
                 self._end(state, ERROR_STATUS)
             return
         # A streamed request: started once PARAMS are in (unless CONTENT_LENGTH
-        # already says too much), its body read by its app. Inline, with no
-        # helpers: this runs for every record of every request.
+        # already says too much), its body read by its app.
         state.gather(event)
-        if state.input_left < 0:  # too large
+        if state.too_large:
             if not state.dispatched:
                 self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
                 self._end(state, ERROR_STATUS)
@@ -536,10 +531,8 @@ class _Connection:
             state.wake()
         elif isinstance(event, StdinEnd) and state.changed is not None:
             state.wake()
-        params = state.raw_params
-        if params is not None and not state.dispatched:
-            declared = params.get(b"CONTENT_LENGTH", b"")
-            if declared.isdigit() and int(declared) > self.options.max_body_size:
+        if state.raw_params is not None and not state.dispatched:
+            if _declared_length(state.raw_params) > self.options.max_body_size:
                 self.proto.send_stdout(state.request_id, BODY_TOO_LARGE)
                 self._end(state, ERROR_STATUS)
                 return
@@ -609,10 +602,7 @@ class _Connection:
             self._end(state, status)  # queues END_REQUEST, so `sending` is set first
             self.liveness.app_ended(self.clock())
             if not self.options.multiplex:
-                if self.waiting:
-                    self._next_waiting()
-                else:
-                    self.busy = False
+                self._next_waiting()
 
     async def receive_body(self, state: _State) -> tuple[bytes, bool]:
         """The body that came for a streamed request since last asked, and whether more follows."""
@@ -1251,6 +1241,12 @@ async def _accept_until_cancelled(
 ) -> None:
     with scope:
         await server.accept_loop(listener)
+
+
+def _declared_length(params: Mapping[bytes, bytes]) -> int:
+    """The CONTENT_LENGTH a request announces; 0 if none or not a number."""
+    value = params.get(b"CONTENT_LENGTH", b"")
+    return int(value) if value.isdigit() else 0
 
 
 def _sock_address(sock: socket.socket) -> Address:

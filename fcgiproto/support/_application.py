@@ -178,13 +178,7 @@ class RequestState:
                 self.stdin = self.data = []
         elif isinstance(event, FilterDataEnd):
             self.data_done = True
-        # `whole`, inline: this runs for every record of every request.
-        return (
-            self.raw_params is not None
-            and self.stdin_done
-            and self.data_done
-            and self.input_left >= 0
-        )
+        return self.whole and self.input_left >= 0
 
     def text_params(self) -> dict[str, str]:
         """The params decoded (as RequestBase.params says), once they have arrived."""
