@@ -191,3 +191,22 @@ async def test_a_task_started_not_at_once_takes_its_first_step_on_the_loop() -> 
         tasks.start(run, name="request")
         order.append("start returned")
     assert order == ["start returned", "first step"]
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})], ids=["uvloop"])
+async def test_on_a_loop_without_a_ready_queue_a_task_started_at_once_waits_its_turn() -> None:
+    """uvloop keeps its callbacks to itself: the first step runs on the loop, as ever."""
+    import asyncio
+
+    import uvloop
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+    order: list[str] = []
+
+    async def run() -> None:
+        order.append("first step")
+
+    async with AsyncioRequestTasks(never_fails) as tasks:
+        _start_from_callback(tasks, run, order)
+        await anyio.sleep(0.01)
+    assert order == ["start returned", "first step"]
