@@ -9,7 +9,8 @@ tasks and still waits for them, and an exception a task lets out is not lost.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import anyio
 import pytest
@@ -178,6 +179,42 @@ async def test_a_task_started_beside_other_callbacks_waits_its_turn() -> None:
         await anyio.sleep(0)
         await anyio.sleep(0)
     assert order == ["start returned", "other callback", "first step"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_only_the_new_tasks_own_first_step_is_run_at_once() -> None:
+    """A task factory that runs the first step itself (as an eager one does) and leaves
+    another callback as the only one ready: start() does not run that callback, and the
+    task, not done, is waited for like any other."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    gate = loop.create_future()
+
+    def stepping_factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+    ) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        loop._ready.pop()._run()  # type: ignore[attr-defined]
+        return task
+
+    async def run() -> None:
+        order.append("first step")
+        loop.call_soon(lambda: order.append("other callback"))
+        await gate
+        order.append("second step")
+
+    loop.set_task_factory(stepping_factory)
+    try:
+        async with AsyncioRequestTasks(never_fails) as tasks:
+            _start_from_callback(tasks, run, order)
+            await anyio.sleep(0.01)
+            assert order == ["first step", "start returned", "other callback"]
+            gate.set_result(None)
+    finally:
+        loop.set_task_factory(None)
+    assert order == ["first step", "start returned", "other callback", "second step"]
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
