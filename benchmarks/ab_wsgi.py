@@ -4,12 +4,13 @@ Run:  uv run python benchmarks/ab_wsgi.py serve_asgi@71c32db serve_asgi fcgisgi 
 
 Each argument is a bench_wsgi.py server (KIND) as this checkout has it, or
 as a git revision had it (KIND@REV: that revision's files, from git
-archive, serve it). Every round runs each of them once per case, one after
-another, as bench_wsgi.py does. On this machine one cell moves by up to 40%
-between rounds while servers measured in the same round move together, so
-what is read is each server's CPU per request divided by the first
-argument's in the same round: the median of those ratios, and in how many
-rounds it was below 1.
+archive, serve it), or NAME=SCRIPT: a script that serves as bench_wsgi.py
+does (``SCRIPT --serve NAME ADDRESS``), such as floor_asgi.py. Every round
+runs each of them once per case, one after another, as bench_wsgi.py does.
+On this machine one cell moves by up to 40% between rounds while servers
+measured in the same round move together, so what is read is each server's
+CPU per request divided by the first argument's in the same round: the
+median of those ratios, and in how many rounds it was below 1.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("servers", nargs="+", metavar="KIND[@REV]")
+    parser.add_argument("servers", nargs="+", metavar="KIND[@REV]|NAME=SCRIPT")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
     parser.add_argument("--seconds", type=int, default=2, help="measured seconds (default 2)")
     parser.add_argument(
@@ -61,6 +62,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ab-wsgi-") as work:
         scripts: dict[str, Path | None] = {}
         for server in args.servers:
+            script = server.partition("=")[2]
+            if script:
+                scripts[server] = Path(script).resolve()
+                continue
             kind, _, revision = server.partition("@")
             if kind not in bench_wsgi.KINDS:
                 parser.error(f"no server {kind!r}; bench_wsgi.py has {', '.join(bench_wsgi.KINDS)}")
@@ -68,7 +73,7 @@ def main() -> None:
         for round_number in range(1, args.rounds + 1):
             for case in cases:
                 for server in args.servers:
-                    kind = server.partition("@")[0]
+                    kind = server.partition("@")[0].partition("=")[0]
                     cell = cpu.setdefault((case.label, server), [])
                     try:
                         rate, per_request = bench_wsgi.one_run(

@@ -274,12 +274,17 @@ def one_run(
     return rate, cpu / count
 
 
-def callgrind_run(kind: str, requests: int, work: Path) -> float:
-    """Instructions the server executes per hello-world request, one request after another.
+def callgrind_run(
+    kind: str, requests: int, work: Path, cache_sim: bool = False, script: Path | None = None
+) -> dict[str, float]:
+    """Callgrind's counts per hello-world request, one request after another.
 
-    The server runs under callgrind with counting off; 50 requests warm it up
-    (imports, first connection), then `requests` more are counted. Unlike CPU
-    time, the count does not depend on what else loads the machine.
+    The server (`script --serve KIND ADDRESS`, this file by default) runs
+    under callgrind with counting off; 50 requests warm it up (imports,
+    first connection), then `requests` more are counted. Unlike CPU time,
+    the counts do not depend on what else loads the machine. "Ir" is the
+    instructions; with `cache_sim`, also the simulated cache's misses:
+    "I1mr" (code), "D1mr" and "D1mw" (data read and written), ...
     """
     import http.client
     import shutil
@@ -296,10 +301,11 @@ def callgrind_run(kind: str, requests: int, work: Path) -> float:
         [
             "valgrind",
             "--tool=callgrind",
+            f"--cache-sim={'yes' if cache_sim else 'no'}",
             "--instr-atstart=no",
             f"--callgrind-out-file={out}",
             sys.executable,
-            str(Path(__file__).resolve()),
+            str(script or Path(__file__).resolve()),
             "--serve",
             kind,
             address,
@@ -351,9 +357,13 @@ def callgrind_run(kind: str, requests: int, work: Path) -> float:
         import shutil
 
         shutil.copy(dump, Path(keep) / f"callgrind.{kind}.out")
+    names: list[str] = []
     for line in dump.read_text().splitlines():
-        if line.startswith("totals:"):
-            return int(line.split()[1]) / requests
+        if line.startswith("events:"):
+            names = line.split()[1:]
+        elif line.startswith("totals:"):
+            totals = line.split()[1:]
+            return {name: int(total) / requests for name, total in zip(names, totals, strict=True)}
     raise RuntimeError(f"no totals in {dump}")
 
 
@@ -392,6 +402,18 @@ def main() -> None:
         metavar="N",
         help="instead: instructions per hello-world request over N sequential requests",
     )
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="with --callgrind: the simulated cache's misses per request as well",
+    )
+    parser.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        metavar="NAME=SCRIPT",
+        help="with --callgrind: a script that serves as this file does (floor_asgi.py)",
+    )
     args = parser.parse_args()
     if args.serve:
         kind, address = args.serve
@@ -408,9 +430,19 @@ def main() -> None:
     print(versions())
     if args.callgrind:
         with tempfile.TemporaryDirectory(prefix="bench-wsgi-") as work:
-            for kind in kinds:
-                count = callgrind_run(kind, args.callgrind, Path(work))
-                print(f"{kind:>10}: {count:,.0f} instructions per request", flush=True)
+            runs: list[tuple[str, Path | None]] = [(kind, None) for kind in kinds]
+            for also in args.also:
+                name, _, script = also.partition("=")
+                runs.append((name, Path(script)))
+            for kind, script in runs:
+                counts = callgrind_run(kind, args.callgrind, Path(work), args.cache_sim, script)
+                line = f"{kind:>10}: {counts['Ir']:,.0f} instructions per request"
+                if args.cache_sim:
+                    misses = ", ".join(
+                        f"{counts[name]:,.0f} {name}" for name in ("I1mr", "D1mr", "D1mw")
+                    )
+                    line += f"; L1 misses: {misses}"
+                print(line, flush=True)
         return
     cases = [case for case in CASES if not args.cases or case.label in args.cases]
     results = {(kind, case.label): Result() for kind in kinds for case in cases}
