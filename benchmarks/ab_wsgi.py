@@ -60,24 +60,25 @@ def main() -> None:
     print(bench_wsgi.versions())
     cpu: dict[tuple[str, str], list[float | None]] = {}
     with tempfile.TemporaryDirectory(prefix="ab-wsgi-") as work:
-        scripts: dict[str, Path | None] = {}
+        # Each argument's KIND (or NAME) and the script that serves it (None: bench_wsgi.py).
+        served: dict[str, tuple[str, Path | None]] = {}
         for server in args.servers:
-            script = server.partition("=")[2]
-            if script:
-                scripts[server] = Path(script).resolve()
+            named = bench_wsgi.named_script(server)
+            if named is not None:
+                served[server] = named
                 continue
             kind, _, revision = server.partition("@")
             if kind not in bench_wsgi.KINDS:
                 parser.error(f"no server {kind!r}; bench_wsgi.py has {', '.join(bench_wsgi.KINDS)}")
-            scripts[server] = checkout(revision, Path(work) / "trees") if revision else None
+            served[server] = (kind, checkout(revision, Path(work) / "trees") if revision else None)
         for round_number in range(1, args.rounds + 1):
             for case in cases:
                 for server in args.servers:
-                    kind = server.partition("@")[0].partition("=")[0]
+                    kind, script = served[server]
                     cell = cpu.setdefault((case.label, server), [])
                     try:
                         rate, per_request = bench_wsgi.one_run(
-                            kind, case, args.seconds, Path(work), scripts[server]
+                            kind, case, args.seconds, Path(work), script
                         )
                     except RuntimeError as exc:  # wrk saw errors: this round has no ratio
                         cell.append(None)

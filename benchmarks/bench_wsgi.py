@@ -274,6 +274,12 @@ def one_run(
     return rate, cpu / count
 
 
+def named_script(argument: str) -> tuple[str, Path] | None:
+    """NAME and SCRIPT of a NAME=SCRIPT argument (a script that serves as this file does)."""
+    name, equals, script = argument.partition("=")
+    return (name, Path(script).resolve()) if equals else None
+
+
 def callgrind_run(
     kind: str, requests: int, work: Path, cache_sim: bool = False, script: Path | None = None
 ) -> dict[str, float]:
@@ -415,6 +421,8 @@ def main() -> None:
         help="with --callgrind: a script that serves as this file does (floor_asgi.py)",
     )
     args = parser.parse_args()
+    if (args.cache_sim or args.also) and not args.callgrind:
+        parser.error("--cache-sim and --also go with --callgrind")
     if args.serve:
         kind, address = args.serve
         KINDS[kind].serve(address)
@@ -432,8 +440,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-wsgi-") as work:
             runs: list[tuple[str, Path | None]] = [(kind, None) for kind in kinds]
             for also in args.also:
-                name, _, script = also.partition("=")
-                runs.append((name, Path(script)))
+                named = named_script(also)
+                if named is None:
+                    parser.error(f"--also takes NAME=SCRIPT, not {also!r}")
+                runs.append(named)
             for kind, script in runs:
                 counts = callgrind_run(kind, args.callgrind, Path(work), args.cache_sim, script)
                 line = f"{kind:>10}: {counts['Ir']:,.0f} instructions per request"
